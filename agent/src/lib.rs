@@ -1,0 +1,10 @@
+//! kspan: zero-code tracing agent. Data flows one way:
+//! kernel events (`probes`) → connection tracking (`conntrack`) → protocol parsers (`protocols`)
+//! → span builder (`spans`) → exporters (`export`). `process` decides which processes are traced
+//! and describes them; `pipeline` wires the stages together.
+
+pub mod clock;
+pub mod export;
+pub mod protocols;
+pub mod spans;
+pub mod stats;

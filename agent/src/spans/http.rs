@@ -1,0 +1,1 @@
+//! HTTP span builder (to be written).

@@ -1,0 +1,76 @@
+//! The span model every exporter consumes, and the builders that make spans from exchanges.
+
+use std::sync::Arc;
+
+pub mod http;
+pub mod route;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+impl SpanKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SpanKind::Server => "SERVER",
+            SpanKind::Client => "CLIENT",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Error,
+}
+
+impl SpanStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SpanStatus::Unset => "UNSET",
+            SpanStatus::Error => "ERROR",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttributeValue {
+    Str(String),
+    Int(i64),
+}
+
+pub type Attributes = Vec<(&'static str, AttributeValue)>;
+
+/// What produced a span: one traced process (OpenTelemetry resource attributes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub attributes: Attributes,
+}
+
+impl Resource {
+    pub fn get(&self, key: &str) -> Option<&AttributeValue> {
+        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub name: String,
+    pub kind: SpanKind,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub status: SpanStatus,
+    pub attributes: Attributes,
+    pub resource: Arc<Resource>,
+}
+
+impl Span {
+    pub fn attribute(&self, key: &str) -> Option<&AttributeValue> {
+        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+}

@@ -1,0 +1,1 @@
+//! Route templates (to be written).

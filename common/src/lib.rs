@@ -1,0 +1,190 @@
+//! The contract between the eBPF programs (`ebpf/`) and the agent (`agent/`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields so that both sides agree on the layout
+//! byte for byte. Events travel through one ring buffer: an [`EventHeader`] followed by a body
+//! whose shape depends on [`EventHeader::kind`].
+#![no_std]
+
+/// Upper bound of the bytes copied from one syscall's buffer (compile time; power of two so the
+/// eBPF side can mask offsets). The runtime limit is [`Config::capture_bytes`].
+pub const MAX_CAPTURE: usize = 16384;
+/// Default runtime capture per syscall.
+pub const DEFAULT_CAPTURE: u32 = 4096;
+/// iovec-based calls (readv, writev, sendmsg, recvmsg) walk at most this many segments.
+pub const MAX_IOV_SEGMENTS: usize = 8;
+
+/// Capacity of the per-connection map in the kernel: (pid, fd) of every tracked TCP socket.
+pub const MAX_CONNECTIONS: u32 = 65536;
+/// Capacity of the pid filter map.
+pub const MAX_TRACED_PIDS: u32 = 16384;
+/// Capacity of the per-thread map holding syscall arguments between enter and exit.
+pub const MAX_IN_FLIGHT_SYSCALLS: u32 = 16384;
+
+/// What an event is. Stored as `u32` in [`EventHeader::kind`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes read from or written to a tracked TCP socket. Body: `copied_len` bytes.
+    Data = 1,
+    /// `connect` succeeded (or is in progress) on a TCP socket. Body: [`SocketTuple`].
+    Connect = 2,
+    /// `accept`/`accept4` returned a TCP socket. Body: [`SocketTuple`].
+    Accept = 3,
+    /// `close` of a tracked socket. No body.
+    Close = 4,
+    /// A process called `execve` (any process: userspace decides whether to trace it). No body.
+    Exec = 5,
+    /// A whole process exited (its main thread). No body.
+    Exit = 6,
+    /// A process put a TCP socket into LISTEN state. Body: [`SocketTuple`] (local side only).
+    Listen = 7,
+}
+
+impl EventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Data,
+            2 => Self::Connect,
+            3 => Self::Accept,
+            4 => Self::Close,
+            5 => Self::Exec,
+            6 => Self::Exit,
+            7 => Self::Listen,
+            _ => return None,
+        })
+    }
+}
+
+/// Direction of a [`EventKind::Data`] event, from the traced process's point of view.
+pub const DIRECTION_INGRESS: u32 = 0;
+pub const DIRECTION_EGRESS: u32 = 1;
+
+/// Common prefix of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// File descriptor, or -1.
+    pub fd: i32,
+    /// Identity of the connection within (pid, fd): the kernel time at which the socket started
+    /// being tracked. fd numbers are reused after close; (pid, fd, conn_id) never is.
+    pub conn_id: u64,
+    /// Kernel monotonic time (CLOCK_MONOTONIC, ns) at syscall entry.
+    pub start_ns: u64,
+    /// Kernel monotonic time at syscall exit.
+    pub end_ns: u64,
+    /// Bytes the syscall really transferred (its return value).
+    pub full_len: u64,
+    /// Bytes copied after this header (`<= full_len`, `<= capture_bytes`).
+    pub copied_len: u32,
+    /// [`DIRECTION_INGRESS`] or [`DIRECTION_EGRESS`] for data events.
+    pub direction: u32,
+}
+
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// Address family values as the kernel stores them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Both ends of a TCP socket as the kernel's `struct sock_common` holds them.
+/// Addresses are in network byte order as raw bytes (IPv4 uses the first 4 bytes); ports are in
+/// host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketTuple {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// Body of Connect/Accept/Listen events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketEvent {
+    pub header: EventHeader,
+    pub tuple: SocketTuple,
+}
+
+/// Value of the kernel connection map, keyed by `(pid << 32) | fd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectionValue {
+    pub conn_id: u64,
+}
+
+pub fn connection_key(pid: u32, fd: i32) -> u64 {
+    ((pid as u64) << 32) | (fd as u32 as u64)
+}
+
+/// Byte offsets of the kernel structure fields the programs walk to get from an fd to its socket
+/// addresses: task_struct->files->fdt->fd[fd]->private_data (struct socket)->sk (struct sock).
+/// Read from the running kernel's BTF by the agent at load time, so one eBPF object works across
+/// kernel builds without CO-RE support in the Rust toolchain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_num: u32,
+    pub sock_dport: u32,
+    pub sock_daddr: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    pub sock_type: u32,
+    pub sock_protocol: u32,
+    pub _pad: u32,
+}
+
+/// Runtime settings written by the agent into the one-entry `CONFIG` array before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// 1: trace every process except `agent_pid`; 0: only pids in `TRACED_PIDS`.
+    pub trace_all: u32,
+    /// The agent's own pid, never traced.
+    pub agent_pid: u32,
+    /// Bytes copied per syscall, `<= MAX_CAPTURE`.
+    pub capture_bytes: u32,
+    pub _pad: u32,
+    pub offsets: KernelOffsets,
+}
+
+/// Indexes of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Events that did not fit into the ring buffer.
+    pub const EVENTS_LOST: u32 = 0;
+    /// Syscalls whose arguments could not be stashed (in-flight map full).
+    pub const ARGS_MAP_FULL: u32 = 1;
+    /// Sockets that could not be tracked (connection map full).
+    pub const CONNECTIONS_MAP_FULL: u32 = 2;
+    /// Failed reads of user memory (data was replaced by a shorter copy or dropped).
+    pub const READ_ERRORS: u32 = 3;
+    /// Failed walks from fd to socket.
+    pub const SOCKET_LOOKUP_ERRORS: u32 = 4;
+    /// Forked children that could not be added to the pid filter (map full).
+    pub const TRACED_PIDS_MAP_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ConnectionValue {}
+    unsafe impl aya::Pod for KernelOffsets {}
+}

@@ -1,0 +1,278 @@
+//! Data syscalls: read, write, readv, writev, sendto, recvfrom, sendmsg, recvmsg, sendfile.
+//!
+//! Entry: if (pid, fd) is a tracked TCP socket, stash the arguments keyed by thread. Exit: with the
+//! real byte count, copy a bounded prefix of the bytes into the ring buffer. Reads are only filled
+//! at exit, and a write may be partial, so exit is the only place with the truth.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use kspan_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, EventHeader, EventKind, MAX_CAPTURE, MAX_IOV_SEGMENTS,
+    connection_key, counter,
+};
+
+use crate::{
+    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, InFlight, capture_bytes, count, shape},
+    socket,
+};
+
+/// Syscall tracepoint layout (stable across architectures): arguments at 16 + 8 * n, return value
+/// of sys_exit_* at 16. The agent checks these against tracefs before loading.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const RET: usize = 16;
+
+const MSG_PEEK: u64 = 2;
+
+#[inline(always)]
+pub(crate) fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
+    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
+}
+
+/// Stash a data syscall's arguments if its fd is a tracked socket. `flags_at`: offset of a flags
+/// argument whose MSG_PEEK means the bytes will be read again and must not be counted twice.
+#[inline(always)]
+fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usize) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let fd = arg(ctx, ARG0) as i32;
+    // The one lookup an untracked fd (a file, a pipe, an unselected process) costs.
+    let Some(conn) = (unsafe { CONNECTIONS.get(&connection_key((pid_tgid >> 32) as u32, fd)) })
+    else {
+        return;
+    };
+    if flags_at != 0 && arg(ctx, flags_at) & MSG_PEEK != 0 {
+        return;
+    }
+    let in_flight = InFlight {
+        shape,
+        direction,
+        fd,
+        _pad: 0,
+        ptr: arg(ctx, ARG1),
+        count: arg(ctx, ARG2),
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id: conn.conn_id,
+    };
+    if IN_FLIGHT.insert(&pid_tgid, &in_flight, 0).is_err() {
+        count(counter::ARGS_MAP_FULL);
+    }
+}
+
+/// Shared exit of every stashed syscall (data and socket ones).
+#[inline(always)]
+fn exit_syscall(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(in_flight) = (unsafe { IN_FLIGHT.get(&pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = IN_FLIGHT.remove(&pid_tgid);
+    let ret = arg(ctx, RET) as i64;
+    let end_ns = unsafe { bpf_ktime_get_ns() };
+    match in_flight.shape {
+        shape::CONNECT => socket::connect_exit(pid_tgid, &in_flight, ret, end_ns),
+        shape::ACCEPT => socket::accept_exit(pid_tgid, &in_flight, ret, end_ns),
+        _ => {
+            if ret > 0 {
+                data_exit(pid_tgid, &in_flight, ret as u64, end_ns);
+            }
+        }
+    }
+}
+
+#[repr(C)]
+struct DataEvent<const N: usize> {
+    header: EventHeader,
+    data: [u8; N],
+}
+
+#[repr(C)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+/// The fields of `struct user_msghdr` up to the iovec.
+#[repr(C)]
+struct MsgHdr {
+    name: u64,
+    namelen: i32,
+    _pad: i32,
+    iov: u64,
+    iovlen: u64,
+}
+
+/// Pick a ring-buffer record size from a few constant buckets: the verifier only accepts constant
+/// reservation sizes, and one fixed size would waste most of the ring on small messages. iovec
+/// copies need twice the room, see `copy_iovec`.
+#[inline(always)]
+fn data_exit(pid_tgid: u64, in_flight: &InFlight, full_len: u64, end_ns: u64) {
+    let mut capture = capture_bytes() as u64;
+    if capture > MAX_CAPTURE as u64 {
+        capture = MAX_CAPTURE as u64;
+    }
+    let want = if in_flight.shape == shape::NONE || full_len < capture {
+        if in_flight.shape == shape::NONE { 0 } else { full_len }
+    } else {
+        capture
+    };
+    let room = if in_flight.shape == shape::BUFFER { want } else { want * 2 };
+    if room <= 256 {
+        emit_data::<256>(pid_tgid, in_flight, full_len, want as u32, end_ns);
+    } else if room <= 1024 {
+        emit_data::<1024>(pid_tgid, in_flight, full_len, want as u32, end_ns);
+    } else if room <= 4096 {
+        emit_data::<4096>(pid_tgid, in_flight, full_len, want as u32, end_ns);
+    } else if room <= 16384 {
+        emit_data::<16384>(pid_tgid, in_flight, full_len, want as u32, end_ns);
+    } else {
+        emit_data::<32768>(pid_tgid, in_flight, full_len, want as u32, end_ns);
+    }
+}
+
+#[inline(always)]
+fn emit_data<const N: usize>(
+    pid_tgid: u64,
+    in_flight: &InFlight,
+    full_len: u64,
+    want: u32,
+    end_ns: u64,
+) {
+    let Some(mut entry) = EVENTS.reserve::<DataEvent<N>>(0) else {
+        count(counter::EVENTS_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let data = unsafe { (*event).data.as_mut_ptr() };
+    let copied = match in_flight.shape {
+        shape::BUFFER => copy_buffer::<N>(data, in_flight.ptr, want),
+        shape::IOVEC => copy_iovec::<N>(data, in_flight.ptr, in_flight.count, want),
+        shape::MSGHDR => match unsafe { bpf_probe_read_user(in_flight.ptr as *const MsgHdr) } {
+            Ok(msg) => copy_iovec::<N>(data, msg.iov, msg.iovlen, want),
+            Err(_) => 0,
+        },
+        _ => 0,
+    };
+    if copied < want {
+        count(counter::READ_ERRORS);
+    }
+    unsafe {
+        (*event).header = EventHeader {
+            kind: EventKind::Data as u32,
+            pid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            fd: in_flight.fd,
+            conn_id: in_flight.conn_id,
+            start_ns: in_flight.start_ns,
+            end_ns,
+            full_len,
+            copied_len: copied,
+            direction: in_flight.direction,
+        };
+    }
+    entry.submit(0);
+}
+
+/// Copy `want` (≤ N) bytes from one user buffer. Returns the bytes copied (0 on a fault).
+#[inline(always)]
+fn copy_buffer<const N: usize>(dst: *mut u8, src: u64, want: u32) -> u32 {
+    let len = want;
+    if len == 0 || len > N as u32 {
+        return 0;
+    }
+    let ret = unsafe { generated::bpf_probe_read_user(dst.cast(), len, src as *const _) };
+    if ret == 0 { len } else { 0 }
+}
+
+/// Copy up to `want` (≤ N/2) bytes from an iovec array, segment after segment. The destination
+/// offset is masked below N/2 and each copy is at most N/2 long, so the verifier can prove every
+/// write stays inside the N-byte record.
+#[inline(always)]
+fn copy_iovec<const N: usize>(dst: *mut u8, iov: u64, iovcnt: u64, want: u32) -> u32 {
+    let half = (N / 2) as u32;
+    let mut copied: u32 = 0;
+    let mut i: usize = 0;
+    while i < MAX_IOV_SEGMENTS {
+        if i as u64 >= iovcnt || copied >= want {
+            break;
+        }
+        let Ok(segment) = (unsafe { bpf_probe_read_user((iov as *const Iovec).add(i)) }) else {
+            break;
+        };
+        let mut len = want - copied;
+        if segment.len < len as u64 {
+            len = segment.len as u32;
+        }
+        if len > half {
+            len = half;
+        }
+        let offset = copied & (half - 1);
+        if len > 0 {
+            let ret = unsafe {
+                generated::bpf_probe_read_user(
+                    dst.add(offset as usize).cast(),
+                    len,
+                    segment.base as *const _,
+                )
+            };
+            if ret != 0 {
+                break;
+            }
+        }
+        copied += len;
+        i += 1;
+    }
+    copied
+}
+
+macro_rules! data_syscall {
+    ($enter:ident, $exit:ident, $shape:expr, $direction:expr, $flags_at:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter_data(&ctx, $shape, $direction, $flags_at);
+            0
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_syscall(&ctx);
+            0
+        }
+    };
+}
+
+data_syscall!(sys_enter_read, sys_exit_read, shape::BUFFER, DIRECTION_INGRESS, 0);
+data_syscall!(sys_enter_write, sys_exit_write, shape::BUFFER, DIRECTION_EGRESS, 0);
+data_syscall!(sys_enter_readv, sys_exit_readv, shape::IOVEC, DIRECTION_INGRESS, 0);
+data_syscall!(sys_enter_writev, sys_exit_writev, shape::IOVEC, DIRECTION_EGRESS, 0);
+data_syscall!(sys_enter_sendto, sys_exit_sendto, shape::BUFFER, DIRECTION_EGRESS, 0);
+data_syscall!(sys_enter_recvfrom, sys_exit_recvfrom, shape::BUFFER, DIRECTION_INGRESS, ARG3);
+data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, shape::MSGHDR, DIRECTION_EGRESS, 0);
+data_syscall!(sys_enter_recvmsg, sys_exit_recvmsg, shape::MSGHDR, DIRECTION_INGRESS, ARG2);
+data_syscall!(sys_enter_sendfile64, sys_exit_sendfile64, shape::NONE, DIRECTION_EGRESS, 0);
+
+/// connect, accept and accept4 exits share the stash-and-exit path of data syscalls.
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    exit_syscall(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_syscall(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    exit_syscall(&ctx);
+    0
+}
+
+pub(crate) use arg as syscall_arg;
+pub(crate) const SYSCALL_ARG0: usize = ARG0;

@@ -1,0 +1,124 @@
+//! Maps and settings shared by every program, and the small helpers around them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use kspan_common::{
+    ConnectionValue, KernelOffsets, MAX_CONNECTIONS, MAX_IN_FLIGHT_SYSCALLS, MAX_TRACED_PIDS,
+    counter,
+};
+
+/// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
+/// map lookup.
+#[unsafe(no_mangle)]
+static TRACE_ALL: u32 = 0;
+#[unsafe(no_mangle)]
+static AGENT_PID: u32 = 0;
+#[unsafe(no_mangle)]
+static CAPTURE_BYTES: u32 = kspan_common::DEFAULT_CAPTURE;
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    sock_family: 0,
+    sock_num: 0,
+    sock_dport: 0,
+    sock_daddr: 0,
+    sock_rcv_saddr: 0,
+    sock_v6_daddr: 0,
+    sock_v6_rcv_saddr: 0,
+    sock_type: 0,
+    sock_protocol: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn trace_all() -> bool {
+    unsafe { core::ptr::read_volatile(&TRACE_ALL) != 0 }
+}
+
+#[inline(always)]
+pub fn agent_pid() -> u32 {
+    unsafe { core::ptr::read_volatile(&AGENT_PID) }
+}
+
+#[inline(always)]
+pub fn capture_bytes() -> u32 {
+    unsafe { core::ptr::read_volatile(&CAPTURE_BYTES) }
+}
+
+#[inline(always)]
+pub fn kernel_offsets() -> KernelOffsets {
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// The one ring buffer every event goes through. Size set by the agent at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Processes to trace (tgid → 1) when `TRACE_ALL` is 0.
+#[map]
+pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
+/// Tracked TCP sockets: `connection_key(pid, fd)` → identity of the connection.
+#[map]
+pub static CONNECTIONS: HashMap<u64, ConnectionValue> =
+    HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// Arguments of a syscall between its entry and its exit, keyed by pid_tgid (one per thread).
+#[map]
+pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(MAX_IN_FLIGHT_SYSCALLS, 0);
+
+/// Per-CPU counters, indexed by `kspan_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// How the bytes of a data syscall are laid out in the caller's memory.
+pub mod shape {
+    /// One buffer: `ptr`, `count` bytes (read, write, sendto, recvfrom).
+    pub const BUFFER: u32 = 0;
+    /// An iovec array: `ptr`, `count` segments (readv, writev).
+    pub const IOVEC: u32 = 1;
+    /// A `struct user_msghdr` at `ptr` (sendmsg, recvmsg).
+    pub const MSGHDR: u32 = 2;
+    /// No user buffer: the kernel moves the bytes (sendfile). Only the length is reported.
+    pub const NONE: u32 = 3;
+    /// connect(2): the fd becomes a client socket.
+    pub const CONNECT: u32 = 4;
+    /// accept(2)/accept4(2): the returned fd is a server socket.
+    pub const ACCEPT: u32 = 5;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct InFlight {
+    pub shape: u32,
+    pub direction: u32,
+    pub fd: i32,
+    pub _pad: u32,
+    pub ptr: u64,
+    pub count: u64,
+    pub start_ns: u64,
+    pub conn_id: u64,
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it, a plain add is enough.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn is_traced(pid: u32) -> bool {
+    if trace_all() {
+        return pid != agent_pid();
+    }
+    unsafe { TRACED_PIDS.get(&pid).is_some() }
+}

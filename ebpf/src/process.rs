@@ -1,0 +1,67 @@
+//! Process lifecycle: exec (userspace decides whether the new image is selected), fork (children
+//! of a traced process are traced from their first instruction), exit (forget the process).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use kspan_common::{EventHeader, EventKind, counter};
+
+use crate::{
+    maps::{EVENTS, TRACED_PIDS, agent_pid, count, is_traced, trace_all},
+    socket::header,
+};
+
+#[inline(always)]
+fn emit(kind: EventKind, pid_tgid: u64) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) {
+        entry.write(header(kind, pid_tgid, -1, 0, now, now));
+        entry.submit(0);
+    } else {
+        count(counter::EVENTS_LOST);
+    }
+}
+
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 != agent_pid() {
+        emit(EventKind::Exec, pid_tgid);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if trace_all() {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { TRACED_PIDS.get(&parent) }.is_none() {
+        return 0;
+    }
+    // child_pid is a thread id for new threads too; those entries are removed at thread exit.
+    let child: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
+    if child > 0 && TRACED_PIDS.insert(&(child as u32), &1, 0).is_err() {
+        count(counter::TRACED_PIDS_MAP_FULL);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    let traced = is_traced(pid);
+    if !trace_all() {
+        let _ = TRACED_PIDS.remove(&tid);
+    }
+    // The main thread's exit stands for the process's exit.
+    if traced && tid == pid {
+        emit(EventKind::Exit, pid_tgid);
+    }
+    0
+}
