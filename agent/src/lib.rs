@@ -8,3 +8,8 @@ pub mod export;
 pub mod protocols;
 pub mod spans;
 pub mod stats;
+pub mod cli;
+pub mod conntrack;
+pub mod pipeline;
+pub mod probes;
+pub mod process;

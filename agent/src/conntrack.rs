@@ -1,0 +1,228 @@
+//! Connection tracking: one entry per tracked TCP socket, keyed by (pid, fd), carrying the exact
+//! addresses and the protocol parser state of that connection.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use kspan_common::{AF_INET, SocketTuple};
+
+use crate::protocols::http1::Http1Connection;
+
+/// How many chunks with data a connection gets to look like a known protocol before it is
+/// ignored (a connection joined mid-stream may start inside a body).
+const DETECTION_ATTEMPTS: u8 = 4;
+
+pub enum ProtocolState {
+    Undetected { attempts: u8 },
+    Http1(Box<Http1Connection>),
+    /// Not a protocol kspan parses: its bytes are skipped.
+    Unsupported,
+}
+
+impl ProtocolState {
+    /// Called for a chunk with data while undetected: pick a parser or give up after a few tries.
+    pub fn detect(&mut self, data: &[u8]) {
+        if let ProtocolState::Undetected { attempts } = self {
+            if Http1Connection::looks_like_http1(data) {
+                *self = ProtocolState::Http1(Box::new(Http1Connection::new()));
+            } else if *attempts + 1 >= DETECTION_ATTEMPTS {
+                *self = ProtocolState::Unsupported;
+            } else {
+                *attempts += 1;
+            }
+        }
+    }
+}
+
+pub struct Connection {
+    /// Identity within (pid, fd), from the kernel: fds are reused, (pid, fd, conn_id) is not.
+    pub conn_id: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub protocol: ProtocolState,
+}
+
+impl Connection {
+    pub fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr) -> Self {
+        Connection {
+            conn_id,
+            local,
+            remote,
+            protocol: ProtocolState::Undetected { attempts: 0 },
+        }
+    }
+}
+
+/// Tracked connections, grouped per process so a process exit drops its entries at once.
+pub struct ConnTable {
+    by_pid: HashMap<u32, HashMap<i32, Connection>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl ConnTable {
+    pub fn new(capacity: usize) -> Self {
+        ConnTable {
+            by_pid: HashMap::new(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start tracking. Returns Err(connection) back when the table is full; a connection that
+    /// was still registered on this (pid, fd) (its close was lost) is returned as Ok(Some).
+    pub fn insert(
+        &mut self,
+        pid: u32,
+        fd: i32,
+        connection: Connection,
+    ) -> Result<Option<Connection>, Connection> {
+        let per_process = self.by_pid.entry(pid).or_default();
+        if !per_process.contains_key(&fd) && self.len >= self.capacity {
+            if per_process.is_empty() {
+                self.by_pid.remove(&pid);
+            }
+            return Err(connection);
+        }
+        let previous = per_process.insert(fd, connection);
+        if previous.is_none() {
+            self.len += 1;
+        }
+        Ok(previous)
+    }
+
+    pub fn get_mut(&mut self, pid: u32, fd: i32) -> Option<&mut Connection> {
+        self.by_pid.get_mut(&pid)?.get_mut(&fd)
+    }
+
+    pub fn remove(&mut self, pid: u32, fd: i32) -> Option<Connection> {
+        let per_process = self.by_pid.get_mut(&pid)?;
+        let removed = per_process.remove(&fd);
+        if per_process.is_empty() {
+            self.by_pid.remove(&pid);
+        }
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// Every connection of a process, removed from the table.
+    pub fn remove_process(&mut self, pid: u32) -> Vec<(i32, Connection)> {
+        let removed: Vec<_> = self
+            .by_pid
+            .remove(&pid)
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default();
+        self.len -= removed.len();
+        removed
+    }
+}
+
+/// Local and remote addresses of a kernel socket tuple. IPv4-mapped IPv6 addresses
+/// (::ffff:a.b.c.d, what a dual-stack socket reports for an IPv4 peer) become IPv4.
+pub fn tuple_addresses(tuple: &SocketTuple) -> (SocketAddr, SocketAddr) {
+    let ip = |bytes: &[u8; 16]| -> IpAddr {
+        if tuple.family == AF_INET {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        } else {
+            unmap(IpAddr::V6(Ipv6Addr::from(*bytes)))
+        }
+    };
+    (
+        SocketAddr::new(ip(&tuple.local_addr), tuple.local_port),
+        SocketAddr::new(ip(&tuple.remote_addr), tuple.remote_port),
+    )
+}
+
+pub fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+pub fn unmap_socket(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(unmap(addr.ip()), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use kspan_common::AF_INET6;
+
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn tuples_decode_ipv4_ipv6_and_mapped() {
+        let mut t = SocketTuple {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 40000,
+            ..Default::default()
+        };
+        t.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        t.remote_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(
+            tuple_addresses(&t),
+            (addr("127.0.0.1:8080"), addr("10.1.2.3:40000"))
+        );
+
+        let mut t6 = SocketTuple {
+            family: AF_INET6,
+            local_port: 443,
+            remote_port: 5000,
+            ..Default::default()
+        };
+        t6.local_addr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+        t6.remote_addr = "::ffff:192.168.0.9".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(
+            tuple_addresses(&t6),
+            (addr("[::1]:443"), addr("192.168.0.9:5000"))
+        );
+    }
+
+    #[test]
+    fn table_is_bounded_and_fd_reuse_replaces() {
+        let mut table = ConnTable::new(2);
+        let c = |id| Connection::new(id, addr("127.0.0.1:1"), addr("127.0.0.1:2"));
+        assert!(table.insert(1, 3, c(1)).unwrap().is_none());
+        assert!(table.insert(1, 4, c(2)).unwrap().is_none());
+        assert!(table.insert(2, 3, c(3)).is_err(), "full");
+        // Same (pid, fd) again: the stale entry comes back, the size does not grow.
+        let stale = table.insert(1, 3, c(4)).unwrap().unwrap();
+        assert_eq!(stale.conn_id, 1);
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.get_mut(1, 3).unwrap().conn_id, 4);
+        assert_eq!(table.remove_process(1).len(), 2);
+        assert!(table.is_empty());
+        assert!(table.remove(1, 3).is_none());
+    }
+
+    #[test]
+    fn detection_gives_up_after_a_few_chunks() {
+        let mut state = ProtocolState::Undetected { attempts: 0 };
+        for _ in 0..DETECTION_ATTEMPTS - 1 {
+            state.detect(b"\x16\x03\x01 binary");
+            assert!(matches!(state, ProtocolState::Undetected { .. }));
+        }
+        state.detect(b"\x16\x03\x01 binary");
+        assert!(matches!(state, ProtocolState::Unsupported));
+    }
+}

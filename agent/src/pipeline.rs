@@ -1,0 +1,284 @@
+//! Wires the stages: kernel events → connection tracking → protocol parsers → span builder →
+//! span sink. Runs on one thread, so no stage needs a lock; per data event the work is a hash
+//! lookup and the parser's feed, without allocation unless an exchange completes.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, mpsc::SyncSender},
+};
+
+use kspan_common::EventKind;
+
+use crate::{
+    clock::Clock,
+    conntrack::{self, ConnTable, Connection, ProtocolState},
+    probes::{
+        KernelControl,
+        events::{self, Event},
+    },
+    process::{ExecDecision, Processes, procfs_scan},
+    protocols::{Chunk, http::HttpExchange},
+    spans::{Span, http::http_span},
+    stats::Stats,
+};
+
+/// Where finished spans go.
+pub trait SpanSink {
+    fn emit(&mut self, span: Span);
+}
+
+/// Bounded hand-off to the exporter thread; a full queue drops the span and counts it.
+pub struct ChannelSink {
+    pub sender: SyncSender<Span>,
+    pub stats: Arc<Stats>,
+}
+
+impl SpanSink for ChannelSink {
+    fn emit(&mut self, span: Span) {
+        match self.sender.try_send(span) {
+            Ok(()) => Stats::add(&self.stats.spans_emitted, 1),
+            Err(_) => Stats::add(&self.stats.spans_dropped, 1),
+        }
+    }
+}
+
+impl SpanSink for Vec<Span> {
+    fn emit(&mut self, span: Span) {
+        self.push(span);
+    }
+}
+
+pub struct Pipeline<K: KernelControl, S: SpanSink> {
+    kernel: K,
+    sink: S,
+    processes: Processes,
+    connections: ConnTable,
+    clock: Clock,
+    stats: Arc<Stats>,
+    /// Reused between events so a chunk that completes nothing allocates nothing.
+    exchanges: Vec<HttpExchange>,
+}
+
+impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
+    pub fn new(
+        kernel: K,
+        sink: S,
+        processes: Processes,
+        connection_capacity: usize,
+        clock: Clock,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Pipeline {
+            kernel,
+            sink,
+            processes,
+            connections: ConnTable::new(connection_capacity),
+            clock,
+            stats,
+            exchanges: Vec::new(),
+        }
+    }
+
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    pub fn sink(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// Select the processes that exist already and track the TCP connections they have open:
+    /// once, from procfs, before events flow.
+    pub fn start(&mut self) {
+        let trace_all = self.processes.selectors().trace_all();
+        for pid in self.processes.initial_selection() {
+            if !trace_all {
+                self.kernel.trace_pid(pid);
+            }
+            self.track_open_sockets(pid);
+        }
+    }
+
+    fn track_open_sockets(&mut self, pid: u32) {
+        let conn_id = Clock::monotonic_now();
+        for socket in procfs_scan::open_tcp_sockets(pid) {
+            if socket.listening {
+                continue;
+            }
+            let connection = Connection::new(
+                conn_id,
+                conntrack::unmap_socket(socket.local),
+                conntrack::unmap_socket(socket.remote),
+            );
+            if self.open_connection(pid, socket.fd, connection) {
+                self.kernel.track_connection(pid, socket.fd, conn_id);
+            }
+        }
+    }
+
+    /// One ring-buffer record.
+    pub fn handle_record(&mut self, record: &[u8]) {
+        Stats::add(&self.stats.events_received, 1);
+        match events::decode(record) {
+            Some(event) => self.handle_event(event),
+            None => Stats::add(&self.stats.malformed_events, 1),
+        }
+    }
+
+    pub fn handle_event(&mut self, event: Event<'_>) {
+        match event {
+            Event::Data {
+                header,
+                direction,
+                data,
+            } => {
+                let chunk = Chunk {
+                    direction,
+                    data,
+                    full_len: header.full_len,
+                    start_ns: header.start_ns,
+                    end_ns: header.end_ns,
+                    tid: header.tid,
+                };
+                self.on_data(header.pid, header.fd, header.conn_id, &chunk);
+            }
+            Event::Socket {
+                kind: EventKind::Listen,
+                header,
+                tuple,
+            } => {
+                if self.processes.on_listen(header.pid, tuple.local_port) {
+                    log::info!(
+                        "tracing pid {} (listening on port {})",
+                        header.pid,
+                        tuple.local_port
+                    );
+                    self.kernel.trace_pid(header.pid);
+                    self.track_open_sockets(header.pid);
+                }
+            }
+            Event::Socket { header, tuple, .. } => {
+                let (local, remote) = conntrack::tuple_addresses(&tuple);
+                // Read the resource now, while the process surely exists: short-lived clients
+                // may be gone by the time their first span is built.
+                self.processes.resource(header.pid);
+                let connection = Connection::new(header.conn_id, local, remote);
+                if !self.open_connection(header.pid, header.fd, connection) {
+                    self.kernel.forget_connection(header.pid, header.fd);
+                }
+            }
+            Event::Close(header) => {
+                let current = self
+                    .connections
+                    .get_mut(header.pid, header.fd)
+                    .is_some_and(|c| c.conn_id == header.conn_id);
+                if current && let Some(connection) = self.connections.remove(header.pid, header.fd)
+                {
+                    self.finish_connection(header.pid, connection, header.end_ns);
+                }
+            }
+            Event::Exec(header) => match self.processes.on_exec(header.pid) {
+                ExecDecision::Trace => {
+                    log::debug!("tracing pid {} (exec)", header.pid);
+                    self.kernel.trace_pid(header.pid);
+                    self.processes.resource(header.pid);
+                    self.track_open_sockets(header.pid);
+                }
+                ExecDecision::Untrace => {
+                    self.kernel.untrace_pid(header.pid);
+                    self.forget_process(header.pid, header.end_ns);
+                }
+                ExecDecision::Unchanged => {}
+            },
+            Event::Exit(header) => {
+                self.forget_process(header.pid, header.end_ns);
+                self.processes.on_exit(header.pid);
+            }
+        }
+    }
+
+    /// False if the table is full (the connection is not tracked, and counted).
+    fn open_connection(&mut self, pid: u32, fd: i32, connection: Connection) -> bool {
+        match self.connections.insert(pid, fd, connection) {
+            Ok(Some(stale)) => {
+                // Its close event was lost; the fd now names a new connection.
+                self.finish_connection(pid, stale, Clock::monotonic_now());
+                true
+            }
+            Ok(None) => true,
+            Err(_) => {
+                Stats::add(&self.stats.connections_dropped, 1);
+                false
+            }
+        }
+    }
+
+    fn forget_process(&mut self, pid: u32, end_ns: u64) {
+        for (fd, connection) in self.connections.remove_process(pid) {
+            self.kernel.forget_connection(pid, fd);
+            self.finish_connection(pid, connection, end_ns);
+        }
+    }
+
+    fn on_data(&mut self, pid: u32, fd: i32, conn_id: u64, chunk: &Chunk<'_>) {
+        let known = self
+            .connections
+            .get_mut(pid, fd)
+            .is_some_and(|c| c.conn_id == conn_id);
+        if !known {
+            // Its Accept/Connect event was lost, or the socket came with a fork: resolve it once
+            // from procfs. An unresolvable socket is remembered as unsupported.
+            let socket = procfs_scan::open_tcp_sockets(pid)
+                .into_iter()
+                .find(|s| s.fd == fd);
+            let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+            let mut connection = match &socket {
+                Some(s) => Connection::new(
+                    conn_id,
+                    conntrack::unmap_socket(s.local),
+                    conntrack::unmap_socket(s.remote),
+                ),
+                None => Connection::new(conn_id, unspecified, unspecified),
+            };
+            if socket.is_none() {
+                connection.protocol = ProtocolState::Unsupported;
+            }
+            if !self.open_connection(pid, fd, connection) {
+                return;
+            }
+        }
+        let Some(connection) = self.connections.get_mut(pid, fd) else {
+            return;
+        };
+        if !chunk.data.is_empty() {
+            connection.protocol.detect(chunk.data);
+        }
+        if let ProtocolState::Http1(parser) = &mut connection.protocol {
+            let errors = parser.feed(chunk, &mut self.exchanges);
+            if errors > 0 {
+                Stats::add(&self.stats.parse_errors, errors);
+            }
+        }
+        if !self.exchanges.is_empty() {
+            let (local, remote) = (connection.local, connection.remote);
+            self.emit_exchanges(pid, local, remote);
+        }
+    }
+
+    fn finish_connection(&mut self, pid: u32, mut connection: Connection, end_ns: u64) {
+        if let ProtocolState::Http1(parser) = &mut connection.protocol {
+            parser.close(end_ns, &mut self.exchanges);
+        }
+        if !self.exchanges.is_empty() {
+            self.emit_exchanges(pid, connection.local, connection.remote);
+        }
+    }
+
+    fn emit_exchanges(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) {
+        let resource = self.processes.resource(pid);
+        for exchange in self.exchanges.drain(..) {
+            let span = http_span(&exchange, local, remote, &resource, &self.clock);
+            self.sink.emit(span);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Decoding of ring-buffer records into typed events, without copying the captured bytes.
+
+use kspan_common::{EVENT_HEADER_LEN, EventHeader, EventKind, SocketEvent, SocketTuple};
+
+use crate::protocols::Direction;
+
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Bytes moved on a tracked socket.
+    Data {
+        header: EventHeader,
+        direction: Direction,
+        data: &'a [u8],
+    },
+    /// A socket started being tracked (Connect, Accept) or went to LISTEN (Listen).
+    Socket {
+        kind: EventKind,
+        header: EventHeader,
+        tuple: SocketTuple,
+    },
+    Close(EventHeader),
+    Exec(EventHeader),
+    Exit(EventHeader),
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is a plain #[repr(C)] type valid for any bit pattern.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// None for a record that does not decode (unknown kind, too short): the caller counts it.
+pub fn decode(record: &[u8]) -> Option<Event<'_>> {
+    let header: EventHeader = read(record)?;
+    let kind = EventKind::from_u32(header.kind)?;
+    Some(match kind {
+        EventKind::Data => {
+            let data = record.get(EVENT_HEADER_LEN..EVENT_HEADER_LEN + header.copied_len as usize)?;
+            if header.copied_len as u64 > header.full_len {
+                return None;
+            }
+            let direction = match header.direction {
+                kspan_common::DIRECTION_INGRESS => Direction::Ingress,
+                kspan_common::DIRECTION_EGRESS => Direction::Egress,
+                _ => return None,
+            };
+            Event::Data {
+                header,
+                direction,
+                data,
+            }
+        }
+        EventKind::Connect | EventKind::Accept | EventKind::Listen => {
+            let event: SocketEvent = read(record)?;
+            Event::Socket {
+                kind,
+                header,
+                tuple: event.tuple,
+            }
+        }
+        EventKind::Close => Event::Close(header),
+        EventKind::Exec => Event::Exec(header),
+        EventKind::Exit => Event::Exit(header),
+    })
+}
+
+/// Raw bytes of an event, as the kernel writes them (for tests and benchmarks).
+pub fn encode_data(header: &EventHeader, data: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(EVENT_HEADER_LEN + data.len());
+    // SAFETY: EventHeader is #[repr(C)] plain data without padding.
+    record.extend_from_slice(unsafe {
+        std::slice::from_raw_parts((header as *const EventHeader).cast::<u8>(), EVENT_HEADER_LEN)
+    });
+    record.extend_from_slice(data);
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_data_and_rejects_inconsistent_records() {
+        let header = EventHeader {
+            kind: EventKind::Data as u32,
+            pid: 7,
+            fd: 3,
+            full_len: 10,
+            copied_len: 5,
+            direction: kspan_common::DIRECTION_EGRESS,
+            ..Default::default()
+        };
+        let mut record = encode_data(&header, b"hello");
+        // Ring records are padded to 8 bytes; padding must not become data.
+        record.extend_from_slice(&[0, 0, 0]);
+        match decode(&record) {
+            Some(Event::Data {
+                direction, data, ..
+            }) => {
+                assert_eq!(direction, Direction::Egress);
+                assert_eq!(data, b"hello");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(decode(&record[..EVENT_HEADER_LEN + 2]).is_none(), "short body");
+        assert!(decode(&record[..10]).is_none(), "short header");
+        let bad_kind = EventHeader { kind: 99, ..header };
+        assert!(decode(&encode_data(&bad_kind, b"")).is_none());
+        let copied_past_full = EventHeader {
+            full_len: 2,
+            ..header
+        };
+        assert!(decode(&encode_data(&copied_past_full, b"hello")).is_none());
+    }
+}

@@ -1,0 +1,297 @@
+//! The kernel stage: checks the host, loads and attaches the eBPF programs, and exposes the
+//! ring buffer and the control maps (pid filter, tracked connections, drop counters).
+
+pub mod btf;
+pub mod events;
+
+use std::{os::fd::AsRawFd, path::Path, time::Duration};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use kspan_common::{ConnectionValue, KernelOffsets, MAX_CAPTURE, connection_key, counter};
+
+/// The eBPF object built by build.rs from ebpf/.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// (program name in ebpf/, tracepoint category, tracepoint name)
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("sys_enter_read", "syscalls", "sys_enter_read"),
+    ("sys_exit_read", "syscalls", "sys_exit_read"),
+    ("sys_enter_write", "syscalls", "sys_enter_write"),
+    ("sys_exit_write", "syscalls", "sys_exit_write"),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("sys_exit_readv", "syscalls", "sys_exit_readv"),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("sys_exit_writev", "syscalls", "sys_exit_writev"),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("sys_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
+    ("sys_exit_sendfile64", "syscalls", "sys_exit_sendfile64"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("sys_enter_accept", "syscalls", "sys_enter_accept"),
+    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("sys_enter_accept4", "syscalls", "sys_enter_accept4"),
+    ("sys_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("sys_enter_close", "syscalls", "sys_enter_close"),
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Trace every process except the agent (no selector given).
+    pub trace_all: bool,
+    /// Bytes copied per syscall.
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+/// What the kernel counted, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub events_lost: u64,
+    pub args_map_full: u64,
+    pub connections_map_full: u64,
+    pub read_errors: u64,
+    pub socket_lookup_errors: u64,
+    pub traced_pids_map_full: u64,
+}
+
+/// The part of the kernel stage the pipeline drives: which pids to trace, which sockets are
+/// tracked. A trait so the pipeline can be tested and benchmarked without a kernel.
+pub trait KernelControl {
+    fn trace_pid(&mut self, pid: u32);
+    fn untrace_pid(&mut self, pid: u32);
+    fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
+    fn forget_connection(&mut self, pid: u32, fd: i32);
+}
+
+/// Control maps of the loaded programs.
+pub struct KernelMaps {
+    traced_pids: HashMap<MapData, u32, u8>,
+    connections: HashMap<MapData, u64, ConnectionValue>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelControl for KernelMaps {
+    fn trace_pid(&mut self, pid: u32) {
+        if let Err(e) = self.traced_pids.insert(pid, 1, 0) {
+            log::warn!("cannot add pid {pid} to the kernel pid filter: {e}");
+        }
+    }
+
+    fn untrace_pid(&mut self, pid: u32) {
+        let _ = self.traced_pids.remove(&pid);
+    }
+
+    fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
+        let value = ConnectionValue { conn_id };
+        if let Err(e) = self.connections.insert(connection_key(pid, fd), value, 0) {
+            log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
+        }
+    }
+
+    fn forget_connection(&mut self, pid: u32, fd: i32) {
+        let _ = self.connections.remove(&connection_key(pid, fd));
+    }
+}
+
+impl KernelMaps {
+    pub fn counters(&self) -> KernelCounters {
+        let sum = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            events_lost: sum(counter::EVENTS_LOST),
+            args_map_full: sum(counter::ARGS_MAP_FULL),
+            connections_map_full: sum(counter::CONNECTIONS_MAP_FULL),
+            read_errors: sum(counter::READ_ERRORS),
+            socket_lookup_errors: sum(counter::SOCKET_LOOKUP_ERRORS),
+            traced_pids_map_full: sum(counter::TRACED_PIDS_MAP_FULL),
+        }
+    }
+}
+
+pub const TRACEPOINT_COUNT: usize = TRACEPOINTS.len();
+
+/// Loaded and attached programs. Dropping `_ebpf` detaches everything.
+pub struct Probes {
+    /// Keeps programs and links alive.
+    pub _ebpf: Ebpf,
+    pub ring: RingBuf<MapData>,
+    pub maps: KernelMaps,
+}
+
+impl Probes {
+    pub fn load(options: &ProbeOptions) -> Result<Self> {
+        check_host()?;
+        let offsets: KernelOffsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
+        let trace_all: u32 = options.trace_all.into();
+        let agent_pid: u32 = std::process::id();
+        let capture: u32 = options.capture_bytes.clamp(1, MAX_CAPTURE as u32);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("AGENT_PID", &agent_pid, true)
+            .override_global("CAPTURE_BYTES", &capture, true)
+            .override_global("KERNEL_OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", options.ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| permission_hint(anyhow!(e).context("cannot load the eBPF object")))?;
+
+        for (program, category, name) in TRACEPOINTS {
+            attach(&mut ebpf, program, category, name)?;
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
+        let maps = KernelMaps {
+            traced_pids: HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?)?,
+            connections: HashMap::try_from(take(&mut ebpf, "CONNECTIONS")?)?,
+            counters: PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?,
+        };
+        Ok(Probes {
+            _ebpf: ebpf,
+            ring,
+            maps,
+        })
+    }
+
+}
+
+/// Wait until the ring buffer has data or `timeout` passes.
+pub fn wait_for_events(ring: &RingBuf<MapData>, timeout: Duration) {
+    let mut fds = [libc::pollfd {
+        fd: ring.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd; EINTR (a signal) just ends the wait early.
+    unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
+}
+
+fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<()> {
+    let tracepoint: &mut TracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing from the eBPF object"))?
+        .try_into()?;
+    tracepoint.load().map_err(|e| {
+        let log = match &e {
+            ProgramError::LoadError { verifier_log, .. } => format!("\nverifier log:\n{verifier_log}"),
+            _ => String::new(),
+        };
+        permission_hint(anyhow!("cannot load program {program}: {e}{log}"))
+    })?;
+    tracepoint.attach(category, name).map_err(|e| {
+        anyhow!(
+            "cannot attach to tracepoint {category}/{name}: {e}; check that \
+             {TRACEFS}/events/{category}/{name} exists"
+        )
+    })?;
+    Ok(())
+}
+
+fn permission_hint(error: anyhow::Error) -> anyhow::Error {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        error.context(
+            "kspan needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): run it with sudo",
+        )
+    } else {
+        error
+    }
+}
+
+/// Fail early, saying what to do, when the host lacks what the probes need.
+fn check_host() -> Result<()> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!(
+            "/sys/kernel/btf/vmlinux is missing: kspan needs a kernel with BTF \
+             (CONFIG_DEBUG_INFO_BTF=y, standard on current distribution kernels)"
+        );
+    }
+    let events = Path::new(TRACEFS).join("events");
+    if !events.join("syscalls").exists() {
+        mount_tracefs()?;
+    }
+    check_syscall_layout()
+}
+
+fn mount_tracefs() -> Result<()> {
+    log::info!("tracefs is not mounted; mounting it at {TRACEFS}");
+    let source = c"nodev";
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 || !Path::new(TRACEFS).join("events/syscalls").exists() {
+        let error = std::io::Error::last_os_error();
+        bail!(
+            "tracefs is not mounted and mounting it failed ({error}): run \
+             `mount -t tracefs nodev {TRACEFS}` as root (the kernel also needs \
+             CONFIG_FTRACE_SYSCALLS for syscall tracepoints)"
+        );
+    }
+    Ok(())
+}
+
+/// The programs read syscall arguments at fixed offsets (16 + 8n) and the return value at 16.
+/// That layout has been stable for years on every architecture, but verify instead of assuming.
+fn check_syscall_layout() -> Result<()> {
+    let read_format = |name: &str| -> Result<String> {
+        let path = format!("{TRACEFS}/events/syscalls/{name}/format");
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))
+    };
+    let enter = read_format("sys_enter_recvfrom")?;
+    let exit = read_format("sys_exit_recvfrom")?;
+    let expect = [
+        (&enter, "fd;", 16),
+        (&enter, "ubuf;", 24),
+        (&enter, "size;", 32),
+        (&enter, "flags;", 40),
+        (&exit, "ret;", 16),
+    ];
+    for (format, field, offset) in expect {
+        let line = format
+            .lines()
+            .find(|line| line.contains(&format!(" {field}")))
+            .with_context(|| format!("syscall tracepoint format lacks field {field}"))?;
+        if !line.contains(&format!("offset:{offset};")) {
+            bail!(
+                "unsupported syscall tracepoint layout: expected {field} at offset {offset}, \
+                 found `{}`",
+                line.trim()
+            );
+        }
+    }
+    Ok(())
+}
