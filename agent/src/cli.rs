@@ -97,7 +97,8 @@ pub fn run(args: Args) -> Result<()> {
     let selectors = Selectors::new(args.pids.clone(), &args.exes, args.ports.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone()).context("cannot install signal handler")?;
+        signal_hook::flag::register(signal, stop.clone())
+            .context("cannot install signal handler")?;
     }
 
     let probes = Probes::load(&ProbeOptions {
@@ -177,29 +178,30 @@ fn spawn_exporter(
         Output::Json => Some(Box::new(JsonExporter::new(std::io::stdout()))),
         Output::None => None,
     };
-    let handle = thread::Builder::new()
-        .name("kspan-export".into())
-        .spawn(move || -> Result<()> {
-            let mut batch = Vec::with_capacity(256);
-            // Ends when the pipeline drops its sender, after the last span.
-            while let Ok(span) = receiver.recv() {
-                batch.push(span);
-                while batch.len() < 256
-                    && let Ok(span) = receiver.try_recv()
-                {
+    let handle =
+        thread::Builder::new()
+            .name("kspan-export".into())
+            .spawn(move || -> Result<()> {
+                let mut batch = Vec::with_capacity(256);
+                // Ends when the pipeline drops its sender, after the last span.
+                while let Ok(span) = receiver.recv() {
                     batch.push(span);
+                    while batch.len() < 256
+                        && let Ok(span) = receiver.try_recv()
+                    {
+                        batch.push(span);
+                    }
+                    if let Some(exporter) = exporter.as_mut() {
+                        exporter.export(&batch)?;
+                        exporter.flush()?;
+                    }
+                    batch.clear();
                 }
                 if let Some(exporter) = exporter.as_mut() {
-                    exporter.export(&batch)?;
                     exporter.flush()?;
                 }
-                batch.clear();
-            }
-            if let Some(exporter) = exporter.as_mut() {
-                exporter.flush()?;
-            }
-            std::io::stdout().flush()?;
-            Ok(())
-        })?;
+                std::io::stdout().flush()?;
+                Ok(())
+            })?;
     Ok(handle)
 }

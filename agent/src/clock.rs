@@ -60,6 +60,10 @@ mod tests {
         let clock = Clock::calibrate();
         let wall = clock.to_unix_nanos(Clock::monotonic_now()) as i128;
         let real = now_ns(libc::CLOCK_REALTIME);
-        assert!((wall - real).abs() < 50_000_000, "off by {} ns", wall - real);
+        assert!(
+            (wall - real).abs() < 50_000_000,
+            "off by {} ns",
+            wall - real
+        );
     }
 }

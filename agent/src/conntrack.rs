@@ -14,8 +14,11 @@ use crate::protocols::http1::Http1Connection;
 /// ignored (a connection joined mid-stream may start inside a body).
 const DETECTION_ATTEMPTS: u8 = 4;
 
+#[derive(Debug)]
 pub enum ProtocolState {
-    Undetected { attempts: u8 },
+    Undetected {
+        attempts: u8,
+    },
     Http1(Box<Http1Connection>),
     /// Not a protocol kspan parses: its bytes are skipped.
     Unsupported,
@@ -36,6 +39,7 @@ impl ProtocolState {
     }
 }
 
+#[derive(Debug)]
 pub struct Connection {
     /// Identity within (pid, fd), from the kernel: fds are reused, (pid, fd, conn_id) is not.
     pub conn_id: u64,

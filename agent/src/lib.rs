@@ -3,13 +3,13 @@
 //! → span builder (`spans`) → exporters (`export`). `process` decides which processes are traced
 //! and describes them; `pipeline` wires the stages together.
 
-pub mod clock;
-pub mod export;
-pub mod protocols;
-pub mod spans;
-pub mod stats;
 pub mod cli;
+pub mod clock;
 pub mod conntrack;
+pub mod export;
 pub mod pipeline;
 pub mod probes;
 pub mod process;
+pub mod protocols;
+pub mod spans;
+pub mod stats;

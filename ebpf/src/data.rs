@@ -116,11 +116,19 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, full_len: u64, end_ns: u64) {
         capture = MAX_CAPTURE as u64;
     }
     let want = if in_flight.shape == shape::NONE || full_len < capture {
-        if in_flight.shape == shape::NONE { 0 } else { full_len }
+        if in_flight.shape == shape::NONE {
+            0
+        } else {
+            full_len
+        }
     } else {
         capture
     };
-    let room = if in_flight.shape == shape::BUFFER { want } else { want * 2 };
+    let room = if in_flight.shape == shape::BUFFER {
+        want
+    } else {
+        want * 2
+    };
     if room <= 256 {
         emit_data::<256>(pid_tgid, in_flight, full_len, want as u32, end_ns);
     } else if room <= 1024 {
@@ -245,15 +253,69 @@ macro_rules! data_syscall {
     };
 }
 
-data_syscall!(sys_enter_read, sys_exit_read, shape::BUFFER, DIRECTION_INGRESS, 0);
-data_syscall!(sys_enter_write, sys_exit_write, shape::BUFFER, DIRECTION_EGRESS, 0);
-data_syscall!(sys_enter_readv, sys_exit_readv, shape::IOVEC, DIRECTION_INGRESS, 0);
-data_syscall!(sys_enter_writev, sys_exit_writev, shape::IOVEC, DIRECTION_EGRESS, 0);
-data_syscall!(sys_enter_sendto, sys_exit_sendto, shape::BUFFER, DIRECTION_EGRESS, 0);
-data_syscall!(sys_enter_recvfrom, sys_exit_recvfrom, shape::BUFFER, DIRECTION_INGRESS, ARG3);
-data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, shape::MSGHDR, DIRECTION_EGRESS, 0);
-data_syscall!(sys_enter_recvmsg, sys_exit_recvmsg, shape::MSGHDR, DIRECTION_INGRESS, ARG2);
-data_syscall!(sys_enter_sendfile64, sys_exit_sendfile64, shape::NONE, DIRECTION_EGRESS, 0);
+data_syscall!(
+    sys_enter_read,
+    sys_exit_read,
+    shape::BUFFER,
+    DIRECTION_INGRESS,
+    0
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    shape::BUFFER,
+    DIRECTION_EGRESS,
+    0
+);
+data_syscall!(
+    sys_enter_readv,
+    sys_exit_readv,
+    shape::IOVEC,
+    DIRECTION_INGRESS,
+    0
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    shape::IOVEC,
+    DIRECTION_EGRESS,
+    0
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    shape::BUFFER,
+    DIRECTION_EGRESS,
+    0
+);
+data_syscall!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    shape::BUFFER,
+    DIRECTION_INGRESS,
+    ARG3
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    shape::MSGHDR,
+    DIRECTION_EGRESS,
+    0
+);
+data_syscall!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    shape::MSGHDR,
+    DIRECTION_INGRESS,
+    ARG2
+);
+data_syscall!(
+    sys_enter_sendfile64,
+    sys_exit_sendfile64,
+    shape::NONE,
+    DIRECTION_EGRESS,
+    0
+);
 
 /// connect, accept and accept4 exits share the stash-and-exit path of data syscalls.
 #[tracepoint]

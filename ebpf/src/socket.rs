@@ -72,13 +72,25 @@ pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
 pub fn connect_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) {
     // A non-blocking connect returns EINPROGRESS with its local port already bound.
     if ret == 0 || ret == -EINPROGRESS {
-        track_socket(EventKind::Connect, pid_tgid, in_flight.fd, in_flight.start_ns, end_ns);
+        track_socket(
+            EventKind::Connect,
+            pid_tgid,
+            in_flight.fd,
+            in_flight.start_ns,
+            end_ns,
+        );
     }
 }
 
 pub fn accept_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) {
     if ret >= 0 {
-        track_socket(EventKind::Accept, pid_tgid, ret as i32, in_flight.start_ns, end_ns);
+        track_socket(
+            EventKind::Accept,
+            pid_tgid,
+            ret as i32,
+            in_flight.start_ns,
+            end_ns,
+        );
     }
 }
 
@@ -91,7 +103,10 @@ fn track_socket(kind: EventKind, pid_tgid: u64, fd: i32, start_ns: u64, end_ns: 
     let pid = (pid_tgid >> 32) as u32;
     // The tracking start time is the connection's identity: fds are reused, (pid, fd, time) not.
     let value = ConnectionValue { conn_id: end_ns };
-    if CONNECTIONS.insert(&connection_key(pid, fd), &value, 0).is_err() {
+    if CONNECTIONS
+        .insert(&connection_key(pid, fd), &value, 0)
+        .is_err()
+    {
         count(counter::CONNECTIONS_MAP_FULL);
         return;
     }
@@ -219,8 +234,7 @@ fn socket_tuple(fd: i32) -> Option<SocketTuple> {
         if o.sock_type != NO_OFFSET && read::<u16>(sk + o.sock_type as u64)? != SOCK_STREAM {
             return Some(SocketTuple::default());
         }
-        if o.sock_protocol != NO_OFFSET
-            && read::<u16>(sk + o.sock_protocol as u64)? != IPPROTO_TCP
+        if o.sock_protocol != NO_OFFSET && read::<u16>(sk + o.sock_protocol as u64)? != IPPROTO_TCP
         {
             return Some(SocketTuple::default());
         }

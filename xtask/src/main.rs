@@ -1,1 +1,271 @@
-fn main() {}
+//! `cargo xtask`: kspan's developer task runner and CI entry point.
+//!
+//! Every task first runs `setup` (checks the eBPF build prerequisites and the end-to-end test
+//! peers, installing what is missing), so a fresh machine needs nothing but Rust and this repo.
+
+mod setup;
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use std::{env, fmt::Write as _};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "kspan developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check the eBPF build prerequisites and end-to-end test peers; install what is missing.
+    Setup,
+    /// Set up, then build the agent (release unless --debug).
+    Build {
+        /// Build the debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Set up, build the release agent, run the unit tests, then the end-to-end tests.
+    Test,
+    /// Set up, then check formatting (rustfmt) and lints (clippy -D warnings).
+    Lint,
+    /// Set up, build the release agent, then replace this process with it: `run -- ARGS...`.
+    Run {
+        /// Arguments passed to kspan (everything after `--`).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}`: the whole cause chain on one line, without anyhow's backtrace.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::setup(),
+        Task::Build { debug } => {
+            setup::setup()?;
+            build(debug)
+        }
+        Task::Test => test(),
+        Task::Lint => lint(),
+        Task::Run { args } => run(&args),
+    }
+}
+
+/// The workspace root: the parent of this crate's directory, wherever cargo was invoked from.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in a subdirectory of the workspace")
+        .to_path_buf()
+}
+
+/// Where cargo puts build output for commands run from the root.
+fn target_dir() -> PathBuf {
+    // A relative CARGO_TARGET_DIR is relative to the cwd, which is the root for our commands.
+    root().join(env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
+}
+
+fn kspan_bin() -> PathBuf {
+    target_dir().join("release").join("kspan")
+}
+
+fn build(debug: bool) -> Result<()> {
+    let mut args = vec!["build", "-p", "kspan"];
+    if !debug {
+        args.insert(1, "--release");
+    }
+    run_cmd(&mut cargo(&args))
+}
+
+fn test() -> Result<()> {
+    let mut steps = Steps::default();
+    let result = (|| {
+        steps.run("setup", setup::setup)?;
+        steps.run("build (release)", || build(false))?;
+        steps.run("unit tests", || {
+            run_cmd(&mut cargo(&[
+                "test",
+                "--workspace",
+                "--exclude",
+                "kspan-e2e",
+            ]))
+        })?;
+        steps.run("end-to-end tests", || {
+            let mut cmd = cargo(&["test", "-p", "kspan-e2e", "--", "--test-threads=1"]);
+            run_cmd(cmd.env("KSPAN_BIN", kspan_bin()))
+        })
+    })();
+    steps.print_summary();
+    result
+}
+
+fn lint() -> Result<()> {
+    let mut steps = Steps::default();
+    let result = (|| {
+        steps.run("setup", setup::setup)?;
+        // Both checks run, so one failing does not hide the other's findings.
+        let fmt = steps.run("rustfmt", || {
+            run_cmd(&mut cargo(&["fmt", "--all", "--", "--check"]))
+        });
+        let clippy = steps.run("clippy", || {
+            run_cmd(&mut cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        });
+        fmt.and(clippy)
+    })();
+    steps.print_summary();
+    result
+}
+
+fn run(args: &[OsString]) -> Result<()> {
+    setup::setup()?;
+    build(false)?;
+    let mut cmd = command(kspan_bin());
+    cmd.args(args);
+    println!("$ {}", display(&cmd));
+    // exec only returns on failure; on success kspan gets our pid, stdio and signals.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot exec {}", kspan_bin().display()))
+}
+
+/// Named steps with a header before each and a timed summary at the end.
+#[derive(Default)]
+struct Steps {
+    done: Vec<(&'static str, Duration, bool)>,
+}
+
+impl Steps {
+    fn run(&mut self, name: &'static str, step: impl FnOnce() -> Result<()>) -> Result<()> {
+        println!("\n==> {name}");
+        let start = Instant::now();
+        let result = step();
+        self.done.push((name, start.elapsed(), result.is_ok()));
+        result.with_context(|| format!("step `{name}` failed"))
+    }
+
+    fn print_summary(&self) {
+        let mut out = String::from("\n==> summary\n");
+        let mut total = Duration::ZERO;
+        for (name, took, ok) in &self.done {
+            let status = if *ok { "ok" } else { "FAILED" };
+            let secs = took.as_secs_f64();
+            let _ = writeln!(out, "  {status:<7} {name:<20} {secs:>8.1}s");
+            total += *took;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<7} {:<20} {:>8.1}s",
+            "",
+            "total",
+            total.as_secs_f64()
+        );
+        print!("{out}");
+    }
+}
+
+/// A command whose PATH also holds cargo's bin directory (bpf-linker, rustup proxies live there).
+fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(home) = env::var_os("CARGO_HOME") {
+        dirs.push(Path::new(&home).join("bin"));
+    }
+    if let Some(home) = env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo").join("bin"));
+    }
+    let current: Vec<PathBuf> =
+        env::split_paths(&env::var_os("PATH").unwrap_or_default()).collect();
+    dirs.retain(|d| !current.contains(d));
+    dirs.extend(current);
+    let mut cmd = Command::new(program);
+    if let Ok(path) = env::join_paths(dirs) {
+        cmd.env("PATH", path);
+    }
+    cmd.current_dir(root());
+    cmd
+}
+
+/// `cargo ARGS`, using the cargo that runs us.
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args);
+    cmd
+}
+
+/// Print the command, run it with inherited stdio, fail unless it exits successfully.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = display(cmd);
+    println!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Run a probe quietly; true if it started and exited successfully.
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Run a probe and capture its stdout, if it exited successfully.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `VAR=value program args`, as a shell would show it (PATH left out: we always set it).
+fn display(cmd: &Command) -> String {
+    let mut parts: Vec<String> = cmd
+        .get_envs()
+        .filter(|(k, _)| *k != "PATH")
+        .filter_map(|(k, v)| Some(format!("{}={}", k.display(), v?.display())))
+        .collect();
+    let program = Path::new(cmd.get_program());
+    // Show `cargo` rather than the toolchain path in $CARGO.
+    let name = match program.file_name() {
+        Some(n) if n == "cargo" => n,
+        _ => cmd.get_program(),
+    };
+    parts.push(name.display().to_string());
+    parts.extend(cmd.get_args().map(|a| a.display().to_string()));
+    parts.join(" ")
+}

@@ -208,7 +208,9 @@ impl Btf {
     fn plain(&self, struct_name: &str, member: &str) -> Result<u32> {
         let offset = self.member_offset(struct_name, member)?;
         if offset.bitfield {
-            bail!("{struct_name}.{member} is a bitfield in this kernel; it cannot be read directly");
+            bail!(
+                "{struct_name}.{member} is a bitfield in this kernel; it cannot be read directly"
+            );
         }
         Ok(offset.bytes)
     }
@@ -216,9 +218,8 @@ impl Btf {
     /// Everything the socket walk in ebpf/src/socket.rs needs.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
         let common = self.plain("sock", "__sk_common")?;
-        let sock_common = |member: &str| -> Result<u32> {
-            Ok(common + self.plain("sock_common", member)?)
-        };
+        let sock_common =
+            |member: &str| -> Result<u32> { Ok(common + self.plain("sock_common", member)?) };
         // sk_type/sk_protocol were bitfields before Linux 5.6: skip that check there.
         let optional = |member: &str| -> u32 {
             match self.member_offset("sock", member) {
@@ -257,7 +258,9 @@ mod tests {
         let s = |name: &str| -> u32 {
             let pos = strings
                 .windows(name.len() + 2)
-                .position(|w| w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0)
+                .position(|w| {
+                    w[0] == 0 && &w[1..=name.len()] == name.as_bytes() && w[name.len() + 1] == 0
+                })
                 .unwrap();
             pos as u32 + 1
         };
@@ -276,11 +279,27 @@ mod tests {
         // 4: anonymous union { struct 3; long d; }
         push(&[0, (KIND_UNION << 24) | 2, 8, 0, 3, 0, s("d"), 2, 0]);
         // 5: struct outer { int a; union 4 at 64 bits; }
-        push(&[s("outer"), (KIND_STRUCT << 24) | 2, 16, s("a"), 1, 0, 0, 4, 64]);
+        push(&[
+            s("outer"),
+            (KIND_STRUCT << 24) | 2,
+            16,
+            s("a"),
+            1,
+            0,
+            0,
+            4,
+            64,
+        ]);
         let mut data = Vec::new();
         data.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         data.extend_from_slice(&[1, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             data.extend_from_slice(&w.to_le_bytes());
         }
         data.extend_from_slice(&types);

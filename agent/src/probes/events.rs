@@ -37,7 +37,8 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
     let kind = EventKind::from_u32(header.kind)?;
     Some(match kind {
         EventKind::Data => {
-            let data = record.get(EVENT_HEADER_LEN..EVENT_HEADER_LEN + header.copied_len as usize)?;
+            let data =
+                record.get(EVENT_HEADER_LEN..EVENT_HEADER_LEN + header.copied_len as usize)?;
             if header.copied_len as u64 > header.full_len {
                 return None;
             }
@@ -71,7 +72,10 @@ pub fn encode_data(header: &EventHeader, data: &[u8]) -> Vec<u8> {
     let mut record = Vec::with_capacity(EVENT_HEADER_LEN + data.len());
     // SAFETY: EventHeader is #[repr(C)] plain data without padding.
     record.extend_from_slice(unsafe {
-        std::slice::from_raw_parts((header as *const EventHeader).cast::<u8>(), EVENT_HEADER_LEN)
+        std::slice::from_raw_parts(
+            (header as *const EventHeader).cast::<u8>(),
+            EVENT_HEADER_LEN,
+        )
     });
     record.extend_from_slice(data);
     record
@@ -104,7 +108,10 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(decode(&record[..EVENT_HEADER_LEN + 2]).is_none(), "short body");
+        assert!(
+            decode(&record[..EVENT_HEADER_LEN + 2]).is_none(),
+            "short body"
+        );
         assert!(decode(&record[..10]).is_none(), "short header");
         let bad_kind = EventHeader { kind: 99, ..header };
         assert!(decode(&encode_data(&bad_kind, b"")).is_none());

@@ -177,7 +177,6 @@ impl Probes {
             maps,
         })
     }
-
 }
 
 /// Wait until the ring buffer has data or `timeout` passes.
@@ -198,7 +197,9 @@ fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<
         .try_into()?;
     tracepoint.load().map_err(|e| {
         let log = match &e {
-            ProgramError::LoadError { verifier_log, .. } => format!("\nverifier log:\n{verifier_log}"),
+            ProgramError::LoadError { verifier_log, .. } => {
+                format!("\nverifier log:\n{verifier_log}")
+            }
             _ => String::new(),
         };
         permission_hint(anyhow!("cannot load program {program}: {e}{log}"))

@@ -198,7 +198,10 @@ mod tests {
         );
         assert!(resource.get("host.name").is_some());
         // Cached: same Arc.
-        assert!(Arc::ptr_eq(&resource, &processes.resource(std::process::id())));
+        assert!(Arc::ptr_eq(
+            &resource,
+            &processes.resource(std::process::id())
+        ));
     }
 
     #[test]

@@ -122,6 +122,9 @@ mod tests {
             .expect("own listening socket");
         assert!(found.listening);
         assert!(exe_path(std::process::id()).is_some());
-        assert_eq!(parent_pid(std::process::id()), Some(std::os::unix::process::parent_id()));
+        assert_eq!(
+            parent_pid(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
     }
 }

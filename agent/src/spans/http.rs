@@ -1,1 +1,622 @@
-//! HTTP span builder (to be written).
+//! HTTP span builder: one [`HttpExchange`] in, one OpenTelemetry span out (HTTP semantic
+//! conventions, stable attribute names).
+//!
+//! Privacy: the query string and fragment of the request-target never reach a span (not the
+//! name, not `url.path`, not `url.full`); a Host header that could smuggle one (`?`, `#`, `/`,
+//! `@`, whitespace or control characters) is ignored and the socket address is used instead.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use super::route::{route_template, target_path};
+use super::{AttributeValue, Attributes, Resource, Span, SpanKind, SpanStatus};
+use crate::clock::Clock;
+use crate::protocols::Role;
+use crate::protocols::http::HttpExchange;
+
+/// Methods reported as such; any other goes out as `_OTHER` (names are case-sensitive).
+pub const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// A random, non-zero 128-bit trace id.
+pub fn new_trace_id() -> [u8; 16] {
+    loop {
+        let id: u128 = rand::random();
+        if id != 0 {
+            return id.to_be_bytes();
+        }
+    }
+}
+
+/// A random, non-zero 64-bit span id.
+pub fn new_span_id() -> [u8; 8] {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id.to_be_bytes();
+        }
+    }
+}
+
+/// The method as reported, if it is one of [`KNOWN_METHODS`].
+pub fn known_method(method: &str) -> Option<&'static str> {
+    KNOWN_METHODS.iter().copied().find(|m| *m == method)
+}
+
+/// An address as OpenTelemetry wants it: plain ("127.0.0.1", "::1"), IPv4-mapped IPv6 shown as
+/// IPv4.
+pub fn address_string(ip: IpAddr) -> String {
+    ip.to_canonical().to_string()
+}
+
+/// A host and port from a Host header value: `example.com`, `example.com:8080`, `[::1]:8080`,
+/// `[::1]`, also a bare (non-conforming) `::1`. The host comes back without brackets, IP
+/// literals normalized (IPv4-mapped → IPv4). The port is None when absent or invalid. None when
+/// the value is empty or holds characters no host has (see the module documentation).
+pub fn parse_host(value: &str) -> Option<(String, Option<u16>)> {
+    let value = value.trim();
+    let suspicious = |c: char| c.is_whitespace() || c.is_control() || "/?#@".contains(c);
+    if value.contains(suspicious) {
+        return None;
+    }
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let close = rest.find(']')?;
+        let after = &rest[close + 1..];
+        (&rest[..close], after.strip_prefix(':'))
+    } else {
+        match value.matches(':').count() {
+            0 => (value, None),
+            1 => {
+                let (h, p) = value.split_once(':')?;
+                (h, Some(p))
+            }
+            // A bare IPv6 literal: no port can be told apart.
+            _ => (value, None),
+        }
+    };
+    if host.is_empty() || host.contains(['[', ']']) {
+        return None;
+    }
+    let port = port.and_then(parse_port);
+    let host = match host.parse::<IpAddr>() {
+        Ok(ip) => address_string(ip),
+        Err(_) => host.to_string(),
+    };
+    Some((host, port))
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// `host` as a URL authority host: IPv6 literals bracketed.
+fn url_host(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// Builds the span for one exchange. `local` and `remote` are the traced process's socket
+/// address and its peer's.
+pub fn http_span(
+    exchange: &HttpExchange,
+    local: SocketAddr,
+    remote: SocketAddr,
+    resource: &Arc<Resource>,
+    clock: &Clock,
+) -> Span {
+    let request = &exchange.request;
+    let kind = match exchange.role {
+        Role::Server => SpanKind::Server,
+        Role::Client => SpanKind::Client,
+    };
+    let method = known_method(&request.method);
+    let route = route_template(&request.target);
+    let name = format!("{} {}", method.unwrap_or("HTTP"), route);
+    let path = target_path(&request.target);
+
+    let (status, error_type) = status_of(exchange);
+
+    let host = request.host.as_deref().and_then(parse_host);
+    let remote_address = address_string(remote.ip());
+    let (server_address, server_port) = {
+        let socket = match kind {
+            SpanKind::Server => local,
+            SpanKind::Client => remote,
+        };
+        match &host {
+            Some((h, p)) => (h.clone(), p.unwrap_or(socket.port())),
+            None => (address_string(socket.ip()), socket.port()),
+        }
+    };
+
+    let mut attributes: Attributes = Vec::with_capacity(16);
+    let mut put = |key: &'static str, value: AttributeValue| attributes.push((key, value));
+    let str_value = |s: &str| AttributeValue::Str(s.to_string());
+    match method {
+        Some(m) => put("http.request.method", str_value(m)),
+        None => {
+            put("http.request.method", str_value("_OTHER"));
+            put("http.request.method_original", str_value(&request.method));
+        }
+    }
+    put("url.path", str_value(path));
+    put("url.scheme", str_value("http"));
+    if let Some(response) = &exchange.response {
+        put(
+            "http.response.status_code",
+            AttributeValue::Int(response.status.into()),
+        );
+    }
+    if !request.version.is_empty() {
+        put("network.protocol.version", str_value(request.version));
+    }
+    put("server.address", str_value(&server_address));
+    put("server.port", AttributeValue::Int(server_port.into()));
+    if kind == SpanKind::Server {
+        put("client.address", str_value(&remote_address));
+        put("client.port", AttributeValue::Int(remote.port().into()));
+    }
+    put("network.peer.address", str_value(&remote_address));
+    put(
+        "network.peer.port",
+        AttributeValue::Int(remote.port().into()),
+    );
+    if let Some(ua) = &request.user_agent {
+        put("user_agent.original", str_value(ua));
+    }
+    if kind == SpanKind::Client {
+        let authority = match &host {
+            Some((h, Some(p))) => format!("{}:{p}", url_host(h)),
+            Some((h, None)) => url_host(h),
+            None => format!("{}:{}", url_host(&remote_address), remote.port()),
+        };
+        put(
+            "url.full",
+            AttributeValue::Str(format!("http://{authority}{path}")),
+        );
+    }
+    if let Some(error_type) = error_type {
+        put("error.type", AttributeValue::Str(error_type));
+    }
+
+    let start_unix_nano = clock.to_unix_nanos(exchange.start_ns);
+    let end_unix_nano = clock.to_unix_nanos(exchange.end_ns).max(start_unix_nano);
+    Span {
+        trace_id: new_trace_id(),
+        span_id: new_span_id(),
+        parent_span_id: None,
+        name,
+        kind,
+        start_unix_nano,
+        end_unix_nano,
+        status,
+        attributes,
+        resource: Arc::clone(resource),
+    }
+}
+
+/// Span status and `error.type`. An error status code (≥ 500 for servers, ≥ 400 for clients)
+/// gives the code; otherwise a missing response or an exchange error gives the error's name.
+fn status_of(exchange: &HttpExchange) -> (SpanStatus, Option<String>) {
+    if let Some(response) = &exchange.response {
+        let threshold = match exchange.role {
+            Role::Server => 500,
+            Role::Client => 400,
+        };
+        if response.status >= threshold {
+            return (SpanStatus::Error, Some(response.status.to_string()));
+        }
+    }
+    match (exchange.error, &exchange.response) {
+        (Some(error), _) => (SpanStatus::Error, Some(error.as_str().to_string())),
+        // No response and no reason: OpenTelemetry's fallback value.
+        (None, None) => (SpanStatus::Error, Some("_OTHER".to_string())),
+        (None, Some(_)) => (SpanStatus::Unset, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::http::{ExchangeError, HttpRequest, HttpResponse};
+    use AttributeValue::{Int, Str};
+
+    const OFFSET: i128 = 1_700_000_000_000_000_000;
+
+    fn s(v: &str) -> AttributeValue {
+        Str(v.to_string())
+    }
+
+    fn resource() -> Arc<Resource> {
+        Arc::new(Resource {
+            attributes: vec![("service.name", s("python3")), ("process.pid", Int(1234))],
+        })
+    }
+
+    fn exchange(role: Role, method: &str, target: &str, status: Option<u16>) -> HttpExchange {
+        HttpExchange {
+            role,
+            request: HttpRequest {
+                method: method.to_string(),
+                target: target.to_string(),
+                version: "1.1",
+                host: Some("example.com".to_string()),
+                user_agent: Some("curl/8.5.0".to_string()),
+                context_headers: vec![],
+                body_len: 0,
+            },
+            response: status.map(|status| HttpResponse {
+                status,
+                version: "1.1",
+                body_len: 5,
+            }),
+            error: if status.is_none() {
+                Some(ExchangeError::ConnectionClosed)
+            } else {
+                None
+            },
+            start_ns: 1_000,
+            end_ns: 2_235_000,
+            request_tid: 7,
+            response_tid: 7,
+        }
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:8080".parse().unwrap()
+    }
+
+    fn remote() -> SocketAddr {
+        "127.0.0.1:54321".parse().unwrap()
+    }
+
+    fn build(ex: &HttpExchange, local: SocketAddr, remote: SocketAddr) -> Span {
+        http_span(ex, local, remote, &resource(), &Clock::with_offset(OFFSET))
+    }
+
+    #[test]
+    fn server_span() {
+        let mut ex = exchange(Role::Server, "GET", "/users/123?token=secret", Some(200));
+        ex.request.host = Some("example.com:8443".to_string());
+        let span = build(&ex, local(), remote());
+        assert_eq!(span.name, "GET /users/*");
+        assert_eq!(span.kind, SpanKind::Server);
+        assert_eq!(span.status, SpanStatus::Unset);
+        assert_eq!(span.parent_span_id, None);
+        assert_eq!(span.start_unix_nano, 1_700_000_000_000_001_000);
+        assert_eq!(span.end_unix_nano, 1_700_000_000_002_235_000);
+        assert_eq!(span.resource, resource());
+        assert_eq!(
+            span.attributes,
+            vec![
+                ("http.request.method", s("GET")),
+                ("url.path", s("/users/123")),
+                ("url.scheme", s("http")),
+                ("http.response.status_code", Int(200)),
+                ("network.protocol.version", s("1.1")),
+                ("server.address", s("example.com")),
+                ("server.port", Int(8443)),
+                ("client.address", s("127.0.0.1")),
+                ("client.port", Int(54321)),
+                ("network.peer.address", s("127.0.0.1")),
+                ("network.peer.port", Int(54321)),
+                ("user_agent.original", s("curl/8.5.0")),
+            ]
+        );
+    }
+
+    #[test]
+    fn client_span() {
+        let ex = exchange(Role::Client, "POST", "/api/v1/orders?x=1#frag", Some(201));
+        let remote: SocketAddr = "93.184.216.34:80".parse().unwrap();
+        let local: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let span = build(&ex, local, remote);
+        assert_eq!(span.name, "POST /api/v1/orders");
+        assert_eq!(span.kind, SpanKind::Client);
+        assert_eq!(span.status, SpanStatus::Unset);
+        assert_eq!(
+            span.attributes,
+            vec![
+                ("http.request.method", s("POST")),
+                ("url.path", s("/api/v1/orders")),
+                ("url.scheme", s("http")),
+                ("http.response.status_code", Int(201)),
+                ("network.protocol.version", s("1.1")),
+                ("server.address", s("example.com")),
+                ("server.port", Int(80)),
+                ("network.peer.address", s("93.184.216.34")),
+                ("network.peer.port", Int(80)),
+                ("user_agent.original", s("curl/8.5.0")),
+                ("url.full", s("http://example.com/api/v1/orders")),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_method() {
+        let ex = exchange(Role::Server, "PROPFIND", "/dav/1", Some(207));
+        let span = build(&ex, local(), remote());
+        assert_eq!(span.name, "HTTP /dav/*");
+        assert_eq!(span.attribute("http.request.method"), Some(&s("_OTHER")));
+        assert_eq!(
+            span.attribute("http.request.method_original"),
+            Some(&s("PROPFIND"))
+        );
+        assert_eq!(span.attributes[1].0, "http.request.method_original");
+        // Methods are case-sensitive.
+        let ex = exchange(Role::Server, "get", "/", Some(200));
+        let span = build(&ex, local(), remote());
+        assert_eq!(span.name, "HTTP /");
+        assert_eq!(span.attribute("http.request.method"), Some(&s("_OTHER")));
+        assert_eq!(
+            span.attribute("http.request.method_original"),
+            Some(&s("get"))
+        );
+        // Known methods carry no method_original.
+        let span = build(
+            &exchange(Role::Server, "PATCH", "/", Some(200)),
+            local(),
+            remote(),
+        );
+        assert_eq!(span.attribute("http.request.method_original"), None);
+    }
+
+    #[test]
+    fn no_host() {
+        let mut ex = exchange(Role::Server, "GET", "/", Some(200));
+        ex.request.host = None;
+        ex.request.user_agent = None;
+        ex.request.version = "1.0";
+        let span = build(&ex, local(), remote());
+        assert_eq!(span.attribute("server.address"), Some(&s("127.0.0.1")));
+        assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
+        assert_eq!(span.attribute("network.protocol.version"), Some(&s("1.0")));
+        assert_eq!(span.attribute("user_agent.original"), None);
+
+        let mut ex = exchange(Role::Client, "GET", "/x?q=1", Some(200));
+        ex.request.host = None;
+        let remote: SocketAddr = "10.1.2.3:9000".parse().unwrap();
+        let span = build(&ex, local(), remote);
+        assert_eq!(span.attribute("server.address"), Some(&s("10.1.2.3")));
+        assert_eq!(span.attribute("server.port"), Some(&Int(9000)));
+        assert_eq!(
+            span.attribute("url.full"),
+            Some(&s("http://10.1.2.3:9000/x"))
+        );
+    }
+
+    #[test]
+    fn host_with_port() {
+        // Server without a port in Host: the local port.
+        let span = build(
+            &exchange(Role::Server, "GET", "/", Some(200)),
+            local(),
+            remote(),
+        );
+        assert_eq!(span.attribute("server.address"), Some(&s("example.com")));
+        assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
+
+        let mut ex = exchange(Role::Client, "GET", "/a", Some(200));
+        ex.request.host = Some("api.example.com:8080".to_string());
+        let remote: SocketAddr = "10.1.2.3:8080".parse().unwrap();
+        let span = build(&ex, local(), remote);
+        assert_eq!(
+            span.attribute("server.address"),
+            Some(&s("api.example.com"))
+        );
+        assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
+        assert_eq!(
+            span.attribute("url.full"),
+            Some(&s("http://api.example.com:8080/a"))
+        );
+
+        // Invalid port: the socket's port, no port in url.full.
+        ex.request.host = Some("api.example.com:80x".to_string());
+        let span = build(&ex, local(), remote);
+        assert_eq!(
+            span.attribute("server.address"),
+            Some(&s("api.example.com"))
+        );
+        assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
+        assert_eq!(
+            span.attribute("url.full"),
+            Some(&s("http://api.example.com/a"))
+        );
+    }
+
+    #[test]
+    fn ipv6_host() {
+        let mut ex = exchange(Role::Client, "GET", "/p", Some(200));
+        ex.request.host = Some("[::1]:8080".to_string());
+        let remote: SocketAddr = "[::1]:8080".parse().unwrap();
+        let local: SocketAddr = "[::1]:50000".parse().unwrap();
+        let span = build(&ex, local, remote);
+        assert_eq!(span.attribute("server.address"), Some(&s("::1")));
+        assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
+        assert_eq!(span.attribute("network.peer.address"), Some(&s("::1")));
+        assert_eq!(span.attribute("url.full"), Some(&s("http://[::1]:8080/p")));
+
+        ex.request.host = Some("[::1]".to_string());
+        let span = build(&ex, local, remote);
+        assert_eq!(span.attribute("server.address"), Some(&s("::1")));
+        assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
+        assert_eq!(span.attribute("url.full"), Some(&s("http://[::1]/p")));
+
+        ex.request.host = None;
+        let span = build(&ex, local, remote);
+        assert_eq!(span.attribute("url.full"), Some(&s("http://[::1]:8080/p")));
+    }
+
+    #[test]
+    fn parse_host_forms() {
+        let p = |v: &str| parse_host(v);
+        assert_eq!(p("example.com"), Some(("example.com".into(), None)));
+        assert_eq!(
+            p("example.com:8080"),
+            Some(("example.com".into(), Some(8080)))
+        );
+        assert_eq!(
+            p(" example.com:8080 "),
+            Some(("example.com".into(), Some(8080)))
+        );
+        assert_eq!(p("[::1]:8080"), Some(("::1".into(), Some(8080))));
+        assert_eq!(p("[::1]"), Some(("::1".into(), None)));
+        assert_eq!(p("::1"), Some(("::1".into(), None)));
+        assert_eq!(
+            p("[::ffff:10.0.0.1]:81"),
+            Some(("10.0.0.1".into(), Some(81)))
+        );
+        assert_eq!(p("example.com:"), Some(("example.com".into(), None)));
+        assert_eq!(p("example.com:99999"), Some(("example.com".into(), None)));
+        assert_eq!(p("example.com:+80"), Some(("example.com".into(), None)));
+        assert_eq!(p("[::1]x"), Some(("::1".into(), None)));
+        assert_eq!(p(""), None);
+        assert_eq!(p("  "), None);
+        assert_eq!(p(":8080"), None);
+        assert_eq!(p("[]:80"), None);
+        assert_eq!(p("[::1"), None);
+        assert_eq!(p("evil.com?token=1"), None);
+        assert_eq!(p("user:pw@evil.com"), None);
+        assert_eq!(p("a b"), None);
+        assert_eq!(p("example.com:80/x"), None);
+        assert_eq!(p("[::1]:80?x"), None);
+        assert_eq!(p("a]b"), None);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses() {
+        let mut ex = exchange(Role::Server, "GET", "/", Some(200));
+        ex.request.host = None;
+        let local: SocketAddr = "[::ffff:192.168.1.10]:8080".parse().unwrap();
+        let remote: SocketAddr = "[::ffff:192.168.1.20]:40000".parse().unwrap();
+        let span = build(&ex, local, remote);
+        assert_eq!(span.attribute("server.address"), Some(&s("192.168.1.10")));
+        assert_eq!(span.attribute("client.address"), Some(&s("192.168.1.20")));
+        assert_eq!(
+            span.attribute("network.peer.address"),
+            Some(&s("192.168.1.20"))
+        );
+
+        let mut ex = exchange(Role::Client, "GET", "/", Some(200));
+        ex.request.host = None;
+        let span = build(&ex, remote, local);
+        assert_eq!(
+            span.attribute("url.full"),
+            Some(&s("http://192.168.1.10:8080/"))
+        );
+    }
+
+    #[test]
+    fn status_404_server_vs_client() {
+        let span = build(
+            &exchange(Role::Server, "GET", "/", Some(404)),
+            local(),
+            remote(),
+        );
+        assert_eq!(span.status, SpanStatus::Unset);
+        assert_eq!(span.attribute("error.type"), None);
+        let span = build(
+            &exchange(Role::Client, "GET", "/", Some(404)),
+            local(),
+            remote(),
+        );
+        assert_eq!(span.status, SpanStatus::Error);
+        assert_eq!(span.attribute("error.type"), Some(&s("404")));
+        assert_eq!(span.attributes.last().unwrap().0, "error.type");
+    }
+
+    #[test]
+    fn status_500_server() {
+        let span = build(
+            &exchange(Role::Server, "GET", "/", Some(500)),
+            local(),
+            remote(),
+        );
+        assert_eq!(span.status, SpanStatus::Error);
+        assert_eq!(span.attribute("http.response.status_code"), Some(&Int(500)));
+        assert_eq!(span.attribute("error.type"), Some(&s("500")));
+        let span = build(
+            &exchange(Role::Server, "GET", "/", Some(499)),
+            local(),
+            remote(),
+        );
+        assert_eq!(span.status, SpanStatus::Unset);
+    }
+
+    #[test]
+    fn connection_closed() {
+        for role in [Role::Server, Role::Client] {
+            let span = build(&exchange(role, "GET", "/", None), local(), remote());
+            assert_eq!(span.status, SpanStatus::Error);
+            assert_eq!(span.attribute("error.type"), Some(&s("connection_closed")));
+            assert_eq!(span.attribute("http.response.status_code"), None);
+        }
+        // A response with an exchange error is still an error.
+        let mut ex = exchange(Role::Server, "GET", "/", Some(200));
+        ex.error = Some(ExchangeError::ConnectionClosed);
+        let span = build(&ex, local(), remote());
+        assert_eq!(span.status, SpanStatus::Error);
+        assert_eq!(span.attribute("error.type"), Some(&s("connection_closed")));
+    }
+
+    #[test]
+    fn query_never_appears() {
+        let targets = [
+            "/search/42?q=SECRETQ&token=SECRETQ",
+            "/search#SECRETQ",
+            "http://example.com/search?SECRETQ",
+            "http://example.com?SECRETQ",
+            "?SECRETQ",
+        ];
+        for target in targets {
+            for role in [Role::Server, Role::Client] {
+                for host in [None, Some("example.com?SECRETQ"), Some("example.com")] {
+                    for method in ["GET", "WEIRD"] {
+                        let mut ex = exchange(role, method, target, Some(200));
+                        ex.request.host = host.map(str::to_string);
+                        let span = build(&ex, local(), remote());
+                        assert!(!span.name.contains("SECRETQ"), "{}", span.name);
+                        for (key, value) in &span.attributes {
+                            if let Str(v) = value {
+                                assert!(!v.contains("SECRETQ"), "{key}={v}");
+                                assert!(!v.contains('?'), "{key}={v}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn end_never_before_start() {
+        let mut ex = exchange(Role::Server, "GET", "/", Some(200));
+        ex.start_ns = 5_000;
+        ex.end_ns = 4_000;
+        let span = build(&ex, local(), remote());
+        assert_eq!(span.start_unix_nano, span.end_unix_nano);
+    }
+
+    #[test]
+    fn ids_non_zero_and_distinct() {
+        let ex = exchange(Role::Server, "GET", "/", Some(200));
+        let a = build(&ex, local(), remote());
+        let b = build(&ex, local(), remote());
+        assert_ne!(a.trace_id, [0; 16]);
+        assert_ne!(a.span_id, [0; 8]);
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.span_id, b.span_id);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(new_span_id()));
+            assert_ne!(new_trace_id(), [0; 16]);
+        }
+    }
+}

@@ -51,7 +51,10 @@ pub struct Resource {
 
 impl Resource {
     pub fn get(&self, key: &str) -> Option<&AttributeValue> {
-        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 }
 
@@ -71,6 +74,9 @@ pub struct Span {
 
 impl Span {
     pub fn attribute(&self, key: &str) -> Option<&AttributeValue> {
-        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 }

@@ -1,0 +1,620 @@
+//! End-to-end tests of kspan's HTTP/1.x tracing.
+//!
+//! Needs root, BTF and tracefs (see `kspan_e2e::preflight`), the kspan binary
+//! (`cargo xtask test` builds it; or set KSPAN_BIN), python3 and curl.
+
+use std::time::Duration;
+
+use kspan_e2e::*;
+use serde_json::Value;
+
+/// Tolerance when comparing span timestamps with the test's wall clock
+/// (kspan converts kernel monotonic time to Unix time).
+const CLOCK_SLACK_NS: u64 = 50_000_000;
+
+/// One request as seen on the wire, to build expected attribute sets.
+struct Req<'a> {
+    method: &'a str,
+    path: &'a str,
+    status: i64,
+    /// Server port (also in the Host header).
+    port: u16,
+    version: &'a str,
+    /// The client's ephemeral port, when known.
+    client_port: Option<u16>,
+    /// Expected user_agent.original, None when the client sends none.
+    user_agent: Option<Expect>,
+}
+
+impl Req<'_> {
+    fn curl(
+        method: &'static str,
+        path: &'static str,
+        status: i64,
+        port: u16,
+        out: &CurlOutput,
+    ) -> Req<'static> {
+        Req {
+            method,
+            path,
+            status,
+            port,
+            version: "1.1",
+            client_port: out.local_port,
+            user_agent: Some(prefix("curl/")),
+        }
+    }
+
+    fn client_port(&self) -> Expect {
+        self.client_port.map_or(Expect::AnyInt, int)
+    }
+
+    /// Full attribute set of the SERVER span.
+    fn server_attrs(&self) -> Vec<(&'static str, Expect)> {
+        let mut v = vec![
+            ("http.request.method", s(self.method)),
+            ("url.path", s(self.path)),
+            ("url.scheme", s("http")),
+            ("http.response.status_code", int(self.status)),
+            ("network.protocol.version", s(self.version)),
+            ("server.address", s("127.0.0.1")),
+            ("server.port", int(self.port)),
+            ("client.address", s("127.0.0.1")),
+            ("client.port", self.client_port()),
+            ("network.peer.address", s("127.0.0.1")),
+            ("network.peer.port", self.client_port()),
+        ];
+        if let Some(ua) = &self.user_agent {
+            v.push(("user_agent.original", ua.clone()));
+        }
+        if self.status >= 500 {
+            v.push(("error.type", s(self.status.to_string())));
+        }
+        v
+    }
+
+    /// Full attribute set of the CLIENT span.
+    fn client_attrs(&self) -> Vec<(&'static str, Expect)> {
+        let mut v = vec![
+            ("http.request.method", s(self.method)),
+            ("url.path", s(self.path)),
+            ("url.scheme", s("http")),
+            ("http.response.status_code", int(self.status)),
+            ("network.protocol.version", s(self.version)),
+            ("server.address", s("127.0.0.1")),
+            ("server.port", int(self.port)),
+            ("network.peer.address", s("127.0.0.1")),
+            ("network.peer.port", int(self.port)),
+            (
+                "url.full",
+                s(format!("http://127.0.0.1:{}{}", self.port, self.path)),
+            ),
+        ];
+        if let Some(ua) = &self.user_agent {
+            v.push(("user_agent.original", ua.clone()));
+        }
+        if self.status >= 400 {
+            v.push(("error.type", s(self.status.to_string())));
+        }
+        v
+    }
+
+    fn server_status(&self) -> &'static str {
+        if self.status >= 500 { "ERROR" } else { "UNSET" }
+    }
+
+    fn client_status(&self) -> &'static str {
+        if self.status >= 400 { "ERROR" } else { "UNSET" }
+    }
+
+    fn check_server(&self, span: &Value, name: &str) {
+        assert_eq!(kspan_e2e::name(span), name, "span name:\n{}", pretty(span));
+        assert_eq!(span["kind"], "SERVER", "span kind:\n{}", pretty(span));
+        assert_eq!(
+            status(span),
+            self.server_status(),
+            "SERVER span status for {}:\n{}",
+            self.status,
+            pretty(span)
+        );
+        assert_attributes(span, &self.server_attrs());
+    }
+
+    fn check_client(&self, span: &Value, name: &str) {
+        assert_eq!(kspan_e2e::name(span), name, "span name:\n{}", pretty(span));
+        assert_eq!(span["kind"], "CLIENT", "span kind:\n{}", pretty(span));
+        assert_eq!(
+            status(span),
+            self.client_status(),
+            "CLIENT span status for {}:\n{}",
+            self.status,
+            pretty(span)
+        );
+        assert_attributes(span, &self.client_attrs());
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("read /proc/sys/kernel/hostname")
+        .trim()
+        .to_string()
+}
+
+/// Checks the span's resource: service.name, process.pid, process.executable.name, host.name.
+fn assert_resource(span: &Value, service_name: &str, pid: u32, exe_name: &str) {
+    let want = [
+        ("service.name", Value::from(service_name)),
+        ("process.pid", Value::from(pid)),
+        ("process.executable.name", Value::from(exe_name)),
+        ("host.name", Value::from(hostname())),
+    ];
+    for (k, v) in want {
+        assert_eq!(
+            span["resource"].get(k),
+            Some(&v),
+            "resource `{k}` mismatch:\n{}",
+            pretty(span)
+        );
+    }
+}
+
+/// Duration in (0, 5 s) and the span inside [from, to] (± slack).
+fn assert_timing(span: &Value, from_ns: u64, to_ns: u64) {
+    let (st, en) = (start_ns(span), end_ns(span));
+    assert!(en > st, "span duration must be > 0:\n{}", pretty(span));
+    assert!(
+        duration(span) < Duration::from_secs(5),
+        "span lasts {:?} (>= 5 s):\n{}",
+        duration(span),
+        pretty(span)
+    );
+    assert!(
+        st + CLOCK_SLACK_NS >= from_ns && en <= to_ns + CLOCK_SLACK_NS,
+        "span [{st}, {en}] is outside the test's wall-clock window [{from_ns}, {to_ns}] \
+         (start off by {} ms, end off by {} ms):\n{}",
+        (st as i128 - from_ns as i128) / 1_000_000,
+        (en as i128 - to_ns as i128) / 1_000_000,
+        pretty(span)
+    );
+}
+
+/// The CLIENT span starts before and ends after the SERVER span.
+fn assert_client_encloses_server(client: &Value, server: &Value) {
+    assert!(
+        start_ns(client) <= start_ns(server) && end_ns(client) >= end_ns(server),
+        "CLIENT span [{}, {}] must enclose SERVER span [{}, {}]\nclient:\n{}\nserver:\n{}",
+        start_ns(client),
+        end_ns(client),
+        start_ns(server),
+        end_ns(server),
+        pretty(client),
+        pretty(server)
+    );
+}
+
+fn exactly_one<'a>(spans: Vec<&'a Value>, what: &str, run: &Run) -> &'a Value {
+    assert_eq!(
+        spans.len(),
+        1,
+        "expected exactly one {what}\n{}",
+        run.dump()
+    );
+    spans[0]
+}
+
+fn local_port(out: &CurlOutput) -> u16 {
+    out.local_port
+        .unwrap_or_else(|| panic!("curl did not report its local port: {out:?}"))
+}
+
+// ---------------------------------------------------------------------------
+
+/// a. curl to the Python server, both traced: one SERVER and one CLIENT span
+/// with every attribute checked; secrets never appear in the output.
+#[test]
+fn curl_request_traced_on_both_sides() {
+    let _env = preflight();
+    let server = PyServer::start(Some("e2e-server"));
+    let spid = server.pid.to_string();
+    let kspan = Kspan::start(&["--pid", &spid, "--exe", "curl"]);
+
+    let url = server.url("/users/42?token=secret");
+    let c = curl(&[
+        &url,
+        "-H",
+        "Authorization: Bearer hunter2",
+        "-H",
+        "Cookie: a=b",
+    ]);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let body: Value = serde_json::from_str(c.stdout.trim())
+        .unwrap_or_else(|e| panic!("server body is not JSON ({e}): {:?}", c.stdout));
+    assert_eq!(body["id"], "42", "server response: {body}");
+    let lport = local_port(&c);
+    assert_ne!(lport, server.port);
+
+    assert_eq!(
+        run.spans.len(),
+        2,
+        "expected exactly 2 spans\n{}",
+        run.dump()
+    );
+    let srv = exactly_one(run.of_kind("SERVER"), "SERVER span", &run);
+    let cli = exactly_one(run.of_kind("CLIENT"), "CLIENT span", &run);
+
+    let req = Req::curl("GET", "/users/42", 200, server.port, &c);
+    req.check_server(srv, "GET /users/*");
+    req.check_client(cli, "GET /users/*");
+    assert_eq!(status(srv), "UNSET");
+    assert_eq!(status(cli), "UNSET");
+
+    // The server's peer is curl's connection.
+    assert_eq!(must_i64(srv, "client.port"), lport as i64);
+    assert_eq!(
+        must_i64(srv, "network.peer.port"),
+        must_i64(srv, "client.port")
+    );
+    assert_ne!(must_i64(srv, "client.port"), server.port as i64);
+
+    assert_resource(srv, "e2e-server", server.pid, &python_exe_name());
+    assert_resource(cli, "curl", c.pid, "curl");
+
+    assert_timing(srv, c.started_unix_nano, c.finished_unix_nano);
+    assert_timing(cli, c.started_unix_nano, c.finished_unix_nano);
+    assert_client_encloses_server(cli, srv);
+
+    for secret in ["secret", "hunter2", "token=", "a=b"] {
+        run.assert_stdout_lacks(secret);
+    }
+    for secret in ["secret", "hunter2"] {
+        assert!(
+            !run.stderr.contains(secret),
+            "{secret:?} must never appear in kspan's output, but stderr contains it:\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// b. Five requests on one keep-alive connection: five spans per side, in
+/// order, one connection, no overlap.
+#[test]
+fn keepalive_connection_yields_one_span_per_request() {
+    const N: usize = 5;
+    let _env = preflight();
+    let server = PyServer::start(Some("e2e-server"));
+    let client = KeepaliveClient::start(server.port, N);
+    let (spid, cpid) = (server.pid.to_string(), client.pid.to_string());
+    let client_pid = client.pid;
+    let kspan = Kspan::start(&["--pid", &spid, "--pid", &cpid]);
+
+    let t0 = unix_nanos_now();
+    let res = client.go();
+    let t1 = unix_nanos_now();
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+    assert_eq!(res.statuses, vec![200; N], "client output: {}", res.stdout);
+
+    let servers = sorted_by_start(run.of_kind("SERVER"));
+    let clients = sorted_by_start(run.of_kind("CLIENT"));
+    assert_eq!(
+        servers.len(),
+        N,
+        "expected {N} SERVER spans\n{}",
+        run.dump()
+    );
+    assert_eq!(
+        clients.len(),
+        N,
+        "expected {N} CLIENT spans\n{}",
+        run.dump()
+    );
+    assert_eq!(
+        run.spans.len(),
+        2 * N,
+        "unexpected extra spans\n{}",
+        run.dump()
+    );
+
+    let exe = python_exe_name();
+    for (i, (srv, cli)) in servers.iter().zip(&clients).enumerate() {
+        let path = format!("/users/{}", i + 1);
+        // http.client sends no User-Agent.
+        let req = Req {
+            method: "GET",
+            path: &path,
+            status: 200,
+            port: server.port,
+            version: "1.1",
+            client_port: Some(res.local_port),
+            user_agent: None,
+        };
+        req.check_server(srv, "GET /users/*");
+        req.check_client(cli, "GET /users/*");
+        assert_resource(srv, "e2e-server", server.pid, &exe);
+        assert_resource(cli, &exe, client_pid, &exe);
+        assert_timing(srv, t0, t1);
+        assert_timing(cli, t0, t1);
+        assert_client_encloses_server(cli, srv);
+    }
+
+    // One connection: every SERVER span has the same peer port.
+    let ports: Vec<i64> = servers.iter().map(|s| must_i64(s, "client.port")).collect();
+    assert!(
+        ports.iter().all(|p| *p == res.local_port as i64),
+        "SERVER spans must all share client.port {} (one connection), got {ports:?}",
+        res.local_port
+    );
+
+    for (kind, spans) in [("SERVER", &servers), ("CLIENT", &clients)] {
+        for w in spans.windows(2) {
+            assert!(
+                end_ns(w[0]) <= start_ns(w[1]),
+                "{kind} spans overlap in time:\n{}\n{}",
+                pretty(w[0]),
+                pretty(w[1])
+            );
+        }
+    }
+}
+
+/// c. 1 MiB POST (with Expect: 100-continue) then a fresh GET: exactly four
+/// spans; the body never makes the parser invent spans.
+#[test]
+fn large_post_body_does_not_desync_parser() {
+    const SIZE: usize = 1024 * 1024;
+    let _env = preflight();
+    let server = PyServer::start(Some("e2e-server"));
+    // The body looks like HTTP messages, to catch a parser that reads it as
+    // requests/responses.
+    let body = write_scratch_file(
+        "upload-1MiB.bin",
+        b"GET /fake/1 HTTP/1.1\r\nHost: evil\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        SIZE,
+    );
+    let data_arg = format!("@{}", body.path().display());
+    let spid = server.pid.to_string();
+    let kspan = Kspan::start(&["--pid", &spid, "--exe", "curl"]);
+
+    // curl 7.88 sends `Expect: 100-continue` on its own only above 1 MiB; ask
+    // for it explicitly so the interim 100 response is always exercised.
+    let post = curl(&[
+        "--data-binary",
+        &data_arg,
+        "-H",
+        "Content-Type: application/octet-stream",
+        "-H",
+        "Expect: 100-continue",
+        &server.url("/upload"),
+    ]);
+    let get = curl(&[&server.url("/ok")]);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let reply: Value = serde_json::from_str(post.stdout.trim())
+        .unwrap_or_else(|e| panic!("upload reply is not JSON ({e}): {:?}", post.stdout));
+    assert_eq!(reply["received"], SIZE as u64, "upload reply: {reply}");
+    assert_eq!(get.stdout, "ok\n");
+
+    assert_eq!(
+        run.spans.len(),
+        4,
+        "expected exactly 4 spans\n{}",
+        run.dump()
+    );
+
+    let post_req = Req::curl("POST", "/upload", 200, server.port, &post);
+    let srv = exactly_one(
+        kind(&run.spans, "SERVER")
+            .into_iter()
+            .filter(|s| name(s) == "POST /upload")
+            .collect(),
+        "SERVER span POST /upload",
+        &run,
+    );
+    let cli = exactly_one(
+        kind(&run.spans, "CLIENT")
+            .into_iter()
+            .filter(|s| name(s) == "POST /upload")
+            .collect(),
+        "CLIENT span POST /upload",
+        &run,
+    );
+    post_req.check_server(srv, "POST /upload");
+    post_req.check_client(cli, "POST /upload");
+    assert_eq!(must_i64(srv, "client.port"), local_port(&post) as i64);
+    assert_resource(cli, "curl", post.pid, "curl");
+    assert_timing(srv, post.started_unix_nano, post.finished_unix_nano);
+    assert_timing(cli, post.started_unix_nano, post.finished_unix_nano);
+    assert_client_encloses_server(cli, srv);
+
+    let get_req = Req::curl("GET", "/ok", 200, server.port, &get);
+    let gsrv = exactly_one(
+        kind(&run.spans, "SERVER")
+            .into_iter()
+            .filter(|s| name(s) == "GET /ok")
+            .collect(),
+        "SERVER span GET /ok",
+        &run,
+    );
+    let gcli = exactly_one(
+        kind(&run.spans, "CLIENT")
+            .into_iter()
+            .filter(|s| name(s) == "GET /ok")
+            .collect(),
+        "CLIENT span GET /ok",
+        &run,
+    );
+    get_req.check_server(gsrv, "GET /ok");
+    get_req.check_client(gcli, "GET /ok");
+    assert_resource(gcli, "curl", get.pid, "curl");
+    assert_timing(gsrv, get.started_unix_nano, get.finished_unix_nano);
+    assert_timing(gcli, get.started_unix_nano, get.finished_unix_nano);
+    assert_client_encloses_server(gcli, gsrv);
+}
+
+/// d. 404 and 500: SERVER spans are ERROR only on 5xx, CLIENT spans on 4xx
+/// and 5xx, with error.type set to the status code.
+#[test]
+fn error_statuses() {
+    let _env = preflight();
+    let server = PyServer::start(Some("e2e-server"));
+    let spid = server.pid.to_string();
+    let kspan = Kspan::start(&["--pid", &spid, "--exe", "curl"]);
+
+    let missing = curl(&[&server.url("/missing")]);
+    let fail = curl(&[&server.url("/fail")]);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    assert_eq!(
+        run.spans.len(),
+        4,
+        "expected exactly 2+2 spans\n{}",
+        run.dump()
+    );
+    assert_eq!(run.of_kind("SERVER").len(), 2, "{}", run.dump());
+    assert_eq!(run.of_kind("CLIENT").len(), 2, "{}", run.dump());
+
+    for (out, path, code) in [(&missing, "/missing", 404), (&fail, "/fail", 500)] {
+        let span_name = format!("GET {path}");
+        let req = Req::curl("GET", path, code, server.port, out);
+        let srv = exactly_one(
+            kind(&run.spans, "SERVER")
+                .into_iter()
+                .filter(|s| name(s) == span_name)
+                .collect(),
+            &format!("SERVER span {span_name}"),
+            &run,
+        );
+        let cli = exactly_one(
+            kind(&run.spans, "CLIENT")
+                .into_iter()
+                .filter(|s| name(s) == span_name)
+                .collect(),
+            &format!("CLIENT span {span_name}"),
+            &run,
+        );
+        req.check_server(srv, &span_name);
+        req.check_client(cli, &span_name);
+        assert_eq!(must_i64(srv, "http.response.status_code"), code);
+        assert_eq!(must_str(cli, "error.type"), code.to_string());
+        assert_eq!(status(cli), "ERROR");
+        if code >= 500 {
+            assert_eq!(status(srv), "ERROR");
+            assert_eq!(must_str(srv, "error.type"), code.to_string());
+        } else {
+            assert_eq!(status(srv), "UNSET");
+            assert_eq!(attr(srv, "error.type"), None, "{}", pretty(srv));
+        }
+    }
+}
+
+/// e. Only the selected process is traced.
+#[test]
+fn unselected_processes_are_not_traced() {
+    let _env = preflight();
+    let a = PyServer::start(Some("e2e-server-a"));
+    let b = PyServer::start(Some("e2e-server-b"));
+    let apid = a.pid.to_string();
+    let kspan = Kspan::start(&["--pid", &apid]);
+
+    let mut curl_pids = Vec::new();
+    for _ in 0..3 {
+        let out = curl(&[&b.url("/ok")]);
+        assert_eq!(out.stdout, "ok\n");
+        curl_pids.push(out.pid);
+    }
+    let to_a = curl(&[&a.url("/users/7")]);
+    curl_pids.push(to_a.pid);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    assert!(
+        by_pid(&run.spans, b.pid).is_empty(),
+        "server B (pid {}) is not selected but has spans\n{}",
+        b.pid,
+        run.dump()
+    );
+    for pid in &curl_pids {
+        assert!(
+            by_pid(&run.spans, *pid).is_empty(),
+            "curl (pid {pid}) is not selected but has spans\n{}",
+            run.dump()
+        );
+    }
+    assert_eq!(
+        run.spans.len(),
+        1,
+        "expected exactly 1 span\n{}",
+        run.dump()
+    );
+    let srv = exactly_one(run.of_kind("SERVER"), "SERVER span of A", &run);
+    assert_resource(srv, "e2e-server-a", a.pid, &python_exe_name());
+    Req::curl("GET", "/users/7", 200, a.port, &to_a).check_server(srv, "GET /users/*");
+    assert_timing(srv, to_a.started_unix_nano, to_a.finished_unix_nano);
+}
+
+/// f. `--output text`: one human-readable line for the one SERVER span.
+#[test]
+fn text_output_smoke() {
+    let _env = preflight();
+    let server = PyServer::start(Some("e2e-server"));
+    let spid = server.pid.to_string();
+    let kspan = Kspan::start_with_output(&["--pid", &spid], "text");
+    let out = curl(&[&server.url("/ok")]);
+    assert_eq!(out.stdout, "ok\n");
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let matching: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("SERVER") && l.contains("GET /ok") && l.contains("200"))
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "expected exactly one stdout line with SERVER, `GET /ok` and 200\n{}",
+        run.dump()
+    );
+    assert!(
+        serde_json::from_str::<Value>(matching[0]).is_err(),
+        "`--output text` printed JSON:\n{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("CLIENT"),
+        "only the server is selected, yet the output mentions a CLIENT span\n{}",
+        run.dump()
+    );
+}
+
+/// g. HTTP/1.0 (no keep-alive): network.protocol.version is "1.0".
+#[test]
+fn http10_protocol_version() {
+    let _env = preflight();
+    let server = PyServer::start_with(Some("e2e-server"), &["--http10"]);
+    let spid = server.pid.to_string();
+    let kspan = Kspan::start(&["--pid", &spid, "--exe", "curl"]);
+    let out = curl(&["--http1.0", &server.url("/users/alice")]);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    assert_eq!(
+        run.spans.len(),
+        2,
+        "expected exactly 2 spans\n{}",
+        run.dump()
+    );
+    let srv = exactly_one(run.of_kind("SERVER"), "SERVER span", &run);
+    let cli = exactly_one(run.of_kind("CLIENT"), "CLIENT span", &run);
+    let mut req = Req::curl("GET", "/users/alice", 200, server.port, &out);
+    req.version = "1.0";
+    // "alice" is neither numeric, a UUID nor hex: the segment stays.
+    req.check_server(srv, "GET /users/alice");
+    req.check_client(cli, "GET /users/alice");
+    assert_client_encloses_server(cli, srv);
+}

@@ -1,0 +1,150 @@
+//! Prerequisites for building the eBPF programs and running the end-to-end tests: check each one,
+//! install what is missing, print one line per prerequisite.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{command, output, run_cmd, succeeds};
+
+/// Debian packages: (package, command that also counts as present, why it is needed).
+const PACKAGES: &[(&str, Option<&str>, &str)] = &[
+    ("llvm-22-dev", None, "LLVM 22 for bpf-linker"),
+    ("libpolly-22-dev", None, "LLVM 22 for bpf-linker"),
+    ("libzstd-dev", None, "linked by bpf-linker"),
+    ("zlib1g-dev", None, "linked by bpf-linker"),
+    ("curl", Some("curl"), "peer of the end-to-end tests"),
+    ("python3", Some("python3"), "peer of the end-to-end tests"),
+];
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+pub fn setup() -> Result<()> {
+    nightly()?;
+    rust_src()?;
+    packages()?;
+    bpf_linker()?;
+    tracefs()
+}
+
+fn ok(what: &str) {
+    println!("ok: {what} (already present)");
+}
+
+fn installing(what: &str, reason: &str) {
+    println!("installing: {what} ({reason})");
+}
+
+fn is_root() -> bool {
+    output(command("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}
+
+fn nightly() -> Result<()> {
+    // RUSTUP_AUTO_INSTALL=0: never try to download a toolchain while probing.
+    let found = succeeds(
+        command("rustup")
+            .args(["run", "nightly", "rustc", "--version"])
+            .env("RUSTUP_AUTO_INSTALL", "0"),
+    );
+    if !found {
+        bail!(
+            "the nightly Rust toolchain is missing (rustup run nightly rustc fails); the eBPF \
+             programs are built with it and it cannot be downloaded on this machine: provision \
+             the machine with the nightly toolchain (1.97, LLVM 22)"
+        );
+    }
+    ok("nightly toolchain");
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(command("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .is_some_and(|list| list.lines().any(|l| l.trim() == "rust-src"));
+    if installed {
+        ok("rust-src");
+        return Ok(());
+    }
+    installing("rust-src", "nightly component needed for -Z build-std=core");
+    run_cmd(command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn package_installed(package: &str) -> bool {
+    output(command("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.trim() == "install ok installed")
+}
+
+fn packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for &(package, probe, reason) in PACKAGES {
+        let present = package_installed(package)
+            || probe.is_some_and(|p| succeeds(command(p).arg("--version")));
+        if present {
+            ok(package);
+        } else {
+            installing(package, &format!("Debian package not installed; {reason}"));
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!("Debian packages missing; run as root: apt-get update && apt-get install -y {list}");
+    }
+    run_cmd(command("apt-get").arg("update"))?;
+    run_cmd(
+        command("apt-get")
+            .args(["install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    // `command` puts $CARGO_HOME/bin and ~/.cargo/bin on PATH, where cargo install puts it.
+    let runs = || succeeds(command("bpf-linker").arg("--version"));
+    if runs() {
+        ok("bpf-linker");
+        return Ok(());
+    }
+    installing(
+        "bpf-linker",
+        "links the eBPF programs; cargo install takes a few minutes",
+    );
+    run_cmd(
+        crate::cargo(&[
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", LLVM_PREFIX),
+    )?;
+    if !runs() {
+        bail!("bpf-linker was installed but `bpf-linker --version` still fails");
+    }
+    Ok(())
+}
+
+fn tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        ok("tracefs");
+        return Ok(());
+    }
+    installing("tracefs", &format!("not mounted at {TRACEFS}; mounting it"));
+    if !is_root() {
+        bail!("tracefs is not mounted; run as root: mount -t tracefs nodev {TRACEFS}");
+    }
+    run_cmd(command("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
+        .context("the end-to-end tests read tracepoint formats from tracefs")
+}
