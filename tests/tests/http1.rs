@@ -618,3 +618,43 @@ fn http10_protocol_version() {
     req.check_client(cli, "GET /users/alice");
     assert_client_encloses_server(cli, srv);
 }
+
+/// `--port` selects a process already listening on the port when kspan starts, and one that
+/// starts listening on a selected port afterwards (seen through the LISTEN transition).
+#[test]
+fn port_selector_traces_existing_and_later_listeners() {
+    let _env = preflight();
+    let early = PyServer::start(Some("e2e-early"));
+    // A free port for the server that starts after kspan.
+    let late_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let other = PyServer::start(Some("e2e-other"));
+    let early_port = early.port.to_string();
+    let late_port_arg = late_port.to_string();
+    let kspan = Kspan::start(&["--port", &early_port, "--port", &late_port_arg]);
+    let late = PyServer::start_with(Some("e2e-late"), &["--port", &late_port_arg]);
+    assert_eq!(late.port, late_port);
+
+    let to_early = curl(&[&early.url("/ok")]);
+    let to_late = curl(&[&late.url("/users/9")]);
+    let to_other = curl(&[&other.url("/ok")]);
+    assert_eq!(to_other.stdout, "ok\n");
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    assert_eq!(
+        run.spans.len(),
+        2,
+        "expected 2 SERVER spans\n{}",
+        run.dump()
+    );
+    assert!(by_pid(&run.spans, other.pid).is_empty(), "{}", run.dump());
+    let early_span = exactly_one(by_pid(&run.spans, early.pid), "span of early server", &run);
+    assert_resource(early_span, "e2e-early", early.pid, &python_exe_name());
+    Req::curl("GET", "/ok", 200, early.port, &to_early).check_server(early_span, "GET /ok");
+    let late_span = exactly_one(by_pid(&run.spans, late.pid), "span of late server", &run);
+    assert_resource(late_span, "e2e-late", late.pid, &python_exe_name());
+    Req::curl("GET", "/users/9", 200, late.port, &to_late).check_server(late_span, "GET /users/*");
+}
