@@ -1,14 +1,13 @@
 //! Command line and the top-level run loop.
 
 use std::{
-    io::Write,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
         mpsc::{self, Receiver},
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -17,18 +16,27 @@ use kspan_common::{DEFAULT_CAPTURE, MAX_CAPTURE, MAX_CONNECTIONS};
 
 use crate::{
     clock::Clock,
-    export::{SpanExporter, json::JsonExporter, text::TextExporter},
+    export::{
+        SpanExporter,
+        json::JsonExporter,
+        otlp::{OtlpSettings, Signal, metrics::OtlpMetricsPusher, traces::OtlpTraceExporter},
+        prometheus,
+        text::TextExporter,
+    },
+    metrics::MetricsHub,
     pipeline::{ChannelSink, Pipeline},
-    probes::{ProbeOptions, Probes},
+    probes::{KernelCounters, ProbeOptions, Probes},
     process::{Processes, Selectors},
     spans::Span,
     stats::Stats,
 };
 
-/// Spans waiting for the exporter; past this, spans are dropped and counted.
+/// Spans waiting for the export thread; past this, spans are dropped and counted.
 const SPAN_QUEUE: usize = 16384;
 /// The longest the event loop sleeps before checking for a stop signal.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the kernel's drop counters are mirrored into the agent's stats.
+const KERNEL_COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -55,9 +63,20 @@ pub struct Args {
     /// Trace processes listening on this TCP port. Repeatable.
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
-    /// Where spans go.
-    #[arg(long, value_enum, default_value = "text")]
-    pub output: Output,
+    /// Where spans go on stdout. Default: text, or none when an OTLP endpoint is configured.
+    #[arg(long, value_enum)]
+    pub output: Option<Output>,
+    /// OTLP collector base URL (e.g. http://localhost:4318 for http/protobuf, :4317 for grpc).
+    /// Wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP protocol: grpc or http/protobuf (default, as in the OpenTelemetry specification).
+    /// Wins over OTEL_EXPORTER_OTLP_PROTOCOL.
+    #[arg(long, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+    /// Serve metrics in Prometheus text format on this port (GET /metrics).
+    #[arg(long, value_name = "PORT")]
+    pub prometheus_port: Option<u16>,
     /// Bytes captured per syscall (1 to 16384). Enough for request and status lines and headers;
     /// bodies are skipped by length without being copied.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CAPTURE)]
@@ -87,6 +106,110 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// Everything downstream of the span queue: stdout and OTLP span exporters, RED metrics.
+struct Exports {
+    exporters: Vec<Box<dyn SpanExporter>>,
+    metrics: Option<Arc<MetricsHub>>,
+    metrics_pusher: Option<OtlpMetricsPusher>,
+}
+
+impl Exports {
+    fn start(args: &Args, processes: &mut Processes, stats: &Arc<Stats>) -> Result<Self> {
+        let settings = OtlpSettings {
+            endpoint_flag: args.otlp_endpoint.clone(),
+            protocol_flag: args.otlp_protocol.clone(),
+        };
+        let traces = settings.target(Signal::Traces)?;
+        let metrics_target = settings.target(Signal::Metrics)?;
+        let default_output = if traces.is_some() {
+            Output::None
+        } else {
+            Output::Text
+        };
+        let mut exporters: Vec<Box<dyn SpanExporter>> = Vec::new();
+        match args.output.unwrap_or(default_output) {
+            Output::Text => exporters.push(Box::new(TextExporter::new(std::io::stdout()))),
+            Output::Json => exporters.push(Box::new(JsonExporter::new(std::io::stdout()))),
+            Output::None => {}
+        }
+        if let Some(target) = &traces {
+            log::info!("exporting traces over OTLP ({target:?})");
+            exporters.push(Box::new(OtlpTraceExporter::start(target, stats.clone())?));
+        }
+        let metrics = if metrics_target.is_some() || args.prometheus_port.is_some() {
+            let agent = processes.resource(std::process::id());
+            Some(Arc::new(MetricsHub::new(&agent, stats.clone())))
+        } else {
+            None
+        };
+        let metrics_pusher = match (&metrics_target, &metrics) {
+            (Some(target), Some(hub)) => Some(OtlpMetricsPusher::start(
+                target,
+                hub.clone(),
+                stats.clone(),
+            )?),
+            _ => None,
+        };
+        if let (Some(port), Some(hub)) = (args.prometheus_port, &metrics) {
+            let hub = hub.clone();
+            let (bound, _thread) = prometheus::serve(port, Arc::new(move || hub.collect()))
+                .with_context(|| format!("cannot serve Prometheus metrics on port {port}"))?;
+            log::info!("Prometheus metrics on http://0.0.0.0:{bound}/metrics");
+        }
+        Ok(Exports {
+            exporters,
+            metrics,
+            metrics_pusher,
+        })
+    }
+
+    /// The export thread: record metrics for every span, hand batches to each exporter. Returns
+    /// when the pipeline drops its sender, after the last span.
+    fn spawn(mut self, receiver: Receiver<Span>) -> Result<thread::JoinHandle<Result<Self>>> {
+        let handle =
+            thread::Builder::new()
+                .name("kspan-export".into())
+                .spawn(move || -> Result<Self> {
+                    let mut batch = Vec::with_capacity(256);
+                    while let Ok(span) = receiver.recv() {
+                        batch.push(span);
+                        while batch.len() < 256
+                            && let Ok(span) = receiver.try_recv()
+                        {
+                            batch.push(span);
+                        }
+                        if let Some(hub) = &self.metrics {
+                            batch.iter().for_each(|span| hub.record(span));
+                        }
+                        for exporter in &mut self.exporters {
+                            exporter.export(&batch)?;
+                            exporter.flush()?;
+                        }
+                        batch.clear();
+                    }
+                    Ok(self)
+                })?;
+        Ok(handle)
+    }
+
+    /// Deliver what is queued: span exporters and the final metrics push run side by side, each
+    /// bounded in time.
+    fn shutdown(mut self) {
+        let pusher = self
+            .metrics_pusher
+            .take()
+            .map(|mut pusher| thread::spawn(move || pusher.shutdown()));
+        for exporter in &mut self.exporters {
+            if let Err(error) = exporter.shutdown() {
+                log::warn!("exporter shutdown: {error}");
+            }
+        }
+        if let Some(pusher) = pusher {
+            let _ = pusher.join();
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     if args.capture_bytes == 0 || args.capture_bytes as usize > MAX_CAPTURE {
         bail!("--capture-bytes must be between 1 and {MAX_CAPTURE}");
@@ -101,28 +224,31 @@ pub fn run(args: Args) -> Result<()> {
             .context("cannot install signal handler")?;
     }
 
+    let stats = Arc::new(Stats::default());
+    let mut processes = Processes::new(selectors);
+    let exports = Exports::start(&args, &mut processes, &stats)?;
+
     let probes = Probes::load(&ProbeOptions {
-        trace_all: selectors.trace_all(),
+        trace_all: processes.selectors().trace_all(),
         capture_bytes: args.capture_bytes,
         ring_bytes: args.ring_mib * 1024 * 1024,
     })?;
     let Probes {
-        _ebpf: ebpf,
+        attached,
         mut ring,
         maps,
     } = probes;
 
-    let stats = Arc::new(Stats::default());
     let (sender, receiver) = mpsc::sync_channel::<Span>(SPAN_QUEUE);
-    let exporter = spawn_exporter(args.output, receiver)?;
-    let description = selectors.describe();
+    let export_thread = exports.spawn(receiver)?;
+    let description = processes.selectors().describe();
     let mut pipeline = Pipeline::new(
         maps,
         ChannelSink {
             sender,
             stats: stats.clone(),
         },
-        Processes::new(selectors),
+        processes,
         MAX_CONNECTIONS as usize,
         Clock::calibrate(),
         stats.clone(),
@@ -133,10 +259,15 @@ pub fn run(args: Args) -> Result<()> {
         crate::probes::TRACEPOINT_COUNT
     );
 
+    let mut counters_read = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         crate::probes::wait_for_events(&ring, POLL_INTERVAL);
         while let Some(record) = ring.next() {
             pipeline.handle_record(&record);
+        }
+        if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
+            mirror_kernel_counters(&stats, &pipeline.kernel().counters());
+            counters_read = Instant::now();
         }
     }
     // Everything the kernel queued before the signal.
@@ -144,24 +275,29 @@ pub fn run(args: Args) -> Result<()> {
         pipeline.handle_record(&record);
     }
     let kernel = pipeline.kernel().counters();
+    mirror_kernel_counters(&stats, &kernel);
     drop(ring);
-    drop(pipeline);
-    drop(ebpf); // detaches every program
-    exporter
+    drop(pipeline); // closes the span queue: the export thread finishes
+    // Detaching takes a kernel grace period per program: overlap it with the export flush.
+    let detach = thread::spawn(move || attached.detach());
+    let exports = export_thread
         .join()
-        .map_err(|_| anyhow::anyhow!("exporter thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("export thread panicked"))??;
+    exports.shutdown();
+    let _ = detach.join();
 
-    Stats::add(&stats.events_lost, kernel.events_lost);
     eprintln!(
         "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
-         spans_emitted={} spans_dropped={} connections_dropped={} kernel_read_errors={} \
-         kernel_map_full={}",
+         spans_emitted={} spans_dropped={} spans_exported={} export_failures={} \
+         connections_dropped={} kernel_read_errors={} kernel_map_full={}",
         Stats::get(&stats.events_received),
         Stats::get(&stats.events_lost),
         Stats::get(&stats.malformed_events),
         Stats::get(&stats.parse_errors),
         Stats::get(&stats.spans_emitted),
         Stats::get(&stats.spans_dropped),
+        Stats::get(&stats.spans_exported),
+        Stats::get(&stats.export_failures),
         Stats::get(&stats.connections_dropped),
         kernel.read_errors + kernel.socket_lookup_errors,
         kernel.args_map_full + kernel.connections_map_full + kernel.traced_pids_map_full,
@@ -169,39 +305,6 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn spawn_exporter(
-    output: Output,
-    receiver: Receiver<Span>,
-) -> Result<thread::JoinHandle<Result<()>>> {
-    let mut exporter: Option<Box<dyn SpanExporter>> = match output {
-        Output::Text => Some(Box::new(TextExporter::new(std::io::stdout()))),
-        Output::Json => Some(Box::new(JsonExporter::new(std::io::stdout()))),
-        Output::None => None,
-    };
-    let handle =
-        thread::Builder::new()
-            .name("kspan-export".into())
-            .spawn(move || -> Result<()> {
-                let mut batch = Vec::with_capacity(256);
-                // Ends when the pipeline drops its sender, after the last span.
-                while let Ok(span) = receiver.recv() {
-                    batch.push(span);
-                    while batch.len() < 256
-                        && let Ok(span) = receiver.try_recv()
-                    {
-                        batch.push(span);
-                    }
-                    if let Some(exporter) = exporter.as_mut() {
-                        exporter.export(&batch)?;
-                        exporter.flush()?;
-                    }
-                    batch.clear();
-                }
-                if let Some(exporter) = exporter.as_mut() {
-                    exporter.flush()?;
-                }
-                std::io::stdout().flush()?;
-                Ok(())
-            })?;
-    Ok(handle)
+fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
+    Stats::set(&stats.events_lost, kernel.events_lost);
 }

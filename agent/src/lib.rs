@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod conntrack;
 pub mod export;
+pub mod metrics;
 pub mod pipeline;
 pub mod probes;
 pub mod process;

@@ -12,10 +12,14 @@ pub struct Stats {
     pub malformed_events: AtomicU64,
     /// Protocol parse errors (bad start line, oversized headers, lost sync).
     pub parse_errors: AtomicU64,
-    /// Spans handed to the exporter.
+    /// Spans handed to the exporters.
     pub spans_emitted: AtomicU64,
-    /// Spans dropped because the exporter queue was full.
+    /// Spans dropped: an exporter queue was full, or the collector refused or never got them.
     pub spans_dropped: AtomicU64,
+    /// Spans a collector accepted.
+    pub spans_exported: AtomicU64,
+    /// Failed OTLP export requests (after the exporter's own retries).
+    pub export_failures: AtomicU64,
     /// Connections the agent stopped tracking because its table was full.
     pub connections_dropped: AtomicU64,
 }
@@ -23,6 +27,11 @@ pub struct Stats {
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// For counters mirrored from elsewhere (the kernel's).
+    pub fn set(counter: &AtomicU64, value: u64) {
+        counter.store(value, Ordering::Relaxed);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

@@ -28,6 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod otlp_receiver;
+pub mod prometheus;
+
 /// How long kspan may take to print `ready`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long kspan may take to exit after SIGINT (contract).
@@ -209,6 +212,55 @@ pub fn python_exe_name() -> String {
         .into_owned()
 }
 
+/// kspan's version, the last word of `kspan --version` (e.g. "0.1.0").
+pub fn kspan_version() -> String {
+    let bin = kspan_bin();
+    let out = Command::new(&bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} --version: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} --version failed: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split_whitespace().last().unwrap_or("").to_string();
+    assert!(!v.is_empty(), "kspan --version printed nothing: {text:?}");
+    v
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Canonical path of `name` found on PATH (what /proc/PID/exe shows for it).
+pub fn which(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return std::fs::canonicalize(&p)
+                .unwrap_or_else(|e| panic!("cannot resolve {}: {e}", p.display()));
+        }
+    }
+    panic!("{name} not found on PATH");
+}
+
+/// The machine's host name (kernel's), as kspan reports it in `host.name`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("read /proc/sys/kernel/hostname")
+        .trim()
+        .to_string()
+}
+
 /// Nanoseconds since the Unix epoch, now.
 pub fn unix_nanos_now() -> u64 {
     SystemTime::now()
@@ -342,9 +394,15 @@ pub struct Run {
 impl Kspan {
     /// Starts kspan with `args` plus `--output json` and waits for `ready`.
     pub fn start(args: &[&str]) -> Kspan {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Kspan::start`] (adds `--output json`) with extra environment
+    /// variables for kspan (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Kspan {
         let mut full: Vec<&str> = args.to_vec();
         full.extend(["--output", "json"]);
-        Self::spawn(&full, true)
+        Self::spawn(&full, env, true)
     }
 
     /// Starts kspan with `args` plus `--output <output>` (e.g. "text"); stdout
@@ -352,15 +410,23 @@ impl Kspan {
     pub fn start_with_output(args: &[&str], output: &str) -> Kspan {
         let mut full: Vec<&str> = args.to_vec();
         full.extend(["--output", output]);
-        Self::spawn(&full, output == "json")
+        Self::spawn(&full, &[], output == "json")
     }
 
     /// Starts kspan with exactly `args` (no `--output` added); stdout is kept raw.
     pub fn start_raw(args: &[&str]) -> Kspan {
-        Self::spawn(args, false)
+        Self::spawn(args, &[], false)
     }
 
-    fn spawn(args: &[&str], json: bool) -> Kspan {
+    /// Like [`Kspan::start_raw`] with extra environment variables.
+    pub fn start_raw_with_env(args: &[&str], env: &[(&str, &str)]) -> Kspan {
+        Self::spawn(args, env, false)
+    }
+
+    /// kspan inherits the test's environment minus every `OTEL_*` variable
+    /// (a stray OTEL_EXPORTER_OTLP_ENDPOINT would make it export somewhere),
+    /// plus `env`.
+    fn spawn(args: &[&str], env: &[(&str, &str)], json: bool) -> Kspan {
         assert_lock_held("Kspan::start");
         let bin = kspan_bin();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -369,6 +435,12 @@ impl Kspan {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OTEL_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} {:?}: {e}", bin.display(), args));
@@ -421,6 +493,18 @@ impl Kspan {
     /// kspan's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("kspan running").id()
+    }
+
+    /// Panics (with kspan's stderr) if kspan has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("kspan running");
+        if let Ok(Some(st)) = child.try_wait() {
+            let err = self.stderr.finish();
+            panic!(
+                "kspan {:?} exited while it should be running: {st}\n--- kspan stderr ---\n{err}",
+                self.args
+            );
+        }
     }
 
     /// stderr so far.

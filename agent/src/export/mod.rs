@@ -4,6 +4,8 @@
 use crate::spans::Span;
 
 pub mod json;
+pub mod otlp;
+pub mod prometheus;
 pub mod text;
 
 /// Where finished spans go. Called from one thread at a time; `Send` so the exporter can live on
@@ -13,6 +15,10 @@ pub trait SpanExporter: Send {
     fn export(&mut self, spans: &[Span]) -> std::io::Result<()>;
     /// Pushes out whatever is buffered.
     fn flush(&mut self) -> std::io::Result<()>;
+    /// Last call: deliver what is queued, within a bounded time.
+    fn shutdown(&mut self) -> std::io::Result<()> {
+        self.flush()
+    }
 }
 
 /// Lower-case hex of `bytes`, two digits per byte.

@@ -169,6 +169,11 @@ fn read_resource(pid: u32, host_name: &str) -> Resource {
         ));
     }
     attributes.push(("host.name", AttributeValue::Str(host_name.to_string())));
+    attributes.push(("telemetry.distro.name", AttributeValue::Str("kspan".into())));
+    attributes.push((
+        "telemetry.distro.version",
+        AttributeValue::Str(env!("CARGO_PKG_VERSION").into()),
+    ));
     Resource { attributes }
 }
 

@@ -1,0 +1,319 @@
+//! Spans → OTLP. The export thread hands spans over without blocking; a worker thread with its
+//! own small tokio runtime batches them and calls opentelemetry-otlp, which retries transient
+//! errors with backoff inside its export timeout. Memory stays bounded when the collector is slow
+//! or gone: the queue has a fixed capacity, past it spans are dropped and counted.
+
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use opentelemetry::{
+    InstrumentationScope, KeyValue,
+    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
+};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+
+use super::{Signal, SignalTarget, build_span_exporter, export_timeout};
+use crate::{
+    export::SpanExporter,
+    spans::{AttributeValue, Attributes, Resource, Span, SpanKind, SpanStatus},
+    stats::Stats,
+};
+
+/// Spans queued for the worker.
+const QUEUE_CAPACITY: usize = 8192;
+/// Spans per export request.
+const MAX_BATCH: usize = 512;
+/// A partial batch waits at most this long.
+const BATCH_DELAY: Duration = Duration::from_millis(1000);
+/// Time allowed at shutdown to deliver what is queued.
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(3000);
+
+/// Tells a worker to stop: the flag is checked between exports, the notification interrupts an
+/// export in flight (a dead collector must not hold the agent's exit for the whole timeout).
+#[derive(Default)]
+pub struct Stop {
+    requested: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Runs `work` unless a stop is requested first or meanwhile (then None).
+    pub async fn unless_stopped<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        if self.requested() {
+            return None;
+        }
+        tokio::select! {
+            output = work => Some(output),
+            _ = self.notify.notified() => None,
+        }
+    }
+}
+
+pub struct OtlpTraceExporter {
+    queue: Option<SyncSender<Box<Span>>>,
+    worker: Option<thread::JoinHandle<()>>,
+    stop: Arc<Stop>,
+    stats: Arc<Stats>,
+}
+
+impl OtlpTraceExporter {
+    pub fn start(target: &SignalTarget, stats: Arc<Stats>) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the OTLP runtime")?;
+        let exporter = {
+            // tonic's lazy channel needs a runtime context to be created.
+            let _guard = runtime.enter();
+            build_span_exporter(target).context("cannot configure the OTLP trace exporter")?
+        };
+        let (queue, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let worker_stats = stats.clone();
+        let stop = Arc::new(Stop::default());
+        let worker_stop = stop.clone();
+        let worker = thread::Builder::new()
+            .name("kspan-otlp-traces".into())
+            .spawn(move || {
+                Worker {
+                    runtime,
+                    exporter,
+                    stats: worker_stats,
+                    stop: worker_stop,
+                    timeout: export_timeout(Signal::Traces),
+                    resources: HashMap::new(),
+                    scope: InstrumentationScope::builder("kspan")
+                        .with_version(env!("CARGO_PKG_VERSION"))
+                        .build(),
+                }
+                .run(receiver)
+            })?;
+        Ok(OtlpTraceExporter {
+            queue: Some(queue),
+            worker: Some(worker),
+            stop,
+            stats,
+        })
+    }
+}
+
+impl SpanExporter for OtlpTraceExporter {
+    fn export(&mut self, spans: &[Span]) -> std::io::Result<()> {
+        let Some(queue) = &self.queue else {
+            return Ok(());
+        };
+        for span in spans {
+            match queue.try_send(Box::new(span.clone())) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    Stats::add(&self.stats.spans_dropped, 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Batching is the worker's business; nothing to push from here.
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> std::io::Result<()> {
+        let Some(worker) = self.worker.take() else {
+            return Ok(());
+        };
+        self.stop.request();
+        // Disconnecting wakes a worker waiting for spans.
+        self.queue = None;
+        let _ = worker.join();
+        Ok(())
+    }
+}
+
+impl Drop for OtlpTraceExporter {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+struct Worker {
+    runtime: tokio::runtime::Runtime,
+    exporter: opentelemetry_otlp::SpanExporter,
+    stats: Arc<Stats>,
+    stop: Arc<Stop>,
+    timeout: Duration,
+    /// SDK resources by the address of the agent's resource (held alive by the key's Arc).
+    resources: HashMap<usize, (Arc<Resource>, opentelemetry_sdk::Resource)>,
+    scope: InstrumentationScope,
+}
+
+impl Worker {
+    fn run(mut self, receiver: Receiver<Box<Span>>) {
+        let mut batch: Vec<Span> = Vec::with_capacity(MAX_BATCH);
+        let mut deadline = Instant::now() + BATCH_DELAY;
+        while !self.stop.requested() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match receiver.recv_timeout(wait) {
+                Ok(span) => {
+                    batch.push(*span);
+                    if batch.len() >= MAX_BATCH {
+                        self.export(&mut batch, self.timeout, true);
+                        deadline = Instant::now() + BATCH_DELAY;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.export(&mut batch, self.timeout, true);
+                    deadline = Instant::now() + BATCH_DELAY;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Shutdown: what is queued gets the budget; what remains after it is dropped and counted.
+        let end = Instant::now() + SHUTDOWN_BUDGET;
+        while let Ok(span) = receiver.try_recv() {
+            batch.push(*span);
+        }
+        while !batch.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Stats::add(&self.stats.spans_dropped, batch.len() as u64);
+                batch.clear();
+                break;
+            }
+            let mut chunk: Vec<Span> = batch.drain(..batch.len().min(MAX_BATCH)).collect();
+            self.export(&mut chunk, left.min(self.timeout), false);
+        }
+        let _ = self.exporter.shutdown();
+    }
+
+    /// One request per resource present in the batch (opentelemetry-otlp sends one resource per
+    /// request). Failed spans are dropped and counted: the library already retried them.
+    /// `interruptible`: a stop request abandons the request in flight (its spans count as
+    /// dropped); the final flush is not interruptible, only bounded.
+    fn export(&mut self, batch: &mut Vec<Span>, timeout: Duration, interruptible: bool) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut groups: Vec<(Arc<Resource>, Vec<SpanData>)> = Vec::new();
+        for span in batch.drain(..) {
+            let data = span_data(&span, &self.scope);
+            match groups
+                .iter_mut()
+                .find(|(r, _)| Arc::ptr_eq(r, &span.resource))
+            {
+                Some((_, spans)) => spans.push(data),
+                None => groups.push((span.resource.clone(), vec![data])),
+            }
+        }
+        if self.resources.len() > 1024 {
+            self.resources.clear();
+        }
+        for (resource, spans) in groups {
+            let key = Arc::as_ptr(&resource) as usize;
+            let sdk_resource = &self
+                .resources
+                .entry(key)
+                .or_insert_with(|| (resource.clone(), sdk_resource(&resource)))
+                .1;
+            self.exporter.set_resource(sdk_resource);
+            let count = spans.len() as u64;
+            let stop = &self.stop;
+            let exporter = &self.exporter;
+            let result = self.runtime.block_on(async {
+                // The library's own deadline is `timeout`; this one bounds the final flush and
+                // guards against a hang.
+                let export = tokio::time::timeout(timeout, exporter.export(spans));
+                if interruptible {
+                    stop.unless_stopped(export).await
+                } else {
+                    Some(export.await)
+                }
+            });
+            match result {
+                Some(Ok(Ok(()))) => Stats::add(&self.stats.spans_exported, count),
+                Some(Ok(Err(error))) => self.failed(count, &error.to_string()),
+                Some(Err(_)) => self.failed(count, "timed out"),
+                None => self.failed(count, "interrupted by shutdown"),
+            }
+        }
+    }
+
+    fn failed(&self, spans: u64, error: &str) {
+        Stats::add(&self.stats.export_failures, 1);
+        Stats::add(&self.stats.spans_dropped, spans);
+        // One line per failure, not per span; the counters carry the totals.
+        log::warn!("OTLP trace export failed, {spans} spans dropped: {error}");
+    }
+}
+
+pub fn key_values(attributes: &Attributes) -> Vec<KeyValue> {
+    attributes
+        .iter()
+        .map(|(key, value)| match value {
+            AttributeValue::Str(s) => KeyValue::new(*key, s.clone()),
+            AttributeValue::Int(i) => KeyValue::new(*key, *i),
+        })
+        .collect()
+}
+
+pub fn sdk_resource(resource: &Resource) -> opentelemetry_sdk::Resource {
+    opentelemetry_sdk::Resource::builder_empty()
+        .with_attributes(key_values(&resource.attributes))
+        .build()
+}
+
+fn unix_time(nanos: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(nanos)
+}
+
+/// The span as the SDK's export type, keeping kspan's own ids and timestamps.
+pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(span.trace_id),
+            SpanId::from_bytes(span.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: span
+            .parent_span_id
+            .map(SpanId::from_bytes)
+            .unwrap_or(SpanId::INVALID),
+        parent_span_is_remote: false,
+        span_kind: match span.kind {
+            SpanKind::Server => OtelKind::Server,
+            SpanKind::Client => OtelKind::Client,
+        },
+        name: Cow::Owned(span.name.clone()),
+        start_time: unix_time(span.start_unix_nano),
+        end_time: unix_time(span.end_unix_nano),
+        attributes: key_values(&span.attributes),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match span.status {
+            SpanStatus::Unset => Status::Unset,
+            SpanStatus::Error => Status::error(""),
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}

@@ -1,0 +1,389 @@
+//! RED metrics derived from spans, and the agent's own health, as OpenTelemetry metrics.
+//!
+//! Each traced process gets its own MeterProvider so its metrics carry its own resource (the same
+//! one as its spans). Providers are read by `ManualReader`s that the OTLP push worker and the
+//! Prometheus endpoint collect on their own schedule. The number of per-process providers is
+//! bounded; the least recently used one is evicted past the bound.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Histogram, MeterProvider as _},
+};
+use opentelemetry_sdk::{
+    error::OTelSdkResult,
+    metrics::{
+        InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
+        data::ResourceMetrics, reader::MetricReader,
+    },
+};
+
+use crate::{
+    export::otlp::traces::sdk_resource,
+    spans::{AttributeValue, Resource, Span, SpanKind},
+    stats::Stats,
+};
+
+/// Semantic-convention bucket boundaries for http.*.request.duration, in seconds.
+pub const DURATION_BOUNDARIES: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// Most traced processes with their own metrics at once.
+const MAX_PROCESSES: usize = 256;
+
+/// A ManualReader that the hub keeps a handle on after giving it to a provider.
+#[derive(Clone)]
+struct SharedReader(Arc<ManualReader>);
+
+impl fmt::Debug for SharedReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedReader")
+    }
+}
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+struct Provider {
+    provider: SdkMeterProvider,
+    reader: SharedReader,
+}
+
+impl Provider {
+    fn new(resource: opentelemetry_sdk::Resource) -> Self {
+        let reader = SharedReader(Arc::new(ManualReader::builder().build()));
+        let provider = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(reader.clone())
+            .build();
+        Provider { provider, reader }
+    }
+
+    fn collect(&self) -> Option<ResourceMetrics> {
+        let mut metrics = ResourceMetrics::default();
+        self.reader.collect(&mut metrics).ok()?;
+        Some(metrics)
+    }
+}
+
+struct ProcessMetrics {
+    /// Keeps the resource alive so its address stays a unique key.
+    _resource: Arc<Resource>,
+    provider: Provider,
+    server_duration: Histogram<f64>,
+    client_duration: Histogram<f64>,
+    last_used: u64,
+}
+
+impl ProcessMetrics {
+    fn new(resource: &Arc<Resource>) -> Self {
+        let provider = Provider::new(sdk_resource(resource));
+        let meter = provider.provider.meter("kspan");
+        let histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(DURATION_BOUNDARIES.to_vec())
+                .build()
+        };
+        ProcessMetrics {
+            _resource: resource.clone(),
+            server_duration: histogram(
+                "http.server.request.duration",
+                "Duration of HTTP server requests.",
+            ),
+            client_duration: histogram(
+                "http.client.request.duration",
+                "Duration of HTTP client requests.",
+            ),
+            provider,
+            last_used: 0,
+        }
+    }
+}
+
+struct Registry {
+    processes: HashMap<usize, ProcessMetrics>,
+    uses: u64,
+}
+
+pub struct MetricsHub {
+    registry: Mutex<Registry>,
+    agent: Provider,
+}
+
+impl MetricsHub {
+    /// `agent_resource`: the resource of kspan itself, for its health counters.
+    pub fn new(agent_resource: &Resource, stats: Arc<Stats>) -> Self {
+        let agent = Provider::new(sdk_resource(agent_resource));
+        register_health_counters(&agent.provider, stats);
+        MetricsHub {
+            registry: Mutex::new(Registry {
+                processes: HashMap::new(),
+                uses: 0,
+            }),
+            agent,
+        }
+    }
+
+    /// Adds one span's duration to its process's http.{server,client}.request.duration.
+    pub fn record(&self, span: &Span) {
+        let seconds = span.end_unix_nano.saturating_sub(span.start_unix_nano) as f64 / 1e9;
+        let attributes = metric_attributes(span);
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        registry.uses += 1;
+        let uses = registry.uses;
+        let key = Arc::as_ptr(&span.resource) as usize;
+        if !registry.processes.contains_key(&key) && registry.processes.len() >= MAX_PROCESSES {
+            evict_least_recently_used(&mut registry.processes);
+        }
+        let process = registry
+            .processes
+            .entry(key)
+            .or_insert_with(|| ProcessMetrics::new(&span.resource));
+        process.last_used = uses;
+        match span.kind {
+            SpanKind::Server => process.server_duration.record(seconds, &attributes),
+            SpanKind::Client => process.client_duration.record(seconds, &attributes),
+        }
+    }
+
+    /// Current cumulative state of every provider: the agent's first, then one per process.
+    pub fn collect(&self) -> Vec<ResourceMetrics> {
+        let mut all: Vec<ResourceMetrics> = self.agent.collect().into_iter().collect();
+        if let Ok(registry) = self.registry.lock() {
+            all.extend(
+                registry
+                    .processes
+                    .values()
+                    .filter_map(|p| p.provider.collect()),
+            );
+        }
+        all
+    }
+}
+
+fn evict_least_recently_used(processes: &mut HashMap<usize, ProcessMetrics>) {
+    if let Some(key) = processes
+        .iter()
+        .min_by_key(|(_, p)| p.last_used)
+        .map(|(key, _)| *key)
+        && let Some(evicted) = processes.remove(&key)
+    {
+        let _ = evicted.provider.provider.shutdown();
+    }
+}
+
+/// Attributes of the duration histograms, from the span's own (semantic-convention) attributes.
+fn metric_attributes(span: &Span) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(6);
+    for key in [
+        "http.request.method",
+        "http.response.status_code",
+        "server.address",
+        "server.port",
+        "error.type",
+    ] {
+        if let Some(value) = span.attribute(key) {
+            attributes.push(match value {
+                AttributeValue::Str(s) => KeyValue::new(key, s.clone()),
+                AttributeValue::Int(i) => KeyValue::new(key, *i),
+            });
+        }
+    }
+    // The span name is "{METHOD} {route}": the route template is already low-cardinality.
+    if let Some((_, route)) = span.name.split_once(' ') {
+        attributes.push(KeyValue::new("http.route", route.to_string()));
+    }
+    attributes
+}
+
+/// (name, unit, description, reader) of one health counter.
+type HealthCounter = (&'static str, &'static str, &'static str, fn(&Stats) -> u64);
+
+fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
+    let meter = provider.meter("kspan");
+    let counters: [HealthCounter; 6] = [
+        (
+            "kspan.events.received",
+            "{event}",
+            "Kernel events received from the ring buffer.",
+            |s| Stats::get(&s.events_received),
+        ),
+        (
+            "kspan.events.lost",
+            "{event}",
+            "Kernel events lost because the ring buffer was full.",
+            |s| Stats::get(&s.events_lost),
+        ),
+        (
+            "kspan.parse.errors",
+            "{error}",
+            "Protocol parse errors.",
+            |s| Stats::get(&s.parse_errors),
+        ),
+        (
+            "kspan.spans.exported",
+            "{span}",
+            "Spans accepted by the OTLP collector.",
+            |s| Stats::get(&s.spans_exported),
+        ),
+        (
+            "kspan.spans.dropped",
+            "{span}",
+            "Spans dropped: queue full, or the collector failed to take them.",
+            |s| Stats::get(&s.spans_dropped),
+        ),
+        (
+            "kspan.export.failures",
+            "{request}",
+            "Failed OTLP export requests, after retries.",
+            |s| Stats::get(&s.export_failures),
+        ),
+    ];
+    for (name, unit, description, read) in counters {
+        let stats = stats.clone();
+        // Observable instruments live as long as the provider.
+        let _counter = meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |observer| observer.observe(read(&stats), &[]))
+            .build();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+
+    use super::*;
+    use crate::spans::SpanStatus;
+
+    fn span(resource: &Arc<Resource>, kind: SpanKind, status: i64, name: &str) -> Span {
+        let mut attributes = vec![
+            ("http.request.method", AttributeValue::Str("GET".into())),
+            ("http.response.status_code", AttributeValue::Int(status)),
+            ("server.address", AttributeValue::Str("127.0.0.1".into())),
+            ("server.port", AttributeValue::Int(8080)),
+            ("url.path", AttributeValue::Str("/users/7".into())),
+        ];
+        if status >= 500 {
+            attributes.push(("error.type", AttributeValue::Str(status.to_string())));
+        }
+        Span {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            name: name.into(),
+            kind,
+            start_unix_nano: 1_000_000_000,
+            end_unix_nano: 1_020_000_000,
+            status: SpanStatus::Unset,
+            attributes,
+            resource: resource.clone(),
+        }
+    }
+
+    fn histogram_counts(all: &[ResourceMetrics], name: &str) -> Vec<(Vec<KeyValue>, u64)> {
+        let mut out = Vec::new();
+        for rm in all {
+            for scope in rm.scope_metrics() {
+                for metric in scope.metrics().filter(|m| m.name() == name) {
+                    if let AggregatedMetrics::F64(MetricData::Histogram(h)) = metric.data() {
+                        for point in h.data_points() {
+                            let mut attrs: Vec<KeyValue> = point.attributes().cloned().collect();
+                            attrs.sort_by(|a, b| a.key.cmp(&b.key));
+                            out.push((attrs, point.count()));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn records_per_process_histograms_with_semconv_attributes() {
+        let stats = Arc::new(Stats::default());
+        Stats::add(&stats.events_received, 42);
+        let agent = Resource {
+            attributes: vec![("service.name", AttributeValue::Str("kspan".into()))],
+        };
+        let hub = MetricsHub::new(&agent, stats);
+        let server = Arc::new(Resource {
+            attributes: vec![("service.name", AttributeValue::Str("api".into()))],
+        });
+        for _ in 0..3 {
+            hub.record(&span(&server, SpanKind::Server, 200, "GET /users/*"));
+        }
+        hub.record(&span(&server, SpanKind::Server, 500, "GET /users/*"));
+        hub.record(&span(&server, SpanKind::Client, 200, "GET /users/*"));
+
+        let all = hub.collect();
+        assert_eq!(all.len(), 2, "agent + one process");
+        let server_counts = histogram_counts(&all, "http.server.request.duration");
+        assert_eq!(server_counts.len(), 2);
+        let ok = server_counts
+            .iter()
+            .find(|(attrs, _)| attrs.iter().all(|kv| kv.key.as_str() != "error.type"))
+            .unwrap();
+        assert_eq!(ok.1, 3);
+        let keys: Vec<&str> = ok.0.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "http.request.method",
+                "http.response.status_code",
+                "http.route",
+                "server.address",
+                "server.port"
+            ]
+        );
+        assert!(
+            ok.0.iter()
+                .any(|kv| kv.key.as_str() == "http.route" && kv.value.as_str() == "/users/*")
+        );
+        assert_eq!(
+            histogram_counts(&all, "http.client.request.duration")[0].1,
+            1
+        );
+    }
+
+    #[test]
+    fn process_providers_are_bounded() {
+        let agent = Resource { attributes: vec![] };
+        let hub = MetricsHub::new(&agent, Arc::new(Stats::default()));
+        for i in 0..MAX_PROCESSES + 10 {
+            let resource = Arc::new(Resource {
+                attributes: vec![("process.pid", AttributeValue::Int(i as i64))],
+            });
+            hub.record(&span(&resource, SpanKind::Server, 200, "GET /"));
+        }
+        assert_eq!(hub.registry.lock().unwrap().processes.len(), MAX_PROCESSES);
+    }
+}
