@@ -13,6 +13,13 @@
 //!
 //! Span helpers ([`kind`], [`by_pid`], [`attr_str`], [`assert_attributes`], ...)
 //! work on the `serde_json::Value` spans of a [`Run`].
+//!
+//! For the export tests: [`Kspan::start_with_env`] passes extra environment
+//! variables to kspan (which never inherits the test's `OTEL_*` variables),
+//! [`otlp_receiver::OtlpReceiver`] is a real OTLP collector stand-in (gRPC or
+//! HTTP/protobuf), [`prometheus`] fetches and parses a `/metrics` page, and
+//! [`free_port`], [`kspan_version`], [`which`], [`hostname`] help build
+//! expectations.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};

@@ -374,8 +374,6 @@ fn traces_over_grpc_equal_printed_spans() {
         run.dump()
     );
     assert_exported_equals_printed(&run, &received);
-    eprintln!("DEBUG a: {:#?}", rx.trace_requests());
-    eprintln!("DEBUG a counters: {:?}", run.counters());
 
     let version = kspan_version();
     let procs = [
@@ -577,7 +575,6 @@ fn collector_down_then_up() {
     );
 
     let run = kspan.stop(); // asserts exit status 0 within 5 s
-    eprintln!("DEBUG c waited {waited:?} counters {:?} stop {:?}\n{}", run.counters(), run.stop_duration, run.stderr);
     run.assert_no_lost_events();
     assert_eq!(
         run.spans.len(),
@@ -842,8 +839,6 @@ fn metrics_over_grpc_and_prometheus() {
     );
 
     let run = kspan.stop(); // final metrics flush
-    eprintln!("DEBUG d prom:\n{prom_text}");
-    eprintln!("DEBUG d {} metric requests; last: {:#?}", rx.metric_requests().len(), rx.metric_requests().last());
     run.assert_no_lost_events();
 
     // ---- OTLP: the last state of every resource ----
