@@ -23,12 +23,13 @@ use crate::{
         prometheus,
         text::TextExporter,
     },
+    linker::Linker,
     metrics::MetricsHub,
-    pipeline::{ChannelSink, Pipeline},
+    pipeline::{ChannelSink, Finished, Pipeline},
     probes::{KernelCounters, ProbeOptions, Probes},
     process::{Processes, Selectors},
-    spans::Span,
     stats::Stats,
+    tracecontext::Sampler,
 };
 
 /// Spans waiting for the export thread; past this, spans are dropped and counted.
@@ -77,6 +78,10 @@ pub struct Args {
     /// Serve metrics in Prometheus text format on this port (GET /metrics).
     #[arg(long, value_name = "PORT")]
     pub prometheus_port: Option<u16>,
+    /// Keep this fraction of traces (0 to 1): parent-based trace-id ratio sampling. Wins over
+    /// OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default: parentbased_always_on).
+    #[arg(long, value_name = "RATIO")]
+    pub sample_ratio: Option<f64>,
     /// Bytes captured per syscall (1 to 16384). Enough for request and status lines and headers;
     /// bodies are skipped by length without being copied.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CAPTURE)]
@@ -165,21 +170,36 @@ impl Exports {
 
     /// The export thread: record metrics for every span, hand batches to each exporter. Returns
     /// when the pipeline drops its sender, after the last span.
-    fn spawn(mut self, receiver: Receiver<Span>) -> Result<thread::JoinHandle<Result<Self>>> {
+    fn spawn(
+        mut self,
+        receiver: Receiver<Finished>,
+        stats: Arc<Stats>,
+    ) -> Result<thread::JoinHandle<Result<Self>>> {
         let handle =
             thread::Builder::new()
                 .name("kspan-export".into())
                 .spawn(move || -> Result<Self> {
                     let mut batch = Vec::with_capacity(256);
-                    while let Ok(span) = receiver.recv() {
-                        batch.push(span);
-                        while batch.len() < 256
-                            && let Ok(span) = receiver.try_recv()
-                        {
-                            batch.push(span);
+                    while let Ok(first) = receiver.recv() {
+                        let mut next = Some(first);
+                        while let Some(finished) = next {
+                            // Metrics count every request; only sampled traces are exported.
+                            if let Some(hub) = &self.metrics {
+                                hub.record(&finished.span);
+                            }
+                            if finished.sampled {
+                                batch.push(finished.span);
+                            } else {
+                                Stats::add(&stats.spans_sampled_out, 1);
+                            }
+                            next = if batch.len() < 256 {
+                                receiver.try_recv().ok()
+                            } else {
+                                None
+                            };
                         }
-                        if let Some(hub) = &self.metrics {
-                            batch.iter().for_each(|span| hub.record(span));
+                        if batch.is_empty() {
+                            continue;
                         }
                         for exporter in &mut self.exporters {
                             exporter.export(&batch)?;
@@ -239,8 +259,14 @@ pub fn run(args: Args) -> Result<()> {
         maps,
     } = probes;
 
-    let (sender, receiver) = mpsc::sync_channel::<Span>(SPAN_QUEUE);
-    let export_thread = exports.spawn(receiver)?;
+    let (sender, receiver) = mpsc::sync_channel::<Finished>(SPAN_QUEUE);
+    let export_thread = exports.spawn(receiver, stats.clone())?;
+    let sampler = Sampler::from_env_and_flag(
+        std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+        std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+        args.sample_ratio,
+    );
+    log::debug!("sampler: {sampler:?}");
     let description = processes.selectors().describe();
     let mut pipeline = Pipeline::new(
         maps,
@@ -252,6 +278,7 @@ pub fn run(args: Args) -> Result<()> {
         MAX_CONNECTIONS as usize,
         Clock::calibrate(),
         stats.clone(),
+        Linker::new(sampler),
     );
     pipeline.start();
     eprintln!(
@@ -276,6 +303,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let kernel = pipeline.kernel().counters();
     mirror_kernel_counters(&stats, &kernel);
+    let links = pipeline.linker().counters;
     drop(ring);
     drop(pipeline); // closes the span queue: the export thread finishes
     // Detaching takes a kernel grace period per program: overlap it with the export flush.
@@ -288,16 +316,20 @@ pub fn run(args: Args) -> Result<()> {
 
     eprintln!(
         "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
-         spans_emitted={} spans_dropped={} spans_exported={} export_failures={} \
-         connections_dropped={} kernel_read_errors={} kernel_map_full={}",
+         spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
+         export_failures={} links_ambiguous={} links_mismatched={} connections_dropped={} \
+         kernel_read_errors={} kernel_map_full={}",
         Stats::get(&stats.events_received),
         Stats::get(&stats.events_lost),
         Stats::get(&stats.malformed_events),
         Stats::get(&stats.parse_errors),
         Stats::get(&stats.spans_emitted),
+        Stats::get(&stats.spans_sampled_out),
         Stats::get(&stats.spans_dropped),
         Stats::get(&stats.spans_exported),
         Stats::get(&stats.export_failures),
+        links.ambiguous,
+        links.mismatched,
         Stats::get(&stats.connections_dropped),
         kernel.read_errors + kernel.socket_lookup_errors,
         kernel.args_map_full + kernel.connections_map_full + kernel.traced_pids_map_full,

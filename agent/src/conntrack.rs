@@ -8,7 +8,7 @@ use std::{
 
 use kspan_common::{AF_INET, SocketTuple};
 
-use crate::protocols::http1::Http1Connection;
+use crate::{linker::ConnectionLinks, protocols::http1::Http1Connection};
 
 /// How many chunks with data a connection gets to look like a known protocol before it is
 /// ignored (a connection joined mid-stream may start inside a body).
@@ -45,16 +45,22 @@ pub struct Connection {
     pub conn_id: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Seen from its connect/accept (not joined mid-stream): its request count is exact.
+    pub from_start: bool,
     pub protocol: ProtocolState,
+    /// Span nodes of requests in flight (trace-context linking).
+    pub links: ConnectionLinks,
 }
 
 impl Connection {
-    pub fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr) -> Self {
+    pub fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr, from_start: bool) -> Self {
         Connection {
             conn_id,
             local,
             remote,
+            from_start,
             protocol: ProtocolState::Undetected { attempts: 0 },
+            links: ConnectionLinks::default(),
         }
     }
 }
@@ -205,7 +211,7 @@ mod tests {
     #[test]
     fn table_is_bounded_and_fd_reuse_replaces() {
         let mut table = ConnTable::new(2);
-        let c = |id| Connection::new(id, addr("127.0.0.1:1"), addr("127.0.0.1:2"));
+        let c = |id| Connection::new(id, addr("127.0.0.1:1"), addr("127.0.0.1:2"), true);
         assert!(table.insert(1, 3, c(1)).unwrap().is_none());
         assert!(table.insert(1, 4, c(2)).unwrap().is_none());
         assert!(table.insert(2, 3, c(3)).is_err(), "full");

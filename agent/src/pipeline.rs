@@ -9,6 +9,8 @@ use std::{
 
 use kspan_common::EventKind;
 
+use crate::linker::{ConnectionLinks, Endpoint, Linker};
+
 use crate::{
     clock::Clock,
     conntrack::{self, ConnTable, Connection, ProtocolState},
@@ -17,34 +19,46 @@ use crate::{
         events::{self, Event},
     },
     process::{ExecDecision, Processes, procfs_scan},
-    protocols::{Chunk, http::HttpExchange},
-    spans::{Span, http::http_span},
+    protocols::{
+        Chunk, Role,
+        http::{HttpExchange, RequestStart},
+    },
+    spans::{Resource, Span, http::http_span},
     stats::Stats,
 };
 
-/// Where finished spans go.
-pub trait SpanSink {
-    fn emit(&mut self, span: Span);
+/// A finished span and its trace's sampling decision (unsampled spans still count in metrics).
+pub struct Finished {
+    pub span: Span,
+    pub sampled: bool,
 }
 
-/// Bounded hand-off to the exporter thread; a full queue drops the span and counts it.
+/// Where finished spans go.
+pub trait SpanSink {
+    fn emit(&mut self, finished: Finished);
+}
+
+/// Bounded hand-off to the export thread; a full queue drops the span and counts it.
 pub struct ChannelSink {
-    pub sender: SyncSender<Span>,
+    pub sender: SyncSender<Finished>,
     pub stats: Arc<Stats>,
 }
 
 impl SpanSink for ChannelSink {
-    fn emit(&mut self, span: Span) {
-        match self.sender.try_send(span) {
+    fn emit(&mut self, finished: Finished) {
+        match self.sender.try_send(finished) {
             Ok(()) => Stats::add(&self.stats.spans_emitted, 1),
             Err(_) => Stats::add(&self.stats.spans_dropped, 1),
         }
     }
 }
 
+/// Collects sampled spans (tests and benchmarks).
 impl SpanSink for Vec<Span> {
-    fn emit(&mut self, span: Span) {
-        self.push(span);
+    fn emit(&mut self, finished: Finished) {
+        if finished.sampled {
+            self.push(finished.span);
+        }
     }
 }
 
@@ -55,8 +69,10 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     connections: ConnTable,
     clock: Clock,
     stats: Arc<Stats>,
+    linker: Linker,
     /// Reused between events so a chunk that completes nothing allocates nothing.
     exchanges: Vec<HttpExchange>,
+    starts: Vec<RequestStart>,
 }
 
 impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
@@ -67,6 +83,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         connection_capacity: usize,
         clock: Clock,
         stats: Arc<Stats>,
+        linker: Linker,
     ) -> Self {
         Pipeline {
             kernel,
@@ -75,8 +92,14 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             connections: ConnTable::new(connection_capacity),
             clock,
             stats,
+            linker,
             exchanges: Vec::new(),
+            starts: Vec::new(),
         }
+    }
+
+    pub fn linker(&self) -> &Linker {
+        &self.linker
     }
 
     pub fn kernel(&self) -> &K {
@@ -109,6 +132,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 conn_id,
                 conntrack::unmap_socket(socket.local),
                 conntrack::unmap_socket(socket.remote),
+                false,
             );
             if self.open_connection(pid, socket.fd, connection) {
                 self.kernel.track_connection(pid, socket.fd, conn_id);
@@ -157,12 +181,19 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     self.track_open_sockets(header.pid);
                 }
             }
-            Event::Socket { header, tuple, .. } => {
+            Event::Socket {
+                kind,
+                header,
+                tuple,
+            } => {
                 let (local, remote) = conntrack::tuple_addresses(&tuple);
                 // Read the resource now, while the process surely exists: short-lived clients
                 // may be gone by the time their first span is built.
                 self.processes.resource(header.pid);
-                let connection = Connection::new(header.conn_id, local, remote);
+                if kind == EventKind::Connect {
+                    self.linker.on_client_connect(local, remote);
+                }
+                let connection = Connection::new(header.conn_id, local, remote, true);
                 if !self.open_connection(header.pid, header.fd, connection) {
                     self.kernel.forget_connection(header.pid, header.fd);
                 }
@@ -218,6 +249,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.kernel.forget_connection(pid, fd);
             self.finish_connection(pid, connection, end_ns);
         }
+        self.linker.forget_process(pid);
     }
 
     fn on_data(&mut self, pid: u32, fd: i32, conn_id: u64, chunk: &Chunk<'_>) {
@@ -237,8 +269,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     conn_id,
                     conntrack::unmap_socket(s.local),
                     conntrack::unmap_socket(s.remote),
+                    false,
                 ),
-                None => Connection::new(conn_id, unspecified, unspecified),
+                None => Connection::new(conn_id, unspecified, unspecified, false),
             };
             if socket.is_none() {
                 connection.protocol = ProtocolState::Unsupported;
@@ -253,32 +286,105 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         if !chunk.data.is_empty() {
             connection.protocol.detect(chunk.data);
         }
-        if let ProtocolState::Http1(parser) = &mut connection.protocol {
-            let errors = parser.feed(chunk, &mut self.exchanges);
-            if errors > 0 {
-                Stats::add(&self.stats.parse_errors, errors);
-            }
+        let ProtocolState::Http1(parser) = &mut connection.protocol else {
+            return;
+        };
+        let errors = parser.feed(chunk, &mut self.exchanges);
+        if errors > 0 {
+            Stats::add(&self.stats.parse_errors, errors);
+        }
+        let end = Endpoint {
+            pid,
+            local: connection.local,
+            remote: connection.remote,
+            from_start: connection.from_start,
+        };
+        // Requests parsed by this chunk get their span node now, while they are being served.
+        parser.take_request_starts(&mut self.starts);
+        for start in self.starts.drain(..) {
+            self.linker.on_request(&end, &start, &mut connection.links);
+        }
+        let responses = parser.take_responses_started();
+        if responses > 0 && parser.role() == Some(Role::Server) {
+            self.linker.on_responses_started(&end, responses);
         }
         if !self.exchanges.is_empty() {
-            let (local, remote) = (connection.local, connection.remote);
-            self.emit_exchanges(pid, local, remote);
+            let resource = self.processes.resource(pid);
+            let context = EmitContext {
+                end: &end,
+                resource: &resource,
+                clock: &self.clock,
+            };
+            emit_exchanges(
+                &mut self.exchanges,
+                &mut connection.links,
+                &mut self.linker,
+                &mut self.sink,
+                &context,
+            );
         }
     }
 
     fn finish_connection(&mut self, pid: u32, mut connection: Connection, end_ns: u64) {
+        let end = Endpoint {
+            pid,
+            local: connection.local,
+            remote: connection.remote,
+            from_start: connection.from_start,
+        };
         if let ProtocolState::Http1(parser) = &mut connection.protocol {
             parser.close(end_ns, &mut self.exchanges);
         }
         if !self.exchanges.is_empty() {
-            self.emit_exchanges(pid, connection.local, connection.remote);
+            let resource = self.processes.resource(pid);
+            let context = EmitContext {
+                end: &end,
+                resource: &resource,
+                clock: &self.clock,
+            };
+            emit_exchanges(
+                &mut self.exchanges,
+                &mut connection.links,
+                &mut self.linker,
+                &mut self.sink,
+                &context,
+            );
         }
+        self.linker.on_close(&end, &mut connection.links);
     }
+}
 
-    fn emit_exchanges(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) {
-        let resource = self.processes.resource(pid);
-        for exchange in self.exchanges.drain(..) {
-            let span = http_span(&exchange, local, remote, &resource, &self.clock);
-            self.sink.emit(span);
-        }
+/// What every span of one connection shares.
+struct EmitContext<'a> {
+    end: &'a Endpoint,
+    resource: &'a Arc<Resource>,
+    clock: &'a Clock,
+}
+
+/// Exchanges → spans: identity from the linker, attributes from the builder, out to the sink.
+fn emit_exchanges<S: SpanSink>(
+    exchanges: &mut Vec<HttpExchange>,
+    links: &mut ConnectionLinks,
+    linker: &mut Linker,
+    sink: &mut S,
+    context: &EmitContext<'_>,
+) {
+    for exchange in exchanges.drain(..) {
+        let resolved = match links.take(exchange.request_tid, exchange.start_ns) {
+            Some(node) => linker.finish(context.end, exchange.role, &node),
+            None => linker.new_root(),
+        };
+        let span = http_span(
+            &exchange,
+            resolved.ids,
+            context.end.local,
+            context.end.remote,
+            context.resource,
+            context.clock,
+        );
+        sink.emit(Finished {
+            span,
+            sampled: resolved.sampled,
+        });
     }
 }

@@ -14,6 +14,8 @@ pub struct Stats {
     pub parse_errors: AtomicU64,
     /// Spans handed to the exporters.
     pub spans_emitted: AtomicU64,
+    /// Spans of traces the sampler dropped (they still count in metrics).
+    pub spans_sampled_out: AtomicU64,
     /// Spans dropped: an exporter queue was full, or the collector refused or never got them.
     pub spans_dropped: AtomicU64,
     /// Spans a collector accepted.

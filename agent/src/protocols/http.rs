@@ -28,6 +28,20 @@ pub struct HttpResponse {
     pub body_len: u64,
 }
 
+/// A request whose header block was just parsed (before its response exists): what trace-context
+/// linking needs to know while the request is being served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestStart {
+    pub role: Role,
+    /// Thread that read (server) or wrote (client) the request; with `start_ns` it identifies the
+    /// request on its connection (the exchange carries the same pair).
+    pub tid: u32,
+    pub start_ns: u64,
+    pub method: String,
+    pub target: String,
+    pub context_headers: Vec<(String, String)>,
+}
+
 /// Why an exchange ended without a complete response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExchangeError {

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use super::route::{route_template, target_path};
-use super::{AttributeValue, Attributes, Resource, Span, SpanKind, SpanStatus};
+use super::{AttributeValue, Attributes, Resource, Span, SpanIds, SpanKind, SpanStatus};
 use crate::clock::Clock;
 use crate::protocols::Role;
 use crate::protocols::http::HttpExchange;
@@ -106,6 +106,7 @@ fn url_host(host: &str) -> String {
 /// address and its peer's.
 pub fn http_span(
     exchange: &HttpExchange,
+    ids: SpanIds,
     local: SocketAddr,
     remote: SocketAddr,
     resource: &Arc<Resource>,
@@ -189,9 +190,9 @@ pub fn http_span(
     let start_unix_nano = clock.to_unix_nanos(exchange.start_ns);
     let end_unix_nano = clock.to_unix_nanos(exchange.end_ns).max(start_unix_nano);
     Span {
-        trace_id: new_trace_id(),
-        span_id: new_span_id(),
-        parent_span_id: None,
+        trace_id: ids.trace_id,
+        span_id: ids.span_id,
+        parent_span_id: ids.parent_span_id,
         name,
         kind,
         start_unix_nano,
@@ -278,7 +279,19 @@ mod tests {
     }
 
     fn build(ex: &HttpExchange, local: SocketAddr, remote: SocketAddr) -> Span {
-        http_span(ex, local, remote, &resource(), &Clock::with_offset(OFFSET))
+        let ids = SpanIds {
+            trace_id: new_trace_id(),
+            span_id: new_span_id(),
+            parent_span_id: None,
+        };
+        http_span(
+            ex,
+            ids,
+            local,
+            remote,
+            &resource(),
+            &Clock::with_offset(OFFSET),
+        )
     }
 
     #[test]

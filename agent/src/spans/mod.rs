@@ -58,6 +58,14 @@ impl Resource {
     }
 }
 
+/// A span's identity within its trace, decided by the linker before the span is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Span {
     pub trace_id: [u8; 16],

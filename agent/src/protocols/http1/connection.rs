@@ -8,7 +8,9 @@ use super::message::{
     self, BodyFraming, Class, EndScan, Kind, ParsedRequest, ParsedResponse, check_start_line,
     classify,
 };
-use crate::protocols::http::{ExchangeError, HttpExchange, HttpRequest, HttpResponse};
+use crate::protocols::http::{
+    ExchangeError, HttpExchange, HttpRequest, HttpResponse, RequestStart,
+};
 use crate::protocols::{Chunk, Direction, Role};
 
 /// Most header bytes buffered per message (start line and terminating empty line included).
@@ -42,6 +44,8 @@ impl Http1Connection {
                 role: None,
                 upgraded: false,
                 pending: VecDeque::new(),
+                started: Vec::new(),
+                responses_started: 0,
             },
         }
     }
@@ -56,6 +60,16 @@ impl Http1Connection {
     /// The role, once a first request start line was seen (None before).
     pub fn role(&self) -> Option<Role> {
         self.shared.role
+    }
+
+    /// Requests whose header block was parsed since the last call, oldest first.
+    pub fn take_request_starts(&mut self, out: &mut Vec<RequestStart>) {
+        out.append(&mut self.shared.started);
+    }
+
+    /// How many final responses began (their header block was parsed) since the last call.
+    pub fn take_responses_started(&mut self) -> u32 {
+        std::mem::take(&mut self.shared.responses_started)
     }
 
     /// Consumes one syscall's bytes; pushes every exchange they complete to `out`. Returns the
@@ -108,6 +122,8 @@ impl Http1Connection {
         self.egress.reset();
         self.shared.role = None;
         self.shared.upgraded = false;
+        self.shared.started.clear();
+        self.shared.responses_started = 0;
     }
 }
 
@@ -119,6 +135,10 @@ struct Shared {
     upgraded: bool,
     /// Requests whose headers were parsed, oldest first, waiting for their response.
     pending: VecDeque<PendingRequest>,
+    /// Requests parsed since the last `take_request_starts` (bounded like `pending`).
+    started: Vec<RequestStart>,
+    /// Final responses begun since the last `take_responses_started`.
+    responses_started: u32,
 }
 
 impl Shared {
@@ -141,6 +161,18 @@ impl Shared {
 
     /// Queues a request; returns 1 (a parse error) when the oldest had to be dropped.
     fn push_pending(&mut self, pending: PendingRequest) -> u64 {
+        if let Some(request) = &pending.request
+            && self.started.len() < MAX_PENDING
+        {
+            self.started.push(RequestStart {
+                role: pending.meta.role,
+                tid: pending.meta.tid,
+                start_ns: pending.meta.start_ns,
+                method: request.method.clone(),
+                target: request.target.clone(),
+                context_headers: request.context_headers.clone(),
+            });
+        }
         let mut errors = 0;
         if self.pending.len() >= MAX_PENDING {
             self.pending.pop_front();
@@ -515,6 +547,8 @@ impl HalfStream {
             if front.is_none() {
                 // A response nobody asked for: dropped (its body is still skipped).
                 errors += 1;
+            } else {
+                sh.responses_started += 1;
             }
             front
         };

@@ -1410,3 +1410,52 @@ fn mutated_streams_never_panic() {
         assert!(out.len() <= 2, "{out:?}");
     }
 }
+
+#[test]
+fn request_starts_and_response_starts_are_reported_once() {
+    let mut conn = Http1Connection::new();
+    let mut out = Vec::new();
+    let mut starts = Vec::new();
+    let ingress = |data: &'static [u8], t: u64| Chunk {
+        direction: Direction::Ingress,
+        data,
+        full_len: data.len() as u64,
+        start_ns: t,
+        end_ns: t + 1,
+        tid: 7,
+    };
+    conn.feed(
+        &ingress(
+            b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            10,
+        ),
+        &mut out,
+    );
+    conn.take_request_starts(&mut starts);
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[0].role, Role::Server);
+    assert_eq!((starts[0].tid, starts[0].start_ns), (7, 11));
+    assert_eq!(starts[0].target, "/a");
+    assert_eq!(starts[0].context_headers.len(), 1);
+    assert_eq!(starts[1].target, "/b");
+    starts.clear();
+    conn.take_request_starts(&mut starts);
+    assert!(starts.is_empty(), "reported once");
+    assert_eq!(conn.take_responses_started(), 0);
+    let response = Chunk {
+        direction: Direction::Egress,
+        data: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        full_len: 63,
+        start_ns: 20,
+        end_ns: 21,
+        tid: 7,
+    };
+    conn.feed(&response, &mut out);
+    assert_eq!(
+        conn.take_responses_started(),
+        1,
+        "interim responses do not count"
+    );
+    assert_eq!(conn.take_responses_started(), 0);
+    assert_eq!(out.len(), 1);
+}

@@ -1,0 +1,361 @@
+//! Trace-context linking: decides each span's trace id and parent while requests are in flight.
+//!
+//! - **Incoming context**: a request carrying W3C traceparent (or B3) continues that trace.
+//! - **Inside a process**: a request sent by a thread while it serves a request (between reading
+//!   that request and the start of its response) is a child of that SERVER span. A thread
+//!   serving several requests at once (an event loop) is ambiguous: its calls stay unlinked.
+//! - **Across processes on one host**: when both ends of a connection are traced, the n-th
+//!   request the server reads is a child of the n-th request the client sent.
+//! - **An application with its own SDK**: an outgoing request that already carries traceparent
+//!   makes kspan's CLIENT span a child of the header's span id (the SDK's span), and the server
+//!   end parents to the same header span. kspan never reuses the SDK's span id.
+//!
+//! Each span is a [`Node`] whose parent may be learned after the node was created: the server
+//! end of a loopback connection can be parsed before the client's write event arrives (the
+//! client's event is emitted at its syscall's exit). Trace id, parent and the sampling decision
+//! are therefore resolved when the span is emitted, by walking up to the root of its chain.
+
+use std::{
+    cell::RefCell,
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    rc::Rc,
+};
+
+use crate::{
+    protocols::{Role, http::RequestStart},
+    spans::SpanIds,
+    tracecontext::{self, Sampler, SpanContext},
+};
+
+/// Longest parent chain followed when resolving (guards against pathological graphs).
+const MAX_DEPTH: usize = 64;
+/// Requests one thread may have read and not yet answered.
+const MAX_SERVING_PER_THREAD: usize = 64;
+/// Client requests remembered per connection for cross-process pairing.
+const MAX_OUTGOING_PER_CONNECTION: usize = 64;
+/// Connections remembered for cross-process pairing.
+const MAX_PAIRED_CONNECTIONS: usize = 65536;
+
+#[derive(Debug)]
+enum Parent {
+    /// A new trace started here.
+    Root { trace_id: [u8; 16] },
+    /// Context from request headers (another process, not traced by kspan or with its own SDK).
+    Remote(SpanContext),
+    /// Another span kspan built.
+    Local(Rc<Node>),
+}
+
+#[derive(Debug)]
+pub struct Node {
+    span_id: [u8; 8],
+    parent: RefCell<Parent>,
+}
+
+/// A span's resolved identity and sampling decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub ids: SpanIds,
+    pub sampled: bool,
+}
+
+/// Requests of one connection whose spans are not emitted yet, matched to exchanges by the
+/// (thread, start time) pair both carry.
+#[derive(Debug, Default)]
+pub struct ConnectionLinks {
+    requests_seen: u64,
+    in_flight: VecDeque<(u32, u64, Rc<Node>)>,
+}
+
+impl ConnectionLinks {
+    /// The node of the exchange that started at (tid, start_ns); older unmatched entries (requests
+    /// the parser dropped) are discarded.
+    pub fn take(&mut self, tid: u32, start_ns: u64) -> Option<Rc<Node>> {
+        let position = self
+            .in_flight
+            .iter()
+            .position(|(t, s, _)| *t == tid && *s == start_ns)?;
+        let node = self.in_flight.remove(position).map(|(_, _, node)| node);
+        self.in_flight.drain(..position);
+        node
+    }
+}
+
+/// Where a request happened: the traced process's end of one connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint {
+    pub pid: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The connection was seen from its connect/accept: request counts match the other end.
+    pub from_start: bool,
+}
+
+#[derive(Debug, Default)]
+struct Outgoing {
+    /// (request index on the connection, node, method, target)
+    requests: VecDeque<(u64, Rc<Node>, String, String)>,
+    /// Server requests parsed before the client request they pair with.
+    awaiting: Vec<(u64, Rc<Node>, String, String)>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Client requests left unlinked because their thread was serving several requests.
+    pub ambiguous: u64,
+    /// Cross-process pairs refused because the two ends disagree on the request.
+    pub mismatched: u64,
+}
+
+pub struct Linker {
+    sampler: Sampler,
+    /// Requests each (pid, tid) read and has not started answering: (local, remote, node).
+    serving: HashMap<(u32, u32), Vec<(SocketAddr, SocketAddr, Rc<Node>)>>,
+    /// Client ends of traced connections, keyed (client local, client remote).
+    outgoing: HashMap<(SocketAddr, SocketAddr), Outgoing>,
+    pub counters: LinkCounters,
+}
+
+impl Linker {
+    pub fn new(sampler: Sampler) -> Self {
+        Linker {
+            sampler,
+            serving: HashMap::new(),
+            outgoing: HashMap::new(),
+            counters: LinkCounters::default(),
+        }
+    }
+
+    /// A traced process connected: its requests on this connection can pair with the server end.
+    pub fn on_client_connect(&mut self, local: SocketAddr, remote: SocketAddr) {
+        if self.outgoing.len() < MAX_PAIRED_CONNECTIONS {
+            self.outgoing.entry((local, remote)).or_default();
+        }
+    }
+
+    /// The connection ended (or its process exited): forget what pairing and serving kept.
+    pub fn on_close(&mut self, end: &Endpoint, links: &mut ConnectionLinks) {
+        self.outgoing.remove(&(end.local, end.remote));
+        for (_, _, node) in links.in_flight.drain(..) {
+            self.stop_serving_node(end.pid, &node);
+        }
+    }
+
+    pub fn forget_process(&mut self, pid: u32) {
+        self.serving.retain(|(p, _), _| *p != pid);
+    }
+
+    /// A request's header block was parsed: create its span node and decide its parent.
+    pub fn on_request(
+        &mut self,
+        end: &Endpoint,
+        start: &RequestStart,
+        links: &mut ConnectionLinks,
+    ) {
+        let index = links.requests_seen;
+        links.requests_seen += 1;
+        let incoming = tracecontext::extract(&start.context_headers);
+        let node = Rc::new(Node {
+            span_id: tracecontext::new_span_id(),
+            parent: RefCell::new(match &incoming {
+                Some(extracted) => Parent::Remote(extracted.parent),
+                None => Parent::Root {
+                    trace_id: tracecontext::new_trace_id(),
+                },
+            }),
+        });
+        match start.role {
+            Role::Server => {
+                if incoming.is_none() && end.from_start {
+                    self.pair_with_client(end, index, start, &node);
+                }
+                let serving = self.serving.entry((end.pid, start.tid)).or_default();
+                if serving.len() < MAX_SERVING_PER_THREAD {
+                    serving.push((end.local, end.remote, node.clone()));
+                }
+            }
+            Role::Client => {
+                if incoming.is_none() {
+                    match self.serving.get(&(end.pid, start.tid)).map(Vec::as_slice) {
+                        Some([(_, _, server)]) => {
+                            *node.parent.borrow_mut() = Parent::Local(server.clone());
+                        }
+                        Some([_, _, ..]) => self.counters.ambiguous += 1,
+                        _ => {}
+                    }
+                }
+                if end.from_start {
+                    self.register_client_request(end, index, start, &node);
+                }
+            }
+        }
+        links.in_flight.push_back((start.tid, start.start_ns, node));
+    }
+
+    fn pair_with_client(
+        &mut self,
+        end: &Endpoint,
+        index: u64,
+        start: &RequestStart,
+        node: &Rc<Node>,
+    ) {
+        // The client's view of this connection is the mirror image.
+        let Some(outgoing) = self.outgoing.get_mut(&(end.remote, end.local)) else {
+            return; // the client end is not traced
+        };
+        match outgoing.requests.iter().find(|(i, ..)| *i == index) {
+            Some((_, client, method, target)) => {
+                if *method == start.method && *target == start.target {
+                    *node.parent.borrow_mut() = Parent::Local(client.clone());
+                } else {
+                    self.counters.mismatched += 1;
+                }
+            }
+            None if outgoing.awaiting.len() < MAX_OUTGOING_PER_CONNECTION => {
+                outgoing.awaiting.push((
+                    index,
+                    node.clone(),
+                    start.method.clone(),
+                    start.target.clone(),
+                ));
+            }
+            None => {}
+        }
+    }
+
+    fn register_client_request(
+        &mut self,
+        end: &Endpoint,
+        index: u64,
+        start: &RequestStart,
+        node: &Rc<Node>,
+    ) {
+        let Some(outgoing) = self.outgoing.get_mut(&(end.local, end.remote)) else {
+            return;
+        };
+        if let Some(position) = outgoing.awaiting.iter().position(|(i, ..)| *i == index) {
+            let (_, server, method, target) = outgoing.awaiting.swap_remove(position);
+            if method == start.method && target == start.target {
+                *server.parent.borrow_mut() = Parent::Local(node.clone());
+            } else {
+                self.counters.mismatched += 1;
+            }
+        }
+        if outgoing.requests.len() >= MAX_OUTGOING_PER_CONNECTION {
+            outgoing.requests.pop_front();
+        }
+        outgoing.requests.push_back((
+            index,
+            node.clone(),
+            start.method.clone(),
+            start.target.clone(),
+        ));
+    }
+
+    /// `count` responses began on a server connection: those requests are no longer being
+    /// served by the thread that read them.
+    pub fn on_responses_started(&mut self, end: &Endpoint, count: u32) {
+        for _ in 0..count {
+            let mut emptied = None;
+            // The oldest request of this connection, whichever thread read it.
+            for (key, list) in self.serving.iter_mut() {
+                if key.0 != end.pid {
+                    continue;
+                }
+                if let Some(position) = list
+                    .iter()
+                    .position(|(l, r, _)| *l == end.local && *r == end.remote)
+                {
+                    list.remove(position);
+                    if list.is_empty() {
+                        emptied = Some(*key);
+                    }
+                    break;
+                }
+            }
+            if let Some(key) = emptied {
+                self.serving.remove(&key);
+            }
+        }
+    }
+
+    fn stop_serving_node(&mut self, pid: u32, node: &Rc<Node>) {
+        self.serving.retain(|(p, _), list| {
+            if *p == pid {
+                list.retain(|(_, _, n)| !Rc::ptr_eq(n, node));
+            }
+            !list.is_empty()
+        });
+    }
+
+    /// The exchange of `node` completed: its final identity. Server requests still listed as
+    /// served (their response start was not seen) stop being served.
+    pub fn finish(&mut self, end: &Endpoint, role: Role, node: &Rc<Node>) -> Resolved {
+        if role == Role::Server {
+            self.stop_serving_node(end.pid, node);
+        } else if let Some(outgoing) = self.outgoing.get_mut(&(end.local, end.remote)) {
+            // The server end read this request before answering it: no pairing needs it now.
+            outgoing.requests.retain(|(_, n, ..)| !Rc::ptr_eq(n, node));
+        }
+        self.resolve(node)
+    }
+
+    /// A span without a node (should not happen; the parser reports every request it emits).
+    pub fn new_root(&self) -> Resolved {
+        let trace_id = tracecontext::new_trace_id();
+        Resolved {
+            ids: SpanIds {
+                trace_id,
+                span_id: tracecontext::new_span_id(),
+                parent_span_id: None,
+            },
+            sampled: self.sampler.should_sample(&trace_id, None),
+        }
+    }
+
+    /// Walks to the root: the trace id and the sampling decision are the root's, so every span
+    /// of a trace agrees on both.
+    pub fn resolve(&self, node: &Node) -> Resolved {
+        let parent_span_id = match &*node.parent.borrow() {
+            Parent::Root { .. } => None,
+            Parent::Remote(context) => Some(context.span_id),
+            Parent::Local(parent) => Some(parent.span_id),
+        };
+        let (trace_id, remote) = root_of(node);
+        Resolved {
+            ids: SpanIds {
+                trace_id,
+                span_id: node.span_id,
+                parent_span_id,
+            },
+            sampled: self.sampler.should_sample(&trace_id, remote.as_ref()),
+        }
+    }
+}
+
+enum Step {
+    Up(Rc<Node>),
+    Root([u8; 16], Option<SpanContext>),
+}
+
+fn step(parent: &Parent) -> Step {
+    match parent {
+        Parent::Local(node) => Step::Up(node.clone()),
+        Parent::Root { trace_id } => Step::Root(*trace_id, None),
+        Parent::Remote(context) => Step::Root(context.trace_id, Some(*context)),
+    }
+}
+
+/// Trace id of the chain's root, and the remote context the root continues (if any).
+fn root_of(node: &Node) -> ([u8; 16], Option<SpanContext>) {
+    let mut current = step(&node.parent.borrow());
+    for _ in 0..MAX_DEPTH {
+        match current {
+            Step::Up(parent) => current = step(&parent.parent.borrow()),
+            Step::Root(trace_id, remote) => return (trace_id, remote),
+        }
+    }
+    // Deeper than any real call chain: cut it into a trace of its own.
+    (tracecontext::new_trace_id(), None)
+}
