@@ -359,3 +359,264 @@ fn root_of(node: &Node) -> ([u8; 16], Option<SpanContext>) {
     // Deeper than any real call chain: cut it into a trace of its own.
     (tracecontext::new_trace_id(), None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn start(role: Role, tid: u32, t: u64, headers: &[(&str, &str)]) -> RequestStart {
+        RequestStart {
+            role,
+            tid,
+            start_ns: t,
+            method: "GET".into(),
+            target: "/x".into(),
+            context_headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Process `pid`'s end of a connection between ports `a` (local) and `b` (remote).
+    fn end(pid: u32, local: u16, remote: u16) -> Endpoint {
+        Endpoint {
+            pid,
+            local: addr(&format!("127.0.0.1:{local}")),
+            remote: addr(&format!("127.0.0.1:{remote}")),
+            from_start: true,
+        }
+    }
+
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const TRACE: [u8; 16] = [
+        0x0a, 0xf7, 0x65, 0x19, 0x16, 0xcd, 0x43, 0xdd, 0x84, 0x48, 0xeb, 0x21, 0x1c, 0x80, 0x31,
+        0x9c,
+    ];
+    const PARENT: [u8; 8] = [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31];
+
+    fn request(
+        linker: &mut Linker,
+        end: &Endpoint,
+        s: RequestStart,
+        links: &mut ConnectionLinks,
+    ) -> Rc<Node> {
+        linker.on_request(end, &s, links);
+        links.in_flight.back().unwrap().2.clone()
+    }
+
+    #[test]
+    fn chain_inside_and_across_processes() {
+        let mut linker = Linker::new(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
+        // Process 1 serves on 8000 (peer 40000) with an incoming traceparent...
+        let front_in = end(1, 8000, 40000);
+        let mut front_in_links = ConnectionLinks::default();
+        let server = request(
+            &mut linker,
+            &front_in,
+            start(Role::Server, 11, 100, &[("traceparent", TRACEPARENT)]),
+            &mut front_in_links,
+        );
+        // ...and thread 11 calls process 2 on port 9000 from local port 41000.
+        let front_out = end(1, 41000, 9000);
+        linker.on_client_connect(front_out.local, front_out.remote);
+        let mut front_out_links = ConnectionLinks::default();
+        let client = request(
+            &mut linker,
+            &front_out,
+            start(Role::Client, 11, 200, &[]),
+            &mut front_out_links,
+        );
+        // Process 2's end of that connection.
+        let back_in = end(2, 9000, 41000);
+        let mut back_in_links = ConnectionLinks::default();
+        let back = request(
+            &mut linker,
+            &back_in,
+            start(Role::Server, 21, 300, &[]),
+            &mut back_in_links,
+        );
+
+        let s = linker.resolve(&server);
+        assert_eq!(s.ids.trace_id, TRACE);
+        assert_eq!(s.ids.parent_span_id, Some(PARENT));
+        assert!(s.sampled);
+        let c = linker.resolve(&client);
+        assert_eq!(c.ids.trace_id, TRACE);
+        assert_eq!(c.ids.parent_span_id, Some(s.ids.span_id));
+        let b = linker.resolve(&back);
+        assert_eq!(b.ids.trace_id, TRACE);
+        assert_eq!(b.ids.parent_span_id, Some(c.ids.span_id));
+    }
+
+    #[test]
+    fn server_end_parsed_before_client_write_is_linked_late() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let client_end = end(1, 41000, 9000);
+        linker.on_client_connect(client_end.local, client_end.remote);
+        let server_end = end(2, 9000, 41000);
+        let mut server_links = ConnectionLinks::default();
+        let server = request(
+            &mut linker,
+            &server_end,
+            start(Role::Server, 21, 300, &[]),
+            &mut server_links,
+        );
+        let provisional = linker.resolve(&server).ids.trace_id;
+        let mut client_links = ConnectionLinks::default();
+        let client = request(
+            &mut linker,
+            &client_end,
+            start(Role::Client, 11, 200, &[]),
+            &mut client_links,
+        );
+        let c = linker.resolve(&client);
+        let s = linker.resolve(&server);
+        assert_eq!(s.ids.trace_id, c.ids.trace_id);
+        assert_ne!(s.ids.trace_id, provisional);
+        assert_eq!(s.ids.parent_span_id, Some(c.ids.span_id));
+    }
+
+    #[test]
+    fn thread_serving_two_requests_is_ambiguous() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let mut a = ConnectionLinks::default();
+        let mut b = ConnectionLinks::default();
+        request(
+            &mut linker,
+            &end(1, 8000, 40001),
+            start(Role::Server, 5, 1, &[]),
+            &mut a,
+        );
+        request(
+            &mut linker,
+            &end(1, 8000, 40002),
+            start(Role::Server, 5, 2, &[]),
+            &mut b,
+        );
+        let mut out = ConnectionLinks::default();
+        let client = request(
+            &mut linker,
+            &end(1, 41000, 9000),
+            start(Role::Client, 5, 3, &[]),
+            &mut out,
+        );
+        assert_eq!(linker.resolve(&client).ids.parent_span_id, None);
+        assert_eq!(linker.counters.ambiguous, 1);
+        // Once the first response starts, the thread serves one request: calls link again.
+        linker.on_responses_started(&end(1, 8000, 40001), 1);
+        let client = request(
+            &mut linker,
+            &end(1, 41000, 9000),
+            start(Role::Client, 5, 4, &[]),
+            &mut out,
+        );
+        assert!(linker.resolve(&client).ids.parent_span_id.is_some());
+    }
+
+    #[test]
+    fn calls_after_the_response_started_are_not_children() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let server_end = end(1, 8000, 40001);
+        let mut links = ConnectionLinks::default();
+        request(
+            &mut linker,
+            &server_end,
+            start(Role::Server, 5, 1, &[]),
+            &mut links,
+        );
+        linker.on_responses_started(&server_end, 1);
+        let mut out = ConnectionLinks::default();
+        let client = request(
+            &mut linker,
+            &end(1, 41000, 9000),
+            start(Role::Client, 5, 3, &[]),
+            &mut out,
+        );
+        assert_eq!(linker.resolve(&client).ids.parent_span_id, None);
+    }
+
+    #[test]
+    fn outgoing_traceparent_wins_and_disagreeing_pairs_are_refused() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let client_end = end(1, 41000, 9000);
+        linker.on_client_connect(client_end.local, client_end.remote);
+        let mut client_links = ConnectionLinks::default();
+        let client = request(
+            &mut linker,
+            &client_end,
+            start(Role::Client, 11, 1, &[("traceparent", TRACEPARENT)]),
+            &mut client_links,
+        );
+        let c = linker.resolve(&client);
+        assert_eq!(c.ids.trace_id, TRACE);
+        assert_eq!(c.ids.parent_span_id, Some(PARENT));
+        assert_ne!(c.ids.span_id, PARENT);
+        // The server end sees the same header: it parents to the SDK's span, not to kspan's.
+        let mut server_links = ConnectionLinks::default();
+        let server = request(
+            &mut linker,
+            &end(2, 9000, 41000),
+            start(Role::Server, 21, 2, &[("traceparent", TRACEPARENT)]),
+            &mut server_links,
+        );
+        assert_eq!(linker.resolve(&server).ids.parent_span_id, Some(PARENT));
+        // Second request: the ends disagree on what it was (e.g. a dropped message).
+        let mut other = start(Role::Client, 11, 3, &[]);
+        other.target = "/y".into();
+        request(&mut linker, &client_end, other, &mut client_links);
+        let server = request(
+            &mut linker,
+            &end(2, 9000, 41000),
+            start(Role::Server, 21, 4, &[]),
+            &mut server_links,
+        );
+        assert_eq!(linker.resolve(&server).ids.parent_span_id, None);
+        assert_eq!(linker.counters.mismatched, 1);
+    }
+
+    #[test]
+    fn sampling_decision_is_the_roots() {
+        let mut linker = Linker::new(Sampler::ParentBased(Box::new(Sampler::TraceIdRatio(0.5))));
+        for i in 0..200u64 {
+            let server_end = end(1, 8000, 40000 + i as u16);
+            let mut links = ConnectionLinks::default();
+            let server = request(
+                &mut linker,
+                &server_end,
+                start(Role::Server, 7, i, &[]),
+                &mut links,
+            );
+            let mut out = ConnectionLinks::default();
+            let client = request(
+                &mut linker,
+                &end(1, 41000, 9000),
+                start(Role::Client, 7, i, &[]),
+                &mut out,
+            );
+            assert_eq!(
+                linker.resolve(&server).sampled,
+                linker.resolve(&client).sampled
+            );
+            linker.on_responses_started(&server_end, 1);
+        }
+    }
+
+    #[test]
+    fn exchanges_find_their_node_and_skip_dropped_requests() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let e = end(1, 8000, 40000);
+        let mut links = ConnectionLinks::default();
+        let first = request(&mut linker, &e, start(Role::Server, 1, 10, &[]), &mut links);
+        let second = request(&mut linker, &e, start(Role::Server, 1, 20, &[]), &mut links);
+        // The first request never became an exchange: asking for the second discards it.
+        assert!(Rc::ptr_eq(&links.take(1, 20).unwrap(), &second));
+        assert!(links.take(1, 10).is_none());
+        drop(first);
+        assert!(links.in_flight.is_empty());
+    }
+}
