@@ -20,6 +20,9 @@
 //! HTTP/protobuf), [`prometheus`] fetches and parses a `/metrics` page, and
 //! [`free_port`], [`kspan_version`], [`which`], [`hostname`] help build
 //! expectations.
+//!
+//! For the trace-context tests, [`chain`] starts chains of `servers/chain_server.py` tiers, the
+//! OpenTelemetry-SDK client and the load client.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod chain;
 pub mod otlp_receiver;
 pub mod prometheus;
 

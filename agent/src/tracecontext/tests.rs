@@ -411,7 +411,7 @@ fn b3_single_invalid() {
     let zero_tid = "0".repeat(32);
     let zero_tid64 = "0".repeat(16);
     let cases = [
-        format!("{TID}"),
+        TID.to_string(),
         format!("{TID}-"),
         format!("-{SID}"),
         format!("{zero_tid}-{SID}"),
@@ -723,7 +723,7 @@ fn sampler_every_env_value() {
     assert_eq!(f("parentbased_always_off", None), pb(Sampler::AlwaysOff));
     assert_eq!(f("parentbased_traceidratio", Some("0.25")), pb(ratio(0.25)));
     // Names are case-insensitive and trimmed; args are trimmed.
-    assert_eq!(f(" AlwaysOff ", None), pb(Sampler::AlwaysOn)); // not a name
+    assert_eq!(f(" AlwaysOff ", None), pb(Sampler::AlwaysOn)); // camel case is not a name: default
     assert_eq!(f("ALWAYS_OFF", None), Sampler::AlwaysOff);
     assert_eq!(f(" TraceIdRatio ", Some(" 0.1 ")), ratio(0.1));
     // Args are ignored by non-ratio samplers.
