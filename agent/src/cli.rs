@@ -237,6 +237,11 @@ pub fn run(args: Args) -> Result<()> {
     if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
         bail!("--ring-mib must be a power of two up to 1024");
     }
+    if let Some(ratio) = args.sample_ratio
+        && !(0.0..=1.0).contains(&ratio)
+    {
+        bail!("--sample-ratio must be between 0 and 1, got {ratio}");
+    }
     let selectors = Selectors::new(args.pids.clone(), &args.exes, args.ports.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

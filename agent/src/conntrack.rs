@@ -65,6 +65,9 @@ impl Connection {
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub struct TableFull;
+
 /// Tracked connections, grouped per process so a process exit drops its entries at once.
 pub struct ConnTable {
     by_pid: HashMap<u32, HashMap<i32, Connection>>,
@@ -89,20 +92,20 @@ impl ConnTable {
         self.len == 0
     }
 
-    /// Start tracking. Returns Err(connection) back when the table is full; a connection that
+    /// Start tracking. Err when the table is full (the connection is dropped); a connection that
     /// was still registered on this (pid, fd) (its close was lost) is returned as Ok(Some).
     pub fn insert(
         &mut self,
         pid: u32,
         fd: i32,
         connection: Connection,
-    ) -> Result<Option<Connection>, Connection> {
+    ) -> Result<Option<Connection>, TableFull> {
         let per_process = self.by_pid.entry(pid).or_default();
         if !per_process.contains_key(&fd) && self.len >= self.capacity {
             if per_process.is_empty() {
                 self.by_pid.remove(&pid);
             }
-            return Err(connection);
+            return Err(TableFull);
         }
         let previous = per_process.insert(fd, connection);
         if previous.is_none() {

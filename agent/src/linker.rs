@@ -108,10 +108,13 @@ pub struct LinkCounters {
     pub mismatched: u64,
 }
 
+/// A request being served: (local, remote) of its connection, and its span node.
+type Served = (SocketAddr, SocketAddr, Rc<Node>);
+
 pub struct Linker {
     sampler: Sampler,
     /// Requests each (pid, tid) read and has not started answering: (local, remote, node).
-    serving: HashMap<(u32, u32), Vec<(SocketAddr, SocketAddr, Rc<Node>)>>,
+    serving: HashMap<(u32, u32), Vec<Served>>,
     /// Client ends of traced connections, keyed (client local, client remote).
     outgoing: HashMap<(SocketAddr, SocketAddr), Outgoing>,
     pub counters: LinkCounters,

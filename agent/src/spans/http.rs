@@ -19,26 +19,6 @@ pub const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-/// A random, non-zero 128-bit trace id.
-pub fn new_trace_id() -> [u8; 16] {
-    loop {
-        let id: u128 = rand::random();
-        if id != 0 {
-            return id.to_be_bytes();
-        }
-    }
-}
-
-/// A random, non-zero 64-bit span id.
-pub fn new_span_id() -> [u8; 8] {
-    loop {
-        let id: u64 = rand::random();
-        if id != 0 {
-            return id.to_be_bytes();
-        }
-    }
-}
-
 /// The method as reported, if it is one of [`KNOWN_METHODS`].
 pub fn known_method(method: &str) -> Option<&'static str> {
     KNOWN_METHODS.iter().copied().find(|m| *m == method)
@@ -280,8 +260,8 @@ mod tests {
 
     fn build(ex: &HttpExchange, local: SocketAddr, remote: SocketAddr) -> Span {
         let ids = SpanIds {
-            trace_id: new_trace_id(),
-            span_id: new_span_id(),
+            trace_id: crate::tracecontext::new_trace_id(),
+            span_id: crate::tracecontext::new_span_id(),
             parent_span_id: None,
         };
         http_span(
@@ -618,18 +598,24 @@ mod tests {
     }
 
     #[test]
-    fn ids_non_zero_and_distinct() {
+    fn span_carries_the_ids_it_was_given() {
         let ex = exchange(Role::Server, "GET", "/", Some(200));
-        let a = build(&ex, local(), remote());
-        let b = build(&ex, local(), remote());
-        assert_ne!(a.trace_id, [0; 16]);
-        assert_ne!(a.span_id, [0; 8]);
-        assert_ne!(a.trace_id, b.trace_id);
-        assert_ne!(a.span_id, b.span_id);
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..1000 {
-            assert!(seen.insert(new_span_id()));
-            assert_ne!(new_trace_id(), [0; 16]);
-        }
+        let ids = SpanIds {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            parent_span_id: Some([9; 8]),
+        };
+        let span = http_span(
+            &ex,
+            ids,
+            local(),
+            remote(),
+            &resource(),
+            &Clock::with_offset(0),
+        );
+        assert_eq!(
+            (span.trace_id, span.span_id, span.parent_span_id),
+            ([7; 16], [8; 8], Some([9; 8]))
+        );
     }
 }
