@@ -257,6 +257,7 @@ pub fn run(args: Args) -> Result<()> {
         trace_all: processes.selectors().trace_all(),
         capture_bytes: args.capture_bytes,
         ring_bytes: args.ring_mib * 1024 * 1024,
+        exe_names: processes.selectors().plain_exe_names(),
     })?;
     let Probes {
         attached,

@@ -208,7 +208,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     self.finish_connection(header.pid, connection, header.end_ns);
                 }
             }
-            Event::Exec(header) => match self.processes.on_exec(header.pid) {
+            Event::Exec { header, comm } => match self.processes.on_exec(header.pid, &comm) {
                 ExecDecision::Trace => {
                     log::debug!("tracing pid {} (exec)", header.pid);
                     self.kernel.trace_pid(header.pid);

@@ -17,6 +17,25 @@ pub const MAX_IOV_SEGMENTS: usize = 8;
 pub const MAX_CONNECTIONS: u32 = 65536;
 /// Capacity of the pid filter map.
 pub const MAX_TRACED_PIDS: u32 = 16384;
+/// Capacity of the map of executable names selected in the kernel at exec (`--exe NAME`).
+pub const MAX_EXE_NAMES: u32 = 256;
+/// The kernel's task command name length (TASK_COMM_LEN), NUL included.
+pub const COMM_LEN: usize = 16;
+
+/// Key of the exe-name map: the name as the kernel stores it in `comm` at exec (the file name,
+/// truncated to 15 bytes, NUL padded).
+pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
+    let mut key = [0u8; COMM_LEN];
+    let bytes = name.as_bytes();
+    let n = if bytes.len() < COMM_LEN {
+        bytes.len()
+    } else {
+        COMM_LEN - 1
+    };
+    key[..n].copy_from_slice(&bytes[..n]);
+    key
+}
+
 /// Capacity of the per-thread map holding syscall arguments between enter and exit.
 pub const MAX_IN_FLIGHT_SYSCALLS: u32 = 16384;
 
@@ -32,7 +51,8 @@ pub enum EventKind {
     Accept = 3,
     /// `close` of a tracked socket. No body.
     Close = 4,
-    /// A process called `execve` (any process: userspace decides whether to trace it). No body.
+    /// A process called `execve` (any process: userspace decides whether to trace it).
+    /// Body: [`ExecEvent`].
     Exec = 5,
     /// A whole process exited (its main thread). No body.
     Exit = 6,
@@ -112,6 +132,15 @@ pub struct SocketTuple {
 pub struct SocketEvent {
     pub header: EventHeader,
     pub tuple: SocketTuple,
+}
+
+/// Body of Exec events: the new program's name as the kernel has it (`comm`), kept by the agent
+/// in case the process is gone before procfs can be read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    pub comm: [u8; COMM_LEN],
 }
 
 /// Value of the kernel connection map, keyed by `(pid << 32) | fd`.

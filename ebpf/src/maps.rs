@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use kspan_common::{
-    ConnectionValue, KernelOffsets, MAX_CONNECTIONS, MAX_IN_FLIGHT_SYSCALLS, MAX_TRACED_PIDS,
-    counter,
+    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CONNECTIONS, MAX_EXE_NAMES,
+    MAX_IN_FLIGHT_SYSCALLS, MAX_TRACED_PIDS, counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -64,6 +64,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Processes to trace (tgid → 1) when `TRACE_ALL` is 0.
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
+/// Executable names selected with `--exe NAME` (plain names only), as `comm` keys: a process
+/// exec'ing one is traced from its first syscall, without waiting for userspace.
+#[map]
+pub static EXE_COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(MAX_EXE_NAMES, 0);
 
 /// Tracked TCP sockets: `connection_key(pid, fd)` → identity of the connection.
 #[map]

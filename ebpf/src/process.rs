@@ -2,14 +2,14 @@
 //! of a traced process are traced from their first instruction), exit (forget the process).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use kspan_common::{EventHeader, EventKind, counter};
+use kspan_common::{EventHeader, EventKind, ExecEvent, counter};
 
 use crate::{
-    maps::{EVENTS, TRACED_PIDS, agent_pid, count, is_traced, trace_all},
+    maps::{EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, trace_all},
     socket::header,
 };
 
@@ -27,8 +27,28 @@ fn emit(kind: EventKind, pid_tgid: u64) {
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != agent_pid() {
-        emit(EventKind::Exec, pid_tgid);
+    let pid = (pid_tgid >> 32) as u32;
+    if pid == agent_pid() {
+        return 0;
+    }
+    // comm already holds the new program's name here. A match is traced at once; userspace then
+    // confirms with the full executable path (and untraces on a mismatch).
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    if !trace_all()
+        && unsafe { EXE_COMMS.get(&comm) }.is_some()
+        && TRACED_PIDS.insert(&pid, &1, 0).is_err()
+    {
+        count(counter::TRACED_PIDS_MAP_FULL);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) {
+        entry.write(ExecEvent {
+            header: header(EventKind::Exec, pid_tgid, -1, 0, now, now),
+            comm,
+        });
+        entry.submit(0);
+    } else {
+        count(counter::EVENTS_LOST);
     }
     0
 }

@@ -1,6 +1,8 @@
 //! Decoding of ring-buffer records into typed events, without copying the captured bytes.
 
-use kspan_common::{EVENT_HEADER_LEN, EventHeader, EventKind, SocketEvent, SocketTuple};
+use kspan_common::{
+    COMM_LEN, EVENT_HEADER_LEN, EventHeader, EventKind, ExecEvent, SocketEvent, SocketTuple,
+};
 
 use crate::protocols::Direction;
 
@@ -19,7 +21,11 @@ pub enum Event<'a> {
         tuple: SocketTuple,
     },
     Close(EventHeader),
-    Exec(EventHeader),
+    /// `comm`: the new program's name (NUL padded), as the kernel has it.
+    Exec {
+        header: EventHeader,
+        comm: [u8; COMM_LEN],
+    },
     Exit(EventHeader),
 }
 
@@ -62,7 +68,13 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
             }
         }
         EventKind::Close => Event::Close(header),
-        EventKind::Exec => Event::Exec(header),
+        EventKind::Exec => {
+            let event: ExecEvent = read(record)?;
+            Event::Exec {
+                header,
+                comm: event.comm,
+            }
+        }
         EventKind::Exit => Event::Exit(header),
     })
 }

@@ -12,7 +12,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint, trace_point::TracePointLinkId},
 };
-use kspan_common::{ConnectionValue, KernelOffsets, MAX_CAPTURE, connection_key, counter};
+use kspan_common::{
+    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, comm_key, connection_key, counter,
+};
 
 /// The eBPF object built by build.rs from ebpf/.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
@@ -60,6 +62,8 @@ pub struct ProbeOptions {
     pub capture_bytes: u32,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// Plain executable names (`--exe curl`): matched in the kernel at exec.
+    pub exe_names: Vec<String>,
 }
 
 /// What the kernel counted, summed over CPUs.
@@ -197,6 +201,13 @@ impl Probes {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         };
+        let mut exe_comms: HashMap<MapData, [u8; COMM_LEN], u8> =
+            HashMap::try_from(take(&mut ebpf, "EXE_COMMS")?)?;
+        for name in &options.exe_names {
+            exe_comms
+                .insert(comm_key(name), 1, 0)
+                .with_context(|| format!("cannot add --exe {name} to the kernel's exe filter"))?;
+        }
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let maps = KernelMaps {
             traced_pids: HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?)?,

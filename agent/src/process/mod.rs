@@ -21,6 +21,9 @@ pub struct Processes {
     resources: HashMap<u32, Arc<Resource>>,
     /// Pids userspace put in the kernel filter (unused when tracing all).
     traced: HashSet<u32>,
+    /// Program name from the exec event of traced processes: the resource's fallback when the
+    /// process is gone before procfs was read (a short-lived client).
+    comms: HashMap<u32, String>,
 }
 
 /// What an exec changes for the process that ran it.
@@ -38,6 +41,7 @@ impl Processes {
             host_name: host_name(),
             resources: HashMap::new(),
             traced: HashSet::new(),
+            comms: HashMap::new(),
         }
     }
 
@@ -99,12 +103,28 @@ impl Processes {
 
     /// A process exec'd a new image: its resource changes, and its selection is re-evaluated
     /// (a traced shell that execs an unselected program stops being traced).
-    pub fn on_exec(&mut self, pid: u32) -> ExecDecision {
+    /// `comm`: the new program's name from the kernel (NUL padded).
+    pub fn on_exec(&mut self, pid: u32, comm: &[u8]) -> ExecDecision {
         self.resources.remove(&pid);
+        let remember_comm = |comms: &mut HashMap<u32, String>| {
+            let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+            comms.insert(pid, String::from_utf8_lossy(&comm[..end]).into_owned());
+        };
         if self.selectors.trace_all() {
+            remember_comm(&mut self.comms);
             return ExecDecision::Unchanged;
         }
-        let selected = self.selected_by_pid_or_exe(pid);
+        let selected = self.selected_by_pid_or_exe(pid)
+            // Gone already: the kernel matched its name at exec (plain --exe names), trust it.
+            || (procfs_scan::exe_path(pid).is_none()
+                && self.selectors.plain_exe_names().iter().any(|name| {
+                    kspan_common::comm_key(name)[..] == comm[..comm.len().min(16)]
+                }));
+        if selected {
+            remember_comm(&mut self.comms);
+        } else {
+            self.comms.remove(&pid);
+        }
         let was_traced = self.traced.contains(&pid);
         match (selected, was_traced) {
             (true, false) => {
@@ -131,6 +151,7 @@ impl Processes {
     pub fn on_exit(&mut self, pid: u32) {
         self.resources.remove(&pid);
         self.traced.remove(&pid);
+        self.comms.remove(&pid);
     }
 
     /// The resource of a traced process, read from procfs once and cached until exec or exit.
@@ -138,18 +159,23 @@ impl Processes {
         if let Some(resource) = self.resources.get(&pid) {
             return resource.clone();
         }
-        let resource = Arc::new(read_resource(pid, &self.host_name));
+        let resource = Arc::new(read_resource(
+            pid,
+            &self.host_name,
+            self.comms.get(&pid).map(String::as_str),
+        ));
         self.resources.insert(pid, resource.clone());
         resource
     }
 }
 
-fn read_resource(pid: u32, host_name: &str) -> Resource {
+fn read_resource(pid: u32, host_name: &str, exec_comm: Option<&str>) -> Resource {
     let exe = procfs_scan::exe_path(pid);
     let exe_name = exe
         .as_deref()
         .map(procfs_scan::file_name)
-        .or_else(|| procfs_scan::command_name(pid));
+        .or_else(|| procfs_scan::command_name(pid))
+        .or_else(|| exec_comm.map(str::to_string));
     let service_name = procfs_scan::environment_variable(pid, "OTEL_SERVICE_NAME")
         .filter(|name| !name.is_empty())
         .or_else(|| exe_name.clone())

@@ -41,6 +41,20 @@ impl Selectors {
         self.pids.is_empty() && self.exes.is_empty() && self.ports.is_empty()
     }
 
+    /// `--exe` values that are plain file names (no glob characters, no '/'): these can be
+    /// matched in the kernel at exec, before the new program runs.
+    pub fn plain_exe_names(&self) -> Vec<String> {
+        self.exes
+            .iter()
+            .filter_map(|e| match e {
+                ExePattern::FileName(p) if !p.as_str().contains(['*', '?', '[', ']']) => {
+                    Some(p.as_str().to_string())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn has_exe_selectors(&self) -> bool {
         !self.exes.is_empty()
     }
@@ -95,6 +109,7 @@ mod tests {
         assert!(s.matches_exe(Path::new("/opt/app/server")));
         assert!(!s.matches_exe(Path::new("/srv/app/server")));
         assert!(!s.trace_all());
+        assert_eq!(s.plain_exe_names(), ["curl"]);
     }
 
     #[test]
