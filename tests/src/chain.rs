@@ -349,9 +349,10 @@ impl SdkClient {
         };
         for line in out.lines() {
             if let Some(rest) = line.strip_prefix("SDK_SPAN ") {
-                res.spans.push(serde_json::from_str(rest).unwrap_or_else(|e| {
-                    panic!("otel_sdk_client.py printed a bad SDK_SPAN line ({e}): {line}")
-                }));
+                res.spans
+                    .push(serde_json::from_str(rest).unwrap_or_else(|e| {
+                        panic!("otel_sdk_client.py printed a bad SDK_SPAN line ({e}): {line}")
+                    }));
             } else if let Some(rest) = line.strip_prefix("STATUS ") {
                 res.status = rest.trim().parse().expect("status code");
             } else if let Some(rest) = line.strip_prefix("BODY ") {

@@ -4,8 +4,8 @@
 //! sampling that keeps or drops whole traces.
 //!
 //! The workload is a chain of three `servers/chain_server.py` tiers:
-//! client → frontend → backend → store. Each tier serves one request per connection thread and
-//! calls the next tier on a fresh connection, so one request yields five spans:
+//! client → frontend → backend → store. Each tier serves one request per connection thread
+//! and calls the next tier on a fresh connection, so one request yields five spans:
 //!
 //! ```text
 //! frontend SERVER ← frontend CLIENT ← backend SERVER ← backend CLIENT ← store SERVER
@@ -131,7 +131,11 @@ fn one<'a>(spans: &[&'a Value], pid: u32, kind: &str, what: &str, run: &Run) -> 
         1,
         "expected exactly one {what} {kind} span (pid {pid}) in this trace, found {}:\n{}\n\nall spans:\n{}",
         found.len(),
-        spans.iter().map(|s| pretty(s)).collect::<Vec<_>>().join("\n"),
+        spans
+            .iter()
+            .map(|s| pretty(s))
+            .collect::<Vec<_>>()
+            .join("\n"),
         run.dump()
     );
     found[0]
@@ -146,7 +150,11 @@ impl<'a> Tree<'a> {
             "expected exactly 5 spans in this trace (frontend SERVER+CLIENT, backend SERVER+CLIENT, \
              store SERVER), found {}:\n{}\n\nall spans:\n{}",
             spans.len(),
-            spans.iter().map(|s| pretty(s)).collect::<Vec<_>>().join("\n"),
+            spans
+                .iter()
+                .map(|s| pretty(s))
+                .collect::<Vec<_>>()
+                .join("\n"),
             run.dump()
         );
         let (fe, be, st) = (&chain.frontend, &chain.backend, &chain.store);
@@ -239,10 +247,7 @@ impl<'a> Tree<'a> {
                 self.show()
             );
         }
-        assert_distinct_ids(
-            all.iter().map(|(l, s)| (span_id(s), l.to_string())),
-            run,
-        );
+        assert_distinct_ids(all.iter().map(|(l, s)| (span_id(s), l.to_string())), run);
         if let Some(p) = frontend_parent {
             for (label, span) in all {
                 assert_ne!(
@@ -290,7 +295,7 @@ fn random_ids_with_letters() -> (String, String) {
 // Tests
 // ---------------------------------------------------------------------------
 
-/// 1. A request with a known traceparent through three traced tiers (curl not traced): five
+/// Case 1: A request with a known traceparent through three traced tiers (curl not traced): five
 /// spans in the header's trace, the frontend SERVER span a child of the header's span id, each
 /// hop a child of the one before it.
 #[test]
@@ -311,14 +316,19 @@ fn chain_with_known_traceparent() {
     assert_chain_body(&c.stdout, "curl /chain/1", &chain);
     assert_clean_run(&run);
 
-    assert_eq!(run.spans.len(), 5, "expected exactly 5 spans\n{}", run.dump());
+    assert_eq!(
+        run.spans.len(),
+        5,
+        "expected exactly 5 spans\n{}",
+        run.dump()
+    );
     let all: Vec<&Value> = run.spans.iter().collect();
     let tree = Tree::of(&all, &chain, &run);
     tree.assert_linked(&t, Some(&p), &run);
     assert_eq!(tree.path(), "/chain/1");
 }
 
-/// 2. No header, curl traced too: six spans in one trace rooted at curl's CLIENT span; the
+/// Case 2: No header, curl traced too: six spans in one trace rooted at curl's CLIENT span; the
 /// frontend SERVER span is its child through connection pairing.
 #[test]
 fn chain_without_traceparent() {
@@ -333,7 +343,12 @@ fn chain_without_traceparent() {
     assert_chain_body(&c.stdout, "curl /chain/2", &chain);
     assert_clean_run(&run);
 
-    assert_eq!(run.spans.len(), 6, "expected exactly 6 spans\n{}", run.dump());
+    assert_eq!(
+        run.spans.len(),
+        6,
+        "expected exactly 6 spans\n{}",
+        run.dump()
+    );
     let all: Vec<&Value> = run.spans.iter().collect();
     let curl_span = one(&all, c.pid, "CLIENT", "curl", &run);
     assert_eq!(
@@ -356,14 +371,11 @@ fn chain_without_traceparent() {
         "frontend SERVER must start after curl's CLIENT span\n{}",
         run.dump()
     );
-    assert_distinct_ids(
-        all.iter().map(|s| (span_id(s), pretty(s))),
-        &run,
-    );
+    assert_distinct_ids(all.iter().map(|s| (span_id(s), pretty(s))), &run);
 }
 
-/// 3. Ten requests at once, each with its own traceparent: ten separate five-span trees, each in
-/// its request's trace under its request's parent span.
+/// Case 3: Ten requests at once, each with its own traceparent: ten separate five-span trees,
+/// each in its request's trace under its request's parent span.
 #[test]
 fn ten_concurrent_requests() {
     const N: usize = 10;
@@ -429,7 +441,7 @@ fn ten_concurrent_requests() {
     assert_distinct_ids(run.spans.iter().map(|s| (span_id(s), pretty(s))), &run);
 }
 
-/// 4. A client instrumented with the OpenTelemetry Python SDK sends traceparent itself:
+/// Case 4: A client instrumented with the OpenTelemetry Python SDK sends traceparent itself:
 /// kspan's spans continue the SDK's trace, its CLIENT span and the frontend SERVER span are both
 /// children of the SDK's span, and kspan never reuses an SDK span id.
 #[test]
@@ -461,13 +473,32 @@ fn app_with_own_sdk() {
     assert_eq!(sdk["kind"], "CLIENT", "SDK span: {sdk}");
     assert_eq!(sdk["parent_span_id"], Value::Null, "SDK span: {sdk}");
     assert_eq!(sdk["sampled"], true, "SDK span: {sdk}");
+    // Flags: sampled (bit 0); recent SDKs also set the W3C level-2 "random trace id" bit (0x02),
+    // i.e. send `-03`, which kspan must accept like any version-00 flags byte.
+    let (prefix, flags) = res
+        .traceparent
+        .rsplit_once('-')
+        .unwrap_or_else(|| panic!("bad injected traceparent {:?}", res.traceparent));
     assert_eq!(
-        res.traceparent,
-        format!("00-{sdk_trace}-{sdk_span}-01"),
+        prefix,
+        format!("00-{sdk_trace}-{sdk_span}"),
         "the SDK must have injected its span's context"
     );
+    let flags = u8::from_str_radix(flags, 16)
+        .unwrap_or_else(|e| panic!("bad flags in {:?}: {e}", res.traceparent));
+    assert_eq!(
+        flags & 1,
+        1,
+        "the SDK's traceparent must be sampled: {:?}",
+        res.traceparent
+    );
 
-    assert_eq!(run.spans.len(), 6, "expected exactly 6 kspan spans\n{}", run.dump());
+    assert_eq!(
+        run.spans.len(),
+        6,
+        "expected exactly 6 kspan spans\n{}",
+        run.dump()
+    );
     for s in &run.spans {
         assert_eq!(
             trace_id(s),
@@ -510,9 +541,10 @@ fn app_with_own_sdk() {
     assert_distinct_ids(ids, &run);
 }
 
-/// 5. `--sample-ratio 0.25` (parentbased_traceidratio) with requests that carry no context: the
-/// frontend SERVER span is each trace's root and decides for the whole trace, so traces are kept
-/// or dropped whole, about a quarter are kept, and the kept ones satisfy the ratio rule.
+/// Case 5: `--sample-ratio 0.25` (parentbased_traceidratio) with requests that carry no
+/// context: the frontend SERVER span is each trace's root and decides for the whole trace, so
+/// traces are kept or dropped whole, about a quarter are kept, and the kept ones satisfy the
+/// ratio rule.
 #[test]
 fn sampling_ratio_keeps_whole_traces() {
     const N: usize = 400;
@@ -526,7 +558,12 @@ fn sampling_ratio_keeps_whole_traces() {
     let statuses = load_client(chain.frontend.port, N, "/chain/");
     let run = kspan.stop();
     chain.assert_alive();
-    assert_eq!(statuses, vec![200; N], "load client statuses\n{}", chain.stderr());
+    assert_eq!(
+        statuses,
+        vec![200; N],
+        "load client statuses\n{}",
+        chain.stderr()
+    );
     assert_clean_run(&run);
 
     let traces = by_trace(&run.spans);
@@ -547,6 +584,7 @@ fn sampling_ratio_keeps_whole_traces() {
         );
     }
     let kept = traces.len();
+    eprintln!("sampling: kept {kept} of {N} traces (ratio {RATIO})");
     // The decision is a deterministic function of random trace ids, so the kept count is
     // K ~ Binomial(400, 0.25): mean 100, σ = sqrt(400·0.25·0.75) ≈ 8.66. A 4.5σ band (±39
     // traces, i.e. |K/400 − 0.25| ≤ 0.0975) keeps the false-failure rate below 1e-5.
@@ -572,7 +610,7 @@ fn sampling_ratio_keeps_whole_traces() {
     );
 }
 
-/// 6. Invalid traceparent headers (all-zero trace id; upper-case hex) are ignored: each
+/// Case 6: Invalid traceparent headers (all-zero trace id; upper-case hex) are ignored: each
 /// request starts a new random trace rooted at the frontend SERVER span, and the tree below it
 /// is intact.
 #[test]
@@ -606,7 +644,12 @@ fn malformed_traceparent_is_ignored() {
     assert_chain_body(&c2.stdout, "curl /chain/upper", &chain);
     assert_clean_run(&run);
 
-    assert_eq!(run.spans.len(), 10, "expected exactly 10 spans\n{}", run.dump());
+    assert_eq!(
+        run.spans.len(),
+        10,
+        "expected exactly 10 spans\n{}",
+        run.dump()
+    );
     let traces = by_trace(&run.spans);
     assert_eq!(
         traces.len(),
@@ -642,7 +685,7 @@ fn malformed_traceparent_is_ignored() {
     }
 }
 
-/// 7. B3 context (single `b3` header; multi `X-B3-*` headers) is continued like traceparent.
+/// Case 7: B3 context (single `b3` header; multi `X-B3-*` headers) is continued like traceparent.
 #[test]
 fn b3_headers() {
     let _env = preflight();
@@ -672,7 +715,12 @@ fn b3_headers() {
     assert_chain_body(&c2.stdout, "curl /chain/b3multi", &chain);
     assert_clean_run(&run);
 
-    assert_eq!(run.spans.len(), 10, "expected exactly 10 spans\n{}", run.dump());
+    assert_eq!(
+        run.spans.len(),
+        10,
+        "expected exactly 10 spans\n{}",
+        run.dump()
+    );
     let traces = by_trace(&run.spans);
     let got: BTreeSet<&str> = traces.keys().map(String::as_str).collect();
     assert_eq!(
