@@ -25,7 +25,37 @@ pub fn setup() -> Result<()> {
     rust_src()?;
     packages()?;
     bpf_linker()?;
+    python_packages()?;
     tracefs()
+}
+
+/// The trace-context tests run an application instrumented with the OpenTelemetry Python SDK.
+fn python_packages() -> Result<()> {
+    let importable = || {
+        succeeds(
+            command("python3").args(["-c", "import opentelemetry.sdk, opentelemetry.propagate"]),
+        )
+    };
+    if importable() {
+        ok("python opentelemetry-sdk");
+        return Ok(());
+    }
+    installing(
+        "python opentelemetry-api opentelemetry-sdk",
+        "the end-to-end tests run an app with its own OpenTelemetry SDK",
+    );
+    run_cmd(command("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+    ]))?;
+    if !importable() {
+        bail!("pip installed opentelemetry-sdk but python3 still cannot import it");
+    }
+    Ok(())
 }
 
 fn ok(what: &str) {
