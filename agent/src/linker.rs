@@ -41,8 +41,9 @@ const MAX_PAIRED_CONNECTIONS: usize = 65536;
 enum Parent {
     /// A new trace started here.
     Root { trace_id: [u8; 16] },
-    /// Context from request headers (another process, not traced by kspan or with its own SDK).
-    Remote(SpanContext),
+    /// Context from request headers (another process, not traced by kspan or with its own SDK),
+    /// with the W3C tracestate that came along, carried by every span of the trace.
+    Remote(SpanContext, Option<Rc<str>>),
     /// Another span kspan built.
     Local(Rc<Node>),
 }
@@ -54,10 +55,12 @@ pub struct Node {
 }
 
 /// A span's resolved identity and sampling decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
     pub ids: SpanIds,
     pub sampled: bool,
+    /// W3C tracestate of the trace (from the request that started it here), if any.
+    pub trace_state: Option<Rc<str>>,
 }
 
 /// Requests of one connection whose spans are not emitted yet, matched to exchanges by the
@@ -162,7 +165,10 @@ impl Linker {
         let node = Rc::new(Node {
             span_id: tracecontext::new_span_id(),
             parent: RefCell::new(match &incoming {
-                Some(extracted) => Parent::Remote(extracted.parent),
+                Some(extracted) => Parent::Remote(
+                    extracted.parent,
+                    extracted.trace_state.as_deref().map(Rc::from),
+                ),
                 None => Parent::Root {
                     trace_id: tracecontext::new_trace_id(),
                 },
@@ -314,6 +320,7 @@ impl Linker {
                 parent_span_id: None,
             },
             sampled: self.sampler.should_sample(&trace_id, None),
+            trace_state: None,
         }
     }
 
@@ -322,10 +329,10 @@ impl Linker {
     pub fn resolve(&self, node: &Node) -> Resolved {
         let parent_span_id = match &*node.parent.borrow() {
             Parent::Root { .. } => None,
-            Parent::Remote(context) => Some(context.span_id),
+            Parent::Remote(context, _) => Some(context.span_id),
             Parent::Local(parent) => Some(parent.span_id),
         };
-        let (trace_id, remote) = root_of(node);
+        let (trace_id, remote, trace_state) = root_of(node);
         Resolved {
             ids: SpanIds {
                 trace_id,
@@ -333,34 +340,40 @@ impl Linker {
                 parent_span_id,
             },
             sampled: self.sampler.should_sample(&trace_id, remote.as_ref()),
+            trace_state,
         }
     }
 }
 
+/// The root of a chain: its trace id, the remote context it continues and that context's
+/// tracestate.
+type Root = ([u8; 16], Option<SpanContext>, Option<Rc<str>>);
+
 enum Step {
     Up(Rc<Node>),
-    Root([u8; 16], Option<SpanContext>),
+    Root(Root),
 }
 
 fn step(parent: &Parent) -> Step {
     match parent {
         Parent::Local(node) => Step::Up(node.clone()),
-        Parent::Root { trace_id } => Step::Root(*trace_id, None),
-        Parent::Remote(context) => Step::Root(context.trace_id, Some(*context)),
+        Parent::Root { trace_id } => Step::Root((*trace_id, None, None)),
+        Parent::Remote(context, state) => {
+            Step::Root((context.trace_id, Some(*context), state.clone()))
+        }
     }
 }
 
-/// Trace id of the chain's root, and the remote context the root continues (if any).
-fn root_of(node: &Node) -> ([u8; 16], Option<SpanContext>) {
+fn root_of(node: &Node) -> Root {
     let mut current = step(&node.parent.borrow());
     for _ in 0..MAX_DEPTH {
         match current {
             Step::Up(parent) => current = step(&parent.parent.borrow()),
-            Step::Root(trace_id, remote) => return (trace_id, remote),
+            Step::Root(root) => return root,
         }
     }
     // Deeper than any real call chain: cut it into a trace of its own.
-    (tracecontext::new_trace_id(), None)
+    (tracecontext::new_trace_id(), None, None)
 }
 
 #[cfg(test)]
@@ -396,6 +409,7 @@ mod tests {
     }
 
     const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const TRACESTATE: &str = "vendor=abc,other=1";
     const TRACE: [u8; 16] = [
         0x0a, 0xf7, 0x65, 0x19, 0x16, 0xcd, 0x43, 0xdd, 0x84, 0x48, 0xeb, 0x21, 0x1c, 0x80, 0x31,
         0x9c,
@@ -421,7 +435,12 @@ mod tests {
         let server = request(
             &mut linker,
             &front_in,
-            start(Role::Server, 11, 100, &[("traceparent", TRACEPARENT)]),
+            start(
+                Role::Server,
+                11,
+                100,
+                &[("traceparent", TRACEPARENT), ("tracestate", TRACESTATE)],
+            ),
             &mut front_in_links,
         );
         // ...and thread 11 calls process 2 on port 9000 from local port 41000.
@@ -454,6 +473,10 @@ mod tests {
         let b = linker.resolve(&back);
         assert_eq!(b.ids.trace_id, TRACE);
         assert_eq!(b.ids.parent_span_id, Some(c.ids.span_id));
+        // The tracestate travels with the trace to every span kspan makes in it.
+        for r in [&s, &c, &b] {
+            assert_eq!(r.trace_state.as_deref(), Some(TRACESTATE));
+        }
     }
 
     #[test]

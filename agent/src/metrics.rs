@@ -299,6 +299,7 @@ mod tests {
             trace_id: [1; 16],
             span_id: [2; 8],
             parent_span_id: None,
+            trace_state: None,
             name: name.into(),
             kind,
             start_unix_nano: 1_000_000_000,

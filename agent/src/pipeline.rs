@@ -374,7 +374,7 @@ fn emit_exchanges<S: SpanSink>(
             Some(node) => linker.finish(context.end, exchange.role, &node),
             None => linker.new_root(),
         };
-        let span = http_span(
+        let mut span = http_span(
             &exchange,
             resolved.ids,
             context.end.local,
@@ -382,6 +382,7 @@ fn emit_exchanges<S: SpanSink>(
             context.resource,
             context.clock,
         );
+        span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
         sink.emit(Finished {
             span,
             sampled: resolved.sampled,

@@ -116,6 +116,7 @@ mod tests {
             ],
             span_id: [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
             parent_span_id: None,
+            trace_state: None,
             name: "GET /users/*".to_string(),
             kind: SpanKind::Server,
             start_unix_nano: 1_700_000_000_123_456_789,

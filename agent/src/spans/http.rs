@@ -173,6 +173,7 @@ pub fn http_span(
         trace_id: ids.trace_id,
         span_id: ids.span_id,
         parent_span_id: ids.parent_span_id,
+        trace_state: None,
         name,
         kind,
         start_unix_nano,

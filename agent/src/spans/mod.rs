@@ -71,6 +71,8 @@ pub struct Span {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
+    /// W3C tracestate received with the trace (exported over OTLP).
+    pub trace_state: Option<String>,
     pub name: String,
     pub kind: SpanKind,
     pub start_unix_nano: u64,

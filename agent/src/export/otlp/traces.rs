@@ -292,7 +292,10 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
             SpanId::from_bytes(span.span_id),
             TraceFlags::SAMPLED,
             false,
-            TraceState::default(),
+            span.trace_state
+                .as_deref()
+                .and_then(|state| state.parse::<TraceState>().ok())
+                .unwrap_or_default(),
         ),
         parent_span_id: span
             .parent_span_id

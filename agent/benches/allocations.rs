@@ -1,0 +1,193 @@
+//! Heap allocations per span on the whole userspace path, and per request in the HTTP/1 parser
+//! alone, counted by a global allocator that wraps the system one. Not a criterion benchmark:
+//! a plain `harness = false` binary that prints figures.
+//!
+//! `cargo bench -p kspan --bench allocations`. An "allocation" is a call to alloc, alloc_zeroed
+//! or realloc; "bytes" sums the sizes requested by those calls (a realloc counts its new size,
+//! as dhat's total bytes do). Frees are not counted.
+
+mod common;
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use common::{
+    PIPELINED, REQUEST, RESPONSE, chunk, fresh_connection_records, keepalive_records, repeated,
+    warm_keepalive_pipeline,
+};
+use kspan::protocols::{
+    Direction,
+    http::{HttpExchange, RequestStart},
+    http1::Http1Connection,
+};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to System; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(new_size as u64, Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// (allocations, bytes) made by `f`.
+fn count(f: impl FnOnce()) -> (u64, u64) {
+    let (a, b) = (ALLOCS.load(Relaxed), BYTES.load(Relaxed));
+    f();
+    (ALLOCS.load(Relaxed) - a, BYTES.load(Relaxed) - b)
+}
+
+const REQUESTS: usize = 10_000;
+
+fn pipeline_keepalive() -> (f64, f64) {
+    let (accept, records) = keepalive_records(REQUESTS);
+    // Warm: accept, resource read from procfs, thread rng, reusable buffers grown.
+    let mut p = warm_keepalive_pipeline(&records[..200], &accept);
+    let before = p.sink().spans;
+    let (allocs, bytes) = count(|| {
+        for record in &records {
+            p.handle_record(black_box(record));
+        }
+    });
+    let spans = p.sink().spans - before;
+    assert_eq!(spans, REQUESTS as u64);
+    (allocs as f64 / spans as f64, bytes as f64 / spans as f64)
+}
+
+fn pipeline_fresh_connection() -> (f64, f64) {
+    let records = fresh_connection_records(REQUESTS);
+    let mut p = common::pipeline();
+    for record in &records[..4 * 200] {
+        p.handle_record(record);
+    }
+    let before = p.sink().spans;
+    let (allocs, bytes) = count(|| {
+        for record in &records {
+            p.handle_record(black_box(record));
+        }
+    });
+    let spans = p.sink().spans - before;
+    assert_eq!(spans, REQUESTS as u64);
+    (allocs as f64 / spans as f64, bytes as f64 / spans as f64)
+}
+
+/// The parser alone, fed `reads` then `writes` per round, draining what the pipeline drains.
+fn parser(reads: &[&[u8]], writes: &[&[u8]], requests_per_round: usize) -> (f64, f64) {
+    let mut conn = Http1Connection::new();
+    let mut out: Vec<HttpExchange> = Vec::new();
+    let mut starts: Vec<RequestStart> = Vec::new();
+    let mut round = |conn: &mut Http1Connection| {
+        for (direction, data) in reads
+            .iter()
+            .map(|d| (Direction::Ingress, d))
+            .chain(writes.iter().map(|d| (Direction::Egress, d)))
+        {
+            assert_eq!(conn.feed(&chunk(direction, data, 1_000_000), &mut out), 0);
+            conn.take_request_starts(&mut starts);
+            black_box(conn.take_responses_started());
+            black_box(&starts);
+            starts.clear();
+            black_box(&out);
+            out.clear();
+        }
+    };
+    for _ in 0..100 {
+        round(&mut conn);
+    }
+    let rounds = REQUESTS / requests_per_round;
+    let (allocs, bytes) = count(|| {
+        for _ in 0..rounds {
+            round(&mut conn);
+        }
+    });
+    let requests = (rounds * requests_per_round) as f64;
+    (allocs as f64 / requests, bytes as f64 / requests)
+}
+
+fn main() {
+    if common::list_mode() {
+        return;
+    }
+    let bench = common::bench_mode();
+
+    let (allocs, bytes) = pipeline_keepalive();
+    println!(
+        "allocations per span: {allocs:.1} ({bytes:.0} bytes per span), keep-alive, {REQUESTS} requests"
+    );
+    let (fresh_allocs, fresh_bytes) = pipeline_fresh_connection();
+    println!(
+        "allocations per span: {fresh_allocs:.1} ({fresh_bytes:.0} bytes per span), fresh connection per request"
+    );
+
+    let third = REQUEST.len() / 3;
+    let (p_allocs, p_bytes) = parser(&[REQUEST], &[RESPONSE], 1);
+    println!(
+        "allocations per request (parser only): {p_allocs:.1} ({p_bytes:.0} bytes per request), keep-alive"
+    );
+    let (s_allocs, s_bytes) = parser(
+        &[
+            &REQUEST[..third],
+            &REQUEST[third..2 * third],
+            &REQUEST[2 * third..],
+        ],
+        &[RESPONSE],
+        1,
+    );
+    println!(
+        "allocations per request (parser only): {s_allocs:.1} ({s_bytes:.0} bytes per request), request split in 3 reads"
+    );
+    let burst_in = repeated(REQUEST, PIPELINED);
+    let burst_out = repeated(RESPONSE, PIPELINED);
+    let (b_allocs, b_bytes) = parser(&[&burst_in], &[&burst_out], PIPELINED);
+    println!(
+        "allocations per request (parser only): {b_allocs:.1} ({b_bytes:.0} bytes per request), {PIPELINED} pipelined"
+    );
+
+    if bench {
+        common::report("pipeline_keepalive_allocs_per_span", allocs, "allocs/span");
+        common::report("pipeline_keepalive_bytes_per_span", bytes, "bytes/span");
+        common::report(
+            "pipeline_fresh_connection_allocs_per_span",
+            fresh_allocs,
+            "allocs/span",
+        );
+        common::report(
+            "pipeline_fresh_connection_bytes_per_span",
+            fresh_bytes,
+            "bytes/span",
+        );
+        common::report(
+            "http1_parser_allocs_per_request",
+            p_allocs,
+            "allocs/request",
+        );
+        common::report("http1_parser_bytes_per_request", p_bytes, "bytes/request");
+    }
+}
