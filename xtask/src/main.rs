@@ -3,6 +3,7 @@
 //! Every task first runs `setup` (checks the eBPF build prerequisites and the end-to-end test
 //! peers, installing what is missing), so a fresh machine needs nothing but Rust and this repo.
 
+mod bench;
 mod setup;
 
 use std::ffi::{OsStr, OsString};
@@ -46,6 +47,21 @@ enum Task {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
+    /// Set up, build the release agent, measure kspan's overhead on nginx loaded by wrk (results
+    /// in target/bench/results.json), then run the criterion micro-benchmarks. Needs root.
+    Bench {
+        /// Seconds per measured wrk run.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        duration: u64,
+        /// Pairs of runs without and with kspan (the order alternates from pair to pair).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        pairs: u32,
+        /// Skip the criterion micro-benchmarks (`cargo bench -p kspan`).
+        #[arg(long)]
+        skip_criterion: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +85,15 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test => test(),
         Task::Lint => lint(),
         Task::Run { args } => run(&args),
+        Task::Bench {
+            duration,
+            pairs,
+            skip_criterion,
+        } => bench::bench(&bench::Options {
+            duration,
+            pairs,
+            skip_criterion,
+        }),
     }
 }
 
@@ -266,6 +291,16 @@ fn display(cmd: &Command) -> String {
         _ => cmd.get_program(),
     };
     parts.push(name.display().to_string());
-    parts.extend(cmd.get_args().map(|a| a.display().to_string()));
+    parts.extend(cmd.get_args().map(|a| quote(&a.display().to_string())));
     parts.join(" ")
+}
+
+/// Single-quote an argument that a shell would otherwise split or expand.
+fn quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_=./:,@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
 }

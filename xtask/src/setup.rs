@@ -7,8 +7,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::{command, output, run_cmd, succeeds};
 
-/// Debian packages: (package, command that also counts as present, why it is needed).
-const PACKAGES: &[(&str, Option<&str>, &str)] = &[
+/// A Debian package: (package, command that also counts as present, why it is needed).
+pub type Package = (&'static str, Option<&'static str>, &'static str);
+
+const PACKAGES: &[Package] = &[
     ("llvm-22-dev", None, "LLVM 22 for bpf-linker"),
     ("libpolly-22-dev", None, "LLVM 22 for bpf-linker"),
     ("libzstd-dev", None, "linked by bpf-linker"),
@@ -17,13 +19,24 @@ const PACKAGES: &[(&str, Option<&str>, &str)] = &[
     ("python3", Some("python3"), "peer of the end-to-end tests"),
 ];
 
+/// What `cargo xtask bench` needs on top: the application under load and the load generator.
+pub const BENCH_PACKAGES: &[Package] = &[
+    ("nginx", None, "the application the benchmark loads"),
+    ("wrk", None, "the benchmark's load generator"),
+];
+
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn setup() -> Result<()> {
+    setup_with(&[])
+}
+
+/// `setup`, also checking (and installing) `extra` Debian packages in the same apt step.
+pub fn setup_with(extra: &[Package]) -> Result<()> {
     nightly()?;
     rust_src()?;
-    packages()?;
+    packages(extra)?;
     bpf_linker()?;
     python_packages()?;
     tracefs()
@@ -66,7 +79,7 @@ fn installing(what: &str, reason: &str) {
     println!("installing: {what} ({reason})");
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     output(command("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }
 
@@ -110,9 +123,9 @@ fn package_installed(package: &str) -> bool {
         .is_some_and(|status| status.trim() == "install ok installed")
 }
 
-fn packages() -> Result<()> {
+fn packages(extra: &[Package]) -> Result<()> {
     let mut missing = Vec::new();
-    for &(package, probe, reason) in PACKAGES {
+    for &(package, probe, reason) in PACKAGES.iter().chain(extra) {
         let present = package_installed(package)
             || probe.is_some_and(|p| succeeds(command(p).arg("--version")));
         if present {
