@@ -34,8 +34,10 @@ use crate::{
 
 /// Spans waiting for the export thread; past this, spans are dropped and counted.
 const SPAN_QUEUE: usize = 16384;
-/// The longest the event loop sleeps before checking for a stop signal.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// The event loop drains the ring buffer at least this often. The kernel wakes it sooner only
+/// when an eighth of the ring is full (waking per event would cost a context switch per
+/// syscall), so this bounds how late a span can be.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the kernel's drop counters are mirrored into the agent's stats.
 const KERNEL_COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 

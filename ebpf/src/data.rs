@@ -15,7 +15,7 @@ use kspan_common::{
 };
 
 use crate::{
-    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, InFlight, capture_bytes, count, shape},
+    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, InFlight, capture_bytes, count, shape, submit_flags},
     socket,
 };
 
@@ -182,7 +182,7 @@ fn emit_data<const N: usize>(
             direction: in_flight.direction,
         };
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
 }
 
 /// Copy `want` (≤ N) bytes from one user buffer. Returns the bytes copied (0 on a fault).

@@ -17,6 +17,10 @@ static TRACE_ALL: u32 = 0;
 static AGENT_PID: u32 = 0;
 #[unsafe(no_mangle)]
 static CAPTURE_BYTES: u32 = kspan_common::DEFAULT_CAPTURE;
+/// Unread bytes in the ring buffer past which a submit wakes the agent (set to a fraction of the
+/// ring size). Below it the agent is not woken: it drains on its poll interval.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 512 * 1024;
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     task_files: 0,
@@ -50,6 +54,22 @@ pub fn agent_pid() -> u32 {
 #[inline(always)]
 pub fn capture_bytes() -> u32 {
     unsafe { core::ptr::read_volatile(&CAPTURE_BYTES) }
+}
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Flags for ring-buffer submits: waking the reader on every event costs an interrupt and a
+/// context switch per syscall; batching them is the largest single saving on the hot path.
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[inline(always)]

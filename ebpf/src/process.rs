@@ -9,7 +9,7 @@ use aya_ebpf::{
 use kspan_common::{EventHeader, EventKind, ExecEvent, counter};
 
 use crate::{
-    maps::{EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, trace_all},
+    maps::{EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, submit_flags, trace_all},
     socket::header,
 };
 
@@ -18,7 +18,7 @@ fn emit(kind: EventKind, pid_tgid: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) {
         entry.write(header(kind, pid_tgid, -1, 0, now, now));
-        entry.submit(0);
+        entry.submit(submit_flags());
     } else {
         count(counter::EVENTS_LOST);
     }
@@ -46,7 +46,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
             header: header(EventKind::Exec, pid_tgid, -1, 0, now, now),
             comm,
         });
-        entry.submit(0);
+        entry.submit(submit_flags());
     } else {
         count(counter::EVENTS_LOST);
     }

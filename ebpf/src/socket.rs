@@ -19,7 +19,7 @@ use crate::{
     data::{SYSCALL_ARG0, syscall_arg},
     maps::{
         CONNECTIONS, EVENTS, IN_FLIGHT, InFlight, agent_pid, count, is_traced, kernel_offsets,
-        shape,
+        shape, submit_flags,
     },
 };
 
@@ -131,7 +131,7 @@ fn emit_socket_event(
         header: header(kind, pid_tgid, fd, conn_id, start_ns, end_ns),
         tuple,
     });
-    entry.submit(0);
+    entry.submit(submit_flags());
 }
 
 #[inline(always)]
@@ -169,7 +169,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) {
         entry.write(header(EventKind::Close, pid_tgid, fd, conn_id, now, now));
-        entry.submit(0);
+        entry.submit(submit_flags());
     } else {
         count(counter::EVENTS_LOST);
     }

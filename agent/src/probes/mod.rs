@@ -183,11 +183,14 @@ impl Probes {
         let trace_all: u32 = options.trace_all.into();
         let agent_pid: u32 = std::process::id();
         let capture: u32 = options.capture_bytes.clamp(1, MAX_CAPTURE as u32);
+        // Wake the agent early enough that the ring never fills between its polls.
+        let wakeup_bytes: u64 = u64::from(options.ring_bytes / 8);
         let mut ebpf = EbpfLoader::new()
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("AGENT_PID", &agent_pid, true)
             .override_global("CAPTURE_BYTES", &capture, true)
             .override_global("KERNEL_OFFSETS", &offsets, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| permission_hint(anyhow!(e).context("cannot load the eBPF object")))?;
