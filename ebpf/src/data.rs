@@ -5,6 +5,7 @@
 //! at exit, and a write may be partial, so exit is the only place with the truth.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
     macros::tracepoint,
     programs::TracePointContext,
@@ -31,7 +32,8 @@ const MSG_PEEK: u64 = 2;
 
 #[inline(always)]
 pub(crate) fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
-    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
+    // Tracepoint programs may load from their context directly: no helper call per argument.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>()) }
 }
 
 /// Stash a data syscall's arguments if its fd is a tracked socket. `flags_at`: offset of a flags
