@@ -36,8 +36,10 @@ pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
     key
 }
 
-/// Capacity of the per-thread map holding syscall arguments between enter and exit.
-pub const MAX_IN_FLIGHT_SYSCALLS: u32 = 16384;
+/// Slots of the array holding syscall arguments between enter and exit, indexed by thread id
+/// modulo this (a power of two). An array slot costs no hashing and no locking, unlike a hash map
+/// insert and delete per syscall; two threads in flight on the same slot are detected and counted.
+pub const IN_FLIGHT_SLOTS: u32 = 65536;
 
 /// What an event is. Stored as `u32` in [`EventHeader::kind`].
 #[repr(u32)]
@@ -197,8 +199,9 @@ pub struct Config {
 pub mod counter {
     /// Events that did not fit into the ring buffer.
     pub const EVENTS_LOST: u32 = 0;
-    /// Syscalls whose arguments could not be stashed (in-flight map full).
-    pub const ARGS_MAP_FULL: u32 = 1;
+    /// Syscalls whose stashed arguments were overwritten by another thread sharing the in-flight
+    /// slot (their bytes are lost).
+    pub const IN_FLIGHT_COLLISIONS: u32 = 1;
     /// Sockets that could not be tracked (connection map full).
     pub const CONNECTIONS_MAP_FULL: u32 = 2;
     /// Failed reads of user memory (data was replaced by a shorter copy or dropped).

@@ -16,7 +16,9 @@ use kspan_common::{
 };
 
 use crate::{
-    maps::{CONNECTIONS, EVENTS, IN_FLIGHT, InFlight, capture_bytes, count, shape, submit_flags},
+    maps::{
+        CONNECTIONS, EVENTS, InFlight, capture_bytes, count, shape, stash, submit_flags, unstash,
+    },
     socket,
 };
 
@@ -51,6 +53,7 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
         return;
     }
     let in_flight = InFlight {
+        pid_tgid,
         shape,
         direction,
         fd,
@@ -60,19 +63,16 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
         start_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: conn.conn_id,
     };
-    if IN_FLIGHT.insert(&pid_tgid, &in_flight, 0).is_err() {
-        count(counter::ARGS_MAP_FULL);
-    }
+    stash(&in_flight);
 }
 
 /// Shared exit of every stashed syscall (data and socket ones).
 #[inline(always)]
 fn exit_syscall(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(in_flight) = (unsafe { IN_FLIGHT.get(&pid_tgid) }).copied() else {
+    let Some(in_flight) = unstash(pid_tgid) else {
         return;
     };
-    let _ = IN_FLIGHT.remove(&pid_tgid);
     let ret = arg(ctx, RET) as i64;
     let end_ns = unsafe { bpf_ktime_get_ns() };
     match in_flight.shape {

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use kspan_common::{
-    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CONNECTIONS, MAX_EXE_NAMES,
-    MAX_IN_FLIGHT_SYSCALLS, MAX_TRACED_PIDS, counter,
+    COMM_LEN, ConnectionValue, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CONNECTIONS, MAX_EXE_NAMES,
+    MAX_TRACED_PIDS, counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -97,7 +97,7 @@ pub static CONNECTIONS: HashMap<u64, ConnectionValue> =
 
 /// Arguments of a syscall between its entry and its exit, keyed by pid_tgid (one per thread).
 #[map]
-pub static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(MAX_IN_FLIGHT_SYSCALLS, 0);
+pub static IN_FLIGHT: Array<InFlight> = Array::with_max_entries(IN_FLIGHT_SLOTS, 0);
 
 /// Per-CPU counters, indexed by `kspan_common::counter`.
 #[map]
@@ -122,6 +122,8 @@ pub mod shape {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct InFlight {
+    /// Owner of the slot; 0 when free.
+    pub pid_tgid: u64,
     pub shape: u32,
     pub direction: u32,
     pub fd: i32,
@@ -130,6 +132,36 @@ pub struct InFlight {
     pub count: u64,
     pub start_ns: u64,
     pub conn_id: u64,
+}
+
+/// Stash a syscall's arguments in the calling thread's slot.
+#[inline(always)]
+pub fn stash(in_flight: &InFlight) {
+    let Some(slot) = IN_FLIGHT.get_ptr_mut(in_flight.pid_tgid as u32 & (IN_FLIGHT_SLOTS - 1))
+    else {
+        return;
+    };
+    unsafe {
+        let owner = (*slot).pid_tgid;
+        if owner != 0 && owner != in_flight.pid_tgid {
+            count(counter::IN_FLIGHT_COLLISIONS);
+        }
+        *slot = *in_flight;
+    }
+}
+
+/// Take the calling thread's stashed arguments, if the slot is still its own.
+#[inline(always)]
+pub fn unstash(pid_tgid: u64) -> Option<InFlight> {
+    let slot = IN_FLIGHT.get_ptr_mut(pid_tgid as u32 & (IN_FLIGHT_SLOTS - 1))?;
+    unsafe {
+        if (*slot).pid_tgid != pid_tgid {
+            return None;
+        }
+        let in_flight = *slot;
+        (*slot).pid_tgid = 0;
+        Some(in_flight)
+    }
 }
 
 #[inline(always)]

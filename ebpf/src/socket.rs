@@ -18,8 +18,8 @@ use kspan_common::{
 use crate::{
     data::{SYSCALL_ARG0, syscall_arg},
     maps::{
-        CONNECTIONS, EVENTS, IN_FLIGHT, InFlight, agent_pid, count, is_traced, kernel_offsets,
-        shape, submit_flags,
+        CONNECTIONS, EVENTS, InFlight, agent_pid, count, is_traced, kernel_offsets, shape, stash,
+        submit_flags,
     },
 };
 
@@ -37,6 +37,7 @@ fn stash_socket_call(ctx: &TracePointContext, shape: u32) {
         return;
     }
     let in_flight = InFlight {
+        pid_tgid,
         shape,
         direction: 0,
         fd: syscall_arg(ctx, SYSCALL_ARG0) as i32,
@@ -46,9 +47,7 @@ fn stash_socket_call(ctx: &TracePointContext, shape: u32) {
         start_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: 0,
     };
-    if IN_FLIGHT.insert(&pid_tgid, &in_flight, 0).is_err() {
-        count(counter::ARGS_MAP_FULL);
-    }
+    stash(&in_flight);
 }
 
 #[tracepoint]

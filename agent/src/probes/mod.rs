@@ -70,7 +70,7 @@ pub struct ProbeOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     pub events_lost: u64,
-    pub args_map_full: u64,
+    pub in_flight_collisions: u64,
     pub connections_map_full: u64,
     pub read_errors: u64,
     pub socket_lookup_errors: u64,
@@ -126,7 +126,7 @@ impl KernelMaps {
         };
         KernelCounters {
             events_lost: sum(counter::EVENTS_LOST),
-            args_map_full: sum(counter::ARGS_MAP_FULL),
+            in_flight_collisions: sum(counter::IN_FLIGHT_COLLISIONS),
             connections_map_full: sum(counter::CONNECTIONS_MAP_FULL),
             read_errors: sum(counter::READ_ERRORS),
             socket_lookup_errors: sum(counter::SOCKET_LOOKUP_ERRORS),
