@@ -821,7 +821,7 @@ fn check_start(
         return true;
     }
     // No LF is in the bytes checked before: the line would have been checked then.
-    let Some(nl) = bytes[old_len..].iter().position(|&b| b == b'\n') else {
+    let Some(nl) = memchr::memchr(b'\n', &bytes[old_len..]) else {
         return true;
     };
     let Ok(status) = check_start_line(kind, &bytes[..old_len + nl + 1]) else {

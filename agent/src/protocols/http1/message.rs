@@ -116,7 +116,7 @@ impl EndScan {
         let mut i = 0;
         while i < bytes.len() {
             match *self {
-                EndScan::Mid => match bytes[i..].iter().position(|&b| b == b'\n') {
+                EndScan::Mid => match memchr::memchr(b'\n', &bytes[i..]) {
                     Some(k) => {
                         i += k + 1;
                         *self = EndScan::LineStart;
