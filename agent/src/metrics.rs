@@ -39,7 +39,7 @@ const MAX_PROCESSES: usize = 256;
 
 /// A ManualReader that the hub keeps a handle on after giving it to a provider.
 #[derive(Clone)]
-struct SharedReader(Arc<ManualReader>);
+pub(crate) struct SharedReader(pub(crate) Arc<ManualReader>);
 
 impl fmt::Debug for SharedReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -23,7 +23,7 @@ use crate::{
         Chunk, Role,
         http::{HttpExchange, RequestStart},
     },
-    spans::{Resource, Span, http::http_span},
+    spans::{Span, http::http_span},
     stats::Stats,
 };
 
@@ -309,19 +309,12 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.linker.on_responses_started(&end, responses);
         }
         if !self.exchanges.is_empty() {
-            let resource = self.processes.resource(pid);
-            let context = EmitContext {
-                end: &end,
-                resource: &resource,
-                clock: &self.clock,
-            };
-            emit_exchanges(
-                &mut self.exchanges,
-                &mut connection.links,
-                &mut self.linker,
-                &mut self.sink,
-                &context,
-            );
+            // The links leave the connection while `emit` borrows the pipeline.
+            let mut links = std::mem::take(&mut connection.links);
+            self.emit(pid, &end, &mut links);
+            if let Some(connection) = self.connections.get_mut(pid, fd) {
+                connection.links = links;
+            }
         }
     }
 
@@ -336,56 +329,33 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             parser.close(end_ns, &mut self.exchanges);
         }
         if !self.exchanges.is_empty() {
-            let resource = self.processes.resource(pid);
-            let context = EmitContext {
-                end: &end,
-                resource: &resource,
-                clock: &self.clock,
-            };
-            emit_exchanges(
-                &mut self.exchanges,
-                &mut connection.links,
-                &mut self.linker,
-                &mut self.sink,
-                &context,
-            );
+            self.emit(pid, &end, &mut connection.links);
         }
         self.linker.on_close(&end, &mut connection.links);
     }
-}
 
-/// What every span of one connection shares.
-struct EmitContext<'a> {
-    end: &'a Endpoint,
-    resource: &'a Arc<Resource>,
-    clock: &'a Clock,
-}
-
-/// Exchanges → spans: identity from the linker, attributes from the builder, out to the sink.
-fn emit_exchanges<S: SpanSink>(
-    exchanges: &mut Vec<HttpExchange>,
-    links: &mut ConnectionLinks,
-    linker: &mut Linker,
-    sink: &mut S,
-    context: &EmitContext<'_>,
-) {
-    for exchange in exchanges.drain(..) {
-        let resolved = match links.take(exchange.request_tid, exchange.start_ns) {
-            Some(node) => linker.finish(context.end, exchange.role, &node),
-            None => linker.new_root(),
-        };
-        let mut span = http_span(
-            &exchange,
-            resolved.ids,
-            context.end.local,
-            context.end.remote,
-            context.resource,
-            context.clock,
-        );
-        span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
-        sink.emit(Finished {
-            span,
-            sampled: resolved.sampled,
-        });
+    /// Completed exchanges → spans: identity from the linker, attributes from the builder, out
+    /// to the sink.
+    fn emit(&mut self, pid: u32, end: &Endpoint, links: &mut ConnectionLinks) {
+        let resource = self.processes.resource(pid);
+        for exchange in self.exchanges.drain(..) {
+            let resolved = match links.take(exchange.request_tid, exchange.start_ns) {
+                Some(node) => self.linker.finish(end, exchange.role, &node),
+                None => self.linker.new_root(),
+            };
+            let mut span = http_span(
+                &exchange,
+                resolved.ids,
+                end.local,
+                end.remote,
+                &resource,
+                &self.clock,
+            );
+            span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
+            self.sink.emit(Finished {
+                span,
+                sampled: resolved.sampled,
+            });
+        }
     }
 }

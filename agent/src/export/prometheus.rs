@@ -884,40 +884,13 @@ fn response(
 mod tests {
     use super::*;
 
-    use std::sync::Weak;
-
     use opentelemetry::KeyValue;
     use opentelemetry::metrics::MeterProvider as _;
     use opentelemetry_sdk::Resource;
-    use opentelemetry_sdk::error::OTelSdkResult;
     use opentelemetry_sdk::metrics::reader::MetricReader;
-    use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider};
+    use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
 
-    const BOUNDARIES: [f64; 14] = [
-        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    ];
-
-    /// A `ManualReader` the test can still collect from after handing it to the provider.
-    #[derive(Debug, Clone)]
-    struct SharedReader(Arc<ManualReader>);
-
-    impl MetricReader for SharedReader {
-        fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
-            self.0.register_pipeline(pipeline)
-        }
-        fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
-            self.0.collect(rm)
-        }
-        fn force_flush(&self) -> OTelSdkResult {
-            self.0.force_flush()
-        }
-        fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-            self.0.shutdown_with_timeout(timeout)
-        }
-        fn temporality(&self, kind: InstrumentKind) -> Temporality {
-            self.0.temporality(kind)
-        }
-    }
+    use crate::metrics::{DURATION_BOUNDARIES as BOUNDARIES, SharedReader};
 
     /// A provider for `attributes` plus the reader to collect from.
     fn provider(
