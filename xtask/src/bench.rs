@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Steps, build, cargo, command, display, kspan_bin, output, run_cmd, setup, target_dir};
+use crate::{Steps, build, cargo, command, display, kspan_bin, output, setup, target_dir};
 
 const ADDR: &str = "127.0.0.1:18080";
 const URL: &str = "http://127.0.0.1:18080/";
@@ -1092,22 +1092,82 @@ fn check_interrupted() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Criterion micro-benchmarks
 
-/// `cargo bench -p kspan`. While the benchmarks are being written, their absence or a build
-/// failure is a warning (see `not_ready`); once they build, a failing run fails the step.
+/// Minimum pipeline throughput on one core, spans per second.
+const PIPELINE_TARGET: f64 = 300_000.0;
+
+/// `cargo bench -p kspan`: criterion's report, then the `BENCH <name> <value> <unit>` summary
+/// lines each bench prints, added to the table and to target/bench/results.json.
 fn criterion() -> Result<()> {
     if !has_bench_targets("kspan")? {
-        return not_ready("kspan has no bench targets yet (agent/benches/)");
+        bail!("kspan has no bench targets (agent/benches/)");
     }
-    if run_cmd(&mut cargo(&["bench", "-p", "kspan", "--no-run"])).is_err() {
-        return not_ready("`cargo bench -p kspan --no-run` failed");
+    let mut cmd = cargo(&["bench", "-p", "kspan", "--bench", "*"]);
+    println!("$ {}", display(&cmd));
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo bench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    if !out.status.success() {
+        bail!("`cargo bench -p kspan` failed ({})", out.status);
     }
-    run_cmd(&mut cargo(&["bench", "-p", "kspan"]))
+    let figures = bench_lines(&stdout);
+    if figures.is_empty() {
+        bail!("the criterion benchmarks printed no `BENCH` summary line");
+    }
+    println!("\n{:<48} {:>14}  unit", "micro-benchmark", "value");
+    for (name, value, unit) in &figures {
+        println!("{name:<48} {value:>14.2}  {unit}");
+    }
+    let pipeline = figures
+        .iter()
+        .find(|(name, ..)| name == "pipeline_keepalive_spans_per_sec")
+        .map(|(_, value, _)| *value);
+    if let Some(spans) = pipeline {
+        println!(
+            "pipeline on one core: {spans:.0} spans/s, target >= {PIPELINE_TARGET:.0}: {}",
+            if spans >= PIPELINE_TARGET {
+                "met"
+            } else {
+                "not met"
+            }
+        );
+    }
+    let path = target_dir().join("bench").join("results.json");
+    let mut results: Value = fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    results["micro"] = figures
+        .iter()
+        .map(|(name, value, unit)| {
+            (
+                name.clone(),
+                serde_json::json!({"value": value, "unit": unit}),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    results["pipeline_target_met"] = serde_json::json!(pipeline.map(|s| s >= PIPELINE_TARGET));
+    fs::create_dir_all(path.parent().expect("results.json has a parent"))?;
+    fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
-/// To make the criterion step strict, bail here instead of warning.
-fn not_ready(why: &str) -> Result<()> {
-    println!("warning: criterion micro-benchmarks not run: {why}");
-    Ok(())
+/// `BENCH <name> <value> <unit>` lines.
+fn bench_lines(text: &str) -> Vec<(String, f64, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.strip_prefix("BENCH ")?.split_whitespace();
+            let name = parts.next()?.to_string();
+            let value = parts.next()?.parse().ok()?;
+            let unit = parts.next()?.to_string();
+            Some((name, value, unit))
+        })
+        .collect()
 }
 
 fn has_bench_targets(package: &str) -> Result<bool> {
@@ -1314,5 +1374,26 @@ Transfer/sec:      1.99MB
         assert_eq!(parse_program_fdinfo(&old), Some((6602, None)));
         assert_eq!(parse_program_fdinfo(FDINFO_LINK), None);
         assert_eq!(parse_program_fdinfo(FDINFO_MAP), None);
+    }
+}
+
+#[cfg(test)]
+mod bench_line_tests {
+    use super::*;
+
+    #[test]
+    fn reads_summary_lines_and_ignores_the_rest() {
+        let text = "pipeline keepalive: 2769 ns/span\nBENCH pipeline_keepalive_spans_per_sec 361121 spans/s\nBENCH broken\nBENCH x 1.5 allocs/span\n";
+        assert_eq!(
+            bench_lines(text),
+            vec![
+                (
+                    "pipeline_keepalive_spans_per_sec".to_string(),
+                    361121.0,
+                    "spans/s".to_string()
+                ),
+                ("x".to_string(), 1.5, "allocs/span".to_string()),
+            ]
+        );
     }
 }

@@ -139,6 +139,10 @@ fn test() -> Result<()> {
         steps.run("end-to-end tests", || {
             let mut cmd = cargo(&["test", "-p", "kspan-e2e", "--", "--test-threads=1"]);
             run_cmd(cmd.env("KSPAN_BIN", kspan_bin()))
+        })?;
+        // The criterion benchmarks are run by `cargo xtask bench`; here they must compile.
+        steps.run("benchmarks compile", || {
+            run_cmd(&mut cargo(&["bench", "-p", "kspan", "--no-run"]))
         })
     })();
     steps.print_summary();
@@ -278,7 +282,7 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 /// `VAR=value program args`, as a shell would show it (PATH left out: we always set it).
-fn display(cmd: &Command) -> String {
+pub(crate) fn display(cmd: &Command) -> String {
     let mut parts: Vec<String> = cmd
         .get_envs()
         .filter(|(k, _)| *k != "PATH")
