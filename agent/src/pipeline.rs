@@ -219,7 +219,15 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     self.kernel.untrace_pid(header.pid);
                     self.forget_process(header.pid, header.end_ns);
                 }
-                ExecDecision::Unchanged => {}
+                ExecDecision::Unchanged => {
+                    // Still traced (trace-all, or selected before): read the new image's
+                    // resource while the process surely exists.
+                    if self.processes.selectors().trace_all()
+                        || self.processes.is_traced(header.pid)
+                    {
+                        self.processes.resource(header.pid);
+                    }
+                }
             },
             Event::Exit(header) => {
                 self.forget_process(header.pid, header.end_ns);

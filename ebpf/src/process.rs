@@ -8,6 +8,8 @@ use aya_ebpf::{
 };
 use kspan_common::{EventHeader, EventKind, ExecEvent, counter};
 
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 use crate::{
     maps::{EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, submit_flags, trace_all},
     socket::header,
@@ -46,7 +48,9 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
             header: header(EventKind::Exec, pid_tgid, -1, 0, now, now),
             comm,
         });
-        entry.submit(submit_flags());
+        // Wake the agent now (execs are rare): it reads the new program's resource from procfs
+        // while a short-lived client still exists.
+        entry.submit(BPF_RB_FORCE_WAKEUP);
     } else {
         count(counter::EVENTS_LOST);
     }

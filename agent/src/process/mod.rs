@@ -49,6 +49,11 @@ impl Processes {
         &self.selectors
     }
 
+    /// Whether userspace put `pid` in the kernel's pid filter (selectors given).
+    pub fn is_traced(&self, pid: u32) -> bool {
+        self.traced.contains(&pid)
+    }
+
     /// Processes to trace at start: every process when there are no selectors, else the ones
     /// selected by pid (and their descendants), executable, or a listening port.
     pub fn initial_selection(&mut self) -> Vec<u32> {
