@@ -661,10 +661,14 @@ fn collector_down_then_up() {
         run.spans.len(),
         run.stderr
     );
-    assert_eq!(
-        exported,
-        unique.len() as u64,
-        "spans_exported must equal the distinct spans the collector received"
+    // An export that timed out (or was cut by the stop) counts as dropped although the
+    // collector may have received it just before: delivery is at least once and kspan errs on
+    // the side of reporting a loss. So the collector holds every exported span, and at most the
+    // dropped ones besides.
+    assert!(
+        exported <= unique.len() as u64 && unique.len() as u64 <= exported + dropped,
+        "spans_exported={exported} spans_dropped={dropped}, collector got {} distinct spans",
+        unique.len()
     );
     assert!(exported >= 4, "the later spans were exported: {exported}");
 }
