@@ -42,20 +42,25 @@ impl OtlpMetricsPusher {
         };
         let interval = export_interval();
         let timeout = export_timeout(Signal::Metrics);
-        let stop = Arc::new(Stop::default());
+        let stop = Arc::new(Stop::new(SHUTDOWN_BUDGET));
         let worker_stop = stop.clone();
         let worker = thread::Builder::new()
             .name("kspan-otlp-metrics".into())
             .spawn(move || {
-                // One request per resource; `interruptible` pushes give way to a stop request.
+                // One request per resource; after a stop request everything must end by the
+                // stop's deadline.
                 let push = |budget: Duration, interruptible: bool| {
-                    let end = Instant::now() + budget;
+                    let end = if interruptible {
+                        Instant::now() + budget
+                    } else {
+                        worker_stop.deadline()
+                    };
                     for metrics in hub.collect() {
                         let left = end.saturating_duration_since(Instant::now());
                         let result = runtime.block_on(async {
                             let export = tokio::time::timeout(left, exporter.export(&metrics));
                             if interruptible {
-                                worker_stop.unless_stopped(export).await
+                                worker_stop.within_budget(export).await
                             } else {
                                 Some(export.await)
                             }
@@ -90,7 +95,7 @@ impl OtlpMetricsPusher {
         })
     }
 
-    /// Final push, then stop (bounded by SHUTDOWN_BUDGET plus one in-flight export).
+    /// Final push, then stop, all within SHUTDOWN_BUDGET of the call.
     pub fn shutdown(&mut self) {
         if let Some(worker) = self.worker.take() {
             self.stop.request();

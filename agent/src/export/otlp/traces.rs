@@ -38,16 +38,30 @@ const BATCH_DELAY: Duration = Duration::from_millis(1000);
 /// Time allowed at shutdown to deliver what is queued.
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(3000);
 
-/// Tells a worker to stop: the flag is checked between exports, the notification interrupts an
-/// export in flight (a dead collector must not hold the agent's exit for the whole timeout).
-#[derive(Default)]
+/// Tells a worker to stop. A stop starts the shutdown budget: work in flight may finish within
+/// it (a healthy collector answers in milliseconds), and a dead collector cannot hold the agent's
+/// exit longer than it.
 pub struct Stop {
     requested: AtomicBool,
     notify: tokio::sync::Notify,
+    budget: Duration,
+    deadline: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Stop {
+    pub fn new(budget: Duration) -> Self {
+        Stop {
+            requested: AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+            budget,
+            deadline: std::sync::Mutex::new(None),
+        }
+    }
+
     pub fn request(&self) {
+        if let Ok(mut deadline) = self.deadline.lock() {
+            deadline.get_or_insert(Instant::now() + self.budget);
+        }
         self.requested.store(true, Ordering::SeqCst);
         self.notify.notify_one();
     }
@@ -56,7 +70,29 @@ impl Stop {
         self.requested.load(Ordering::SeqCst)
     }
 
-    /// Runs `work` unless a stop is requested first or meanwhile (then None).
+    /// When the shutdown budget ends (a budget from now if no stop was requested yet).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .unwrap_or_else(|| Instant::now() + self.budget)
+    }
+
+    /// Runs `work`; after a stop request it gets until the deadline to finish (then None).
+    pub async fn within_budget<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        tokio::pin!(work);
+        if !self.requested() {
+            tokio::select! {
+                output = &mut work => return Some(output),
+                _ = self.notify.notified() => {}
+            }
+        }
+        let left = self.deadline().saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, work).await.ok()
+    }
+
+    /// Runs `work` unless a stop is requested first or meanwhile (then None): for waiting.
     pub async fn unless_stopped<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
         if self.requested() {
             return None;
@@ -88,7 +124,7 @@ impl OtlpTraceExporter {
         };
         let (queue, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
         let worker_stats = stats.clone();
-        let stop = Arc::new(Stop::default());
+        let stop = Arc::new(Stop::new(SHUTDOWN_BUDGET));
         let worker_stop = stop.clone();
         let worker = thread::Builder::new()
             .name("kspan-otlp-traces".into())
@@ -186,8 +222,9 @@ impl Worker {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        // Shutdown: what is queued gets the budget; what remains after it is dropped and counted.
-        let end = Instant::now() + SHUTDOWN_BUDGET;
+        // Shutdown: what is queued gets the rest of the budget; what remains after it is dropped
+        // and counted.
+        let end = self.stop.deadline();
         while let Ok(span) = receiver.try_recv() {
             batch.push(*span);
         }
@@ -206,8 +243,8 @@ impl Worker {
 
     /// One request per resource present in the batch (opentelemetry-otlp sends one resource per
     /// request). Failed spans are dropped and counted: the library already retried them.
-    /// `interruptible`: a stop request abandons the request in flight (its spans count as
-    /// dropped); the final flush is not interruptible, only bounded.
+    /// `interruptible`: after a stop request the request in flight gets the rest of the shutdown
+    /// budget (past it its spans count as dropped); the final flush is bounded by its timeout.
     fn export(&mut self, batch: &mut Vec<Span>, timeout: Duration, interruptible: bool) {
         if batch.is_empty() {
             return;
@@ -242,7 +279,7 @@ impl Worker {
                 // guards against a hang.
                 let export = tokio::time::timeout(timeout, exporter.export(spans));
                 if interruptible {
-                    stop.unless_stopped(export).await
+                    stop.within_budget(export).await
                 } else {
                     Some(export.await)
                 }
