@@ -10,11 +10,12 @@
 use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use serde_json::Value;
 
-use super::{HELPER_TIMEOUT, LinePump, kill_and_reap, python, server_script, wait_timeout};
+use super::{
+    HELPER_TIMEOUT, LinePump, kill_and_reap, python, server_script, spawn_port_server, wait_timeout,
+};
 
 // ---------------------------------------------------------------------------
 // Chain servers
@@ -48,34 +49,8 @@ impl ChainServer {
         if let Some(d) = downstream {
             cmd.args(["--downstream", &d.url("")]);
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
-        let pid = child.id();
-        let out = LinePump::new(child.stdout.take().expect("piped stdout"));
-        let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
-        let deadline = Instant::now() + HELPER_TIMEOUT;
-        let port = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match out.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    if let Some(p) = line.strip_prefix("PORT ") {
-                        break p
-                            .trim()
-                            .parse::<u16>()
-                            .unwrap_or_else(|e| panic!("bad PORT line {line:?}: {e}"));
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    kill_and_reap(&mut child);
-                    panic!(
-                        "chain_server.py --name {name} did not print `PORT <n>`.\n--- stderr ---\n{}",
-                        stderr.finish()
-                    );
-                }
-            }
-        };
-        drop(out);
+        let (child, pid, port, stderr) =
+            spawn_port_server(cmd, &format!("chain_server.py --name {name}"));
         ChainServer {
             child,
             pid,

@@ -916,6 +916,41 @@ pub fn assert_attributes(span: &Value, expected: &[(&str, Expect)]) {
 // ---------------------------------------------------------------------------
 
 /// `servers/http_server.py`, killed on drop.
+/// Starts a helper server whose first stdout line of interest is `PORT <n>`; returns the child,
+/// its pid, the port and its stderr pump. Fails the test with the helper's stderr if no port
+/// comes within HELPER_TIMEOUT. Its stdout keeps draining in the background.
+pub(crate) fn spawn_port_server(mut cmd: Command, what: &str) -> (Child, u32, u16, LinePump) {
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let pid = child.id();
+    let out = LinePump::new(child.stdout.take().expect("piped stdout"));
+    let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + HELPER_TIMEOUT;
+    let port = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match out.lines.recv_timeout(left) {
+            Ok(Some(line)) => {
+                if let Some(p) = line.strip_prefix("PORT ") {
+                    break p
+                        .trim()
+                        .parse::<u16>()
+                        .unwrap_or_else(|e| panic!("bad PORT line {line:?}: {e}"));
+                }
+            }
+            Ok(None) | Err(_) => {
+                kill_and_reap(&mut child);
+                panic!(
+                    "{what} did not print `PORT <n>`.\n--- its stderr ---\n{}",
+                    stderr.finish()
+                );
+            }
+        }
+    };
+    drop(out);
+    (child, pid, port, stderr)
+}
+
 pub struct PyServer {
     child: Child,
     pub pid: u32,
@@ -944,35 +979,7 @@ impl PyServer {
             Some(n) => cmd.env("OTEL_SERVICE_NAME", n),
             None => cmd.env_remove("OTEL_SERVICE_NAME"),
         };
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
-        let pid = child.id();
-        let out = LinePump::new(child.stdout.take().expect("piped stdout"));
-        let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
-        let deadline = Instant::now() + HELPER_TIMEOUT;
-        let port = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match out.lines.recv_timeout(left) {
-                Ok(Some(line)) => {
-                    if let Some(p) = line.strip_prefix("PORT ") {
-                        break p
-                            .trim()
-                            .parse::<u16>()
-                            .unwrap_or_else(|e| panic!("bad PORT line {line:?}: {e}"));
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    kill_and_reap(&mut child);
-                    panic!(
-                        "http_server.py did not print `PORT <n>`.\n--- server stderr ---\n{}",
-                        stderr.finish()
-                    );
-                }
-            }
-        };
-        // Keep draining stdout in the background (the pump thread runs to EOF).
-        drop(out);
+        let (child, pid, port, stderr) = spawn_port_server(cmd, "http_server.py");
         PyServer {
             child,
             pid,
