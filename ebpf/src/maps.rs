@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use kspan_common::{
-    COMM_LEN, ConnectionValue, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CONNECTIONS, MAX_EXE_NAMES,
-    MAX_TRACED_PIDS, counter,
+    COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
+    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_TRACED_PIDS, counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -98,6 +98,20 @@ pub static CONNECTIONS: HashMap<u64, ConnectionValue> =
 /// Arguments of a syscall between its entry and its exit, keyed by pid_tgid (one per thread).
 #[map]
 pub static IN_FLIGHT: Array<InFlight> = Array::with_max_entries(IN_FLIGHT_SLOTS, 0);
+
+/// One data record per CPU, built here before it is copied into the ring at its exact size.
+/// Entries: the number of possible CPUs, set by the agent. A plain array indexed by CPU rather
+/// than a per-CPU array, whose values are capped at 32 KiB. Syscall tracepoint programs run with
+/// preemption disabled and never nest on a CPU, so a CPU's record has one writer at a time.
+#[map]
+pub static SCRATCH: Array<DataRecord> = Array::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct DataRecord {
+    pub header: EventHeader,
+    /// Twice the largest capture: iovec copies mask their offset below MAX_CAPTURE (verifier).
+    pub data: [u8; 2 * MAX_CAPTURE],
+}
 
 /// Per-CPU counters, indexed by `kspan_common::counter`.
 #[map]

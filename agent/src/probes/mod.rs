@@ -192,6 +192,7 @@ impl Probes {
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", options.ring_bytes)
+            .map_max_entries("SCRATCH", scratch_entries()?)
             .load(EBPF_OBJECT)
             .map_err(|e| permission_hint(anyhow!(e).context("cannot load the eBPF object")))?;
 
@@ -340,4 +341,13 @@ fn check_syscall_layout() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One scratch data record per possible CPU (the eBPF side indexes it by CPU id; possible CPU ids
+/// are 0..n).
+fn scratch_entries() -> Result<u32> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))
+        .context("cannot size the per-CPU scratch records")?;
+    Ok(cpus as u32)
 }
