@@ -25,7 +25,7 @@ use crate::{
     },
     linker::Linker,
     metrics::MetricsHub,
-    pipeline::{ChannelSink, Finished, Pipeline},
+    pipeline::{ChannelSink, Finished, Pipeline, SPAN_BATCH},
     probes::{KernelCounters, ProbeOptions, Probes},
     process::{Processes, Selectors},
     stats::Stats,
@@ -174,27 +174,29 @@ impl Exports {
     /// when the pipeline drops its sender, after the last span.
     fn spawn(
         mut self,
-        receiver: Receiver<Finished>,
+        receiver: Receiver<Vec<Finished>>,
         stats: Arc<Stats>,
     ) -> Result<thread::JoinHandle<Result<Self>>> {
         let handle =
             thread::Builder::new()
                 .name("kspan-export".into())
                 .spawn(move || -> Result<Self> {
-                    let mut batch = Vec::with_capacity(256);
+                    let mut batch = Vec::with_capacity(2 * SPAN_BATCH);
                     while let Ok(first) = receiver.recv() {
                         let mut next = Some(first);
-                        while let Some(finished) = next {
-                            // Metrics count every request; only sampled traces are exported.
-                            if let Some(hub) = &self.metrics {
-                                hub.record(&finished.span);
+                        while let Some(finished_spans) = next {
+                            for finished in finished_spans {
+                                // Metrics count every request; only sampled traces are exported.
+                                if let Some(hub) = &self.metrics {
+                                    hub.record(&finished.span);
+                                }
+                                if finished.sampled {
+                                    batch.push(finished.span);
+                                } else {
+                                    Stats::add(&stats.spans_sampled_out, 1);
+                                }
                             }
-                            if finished.sampled {
-                                batch.push(finished.span);
-                            } else {
-                                Stats::add(&stats.spans_sampled_out, 1);
-                            }
-                            next = if batch.len() < 256 {
+                            next = if batch.len() < SPAN_BATCH {
                                 receiver.try_recv().ok()
                             } else {
                                 None
@@ -267,7 +269,7 @@ pub fn run(args: Args) -> Result<()> {
         maps,
     } = probes;
 
-    let (sender, receiver) = mpsc::sync_channel::<Finished>(SPAN_QUEUE);
+    let (sender, receiver) = mpsc::sync_channel::<Vec<Finished>>(SPAN_QUEUE / SPAN_BATCH);
     let export_thread = exports.spawn(receiver, stats.clone())?;
     let sampler = Sampler::from_env_and_flag(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
@@ -278,10 +280,7 @@ pub fn run(args: Args) -> Result<()> {
     let description = processes.selectors().describe();
     let mut pipeline = Pipeline::new(
         maps,
-        ChannelSink {
-            sender,
-            stats: stats.clone(),
-        },
+        ChannelSink::new(sender, stats.clone()),
         processes,
         MAX_CONNECTIONS as usize,
         Clock::calibrate(),
@@ -300,6 +299,7 @@ pub fn run(args: Args) -> Result<()> {
         while let Some(record) = ring.next() {
             pipeline.handle_record(&record);
         }
+        pipeline.flush();
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
             mirror_kernel_counters(&stats, &pipeline.kernel().counters());
             counters_read = Instant::now();
