@@ -15,6 +15,7 @@
 //! client's event is emitted at its syscall's exit). Trace id, parent and the sampling decision
 //! are therefore resolved when the span is emitted, by walking up to the root of its chain.
 
+use compact_str::CompactString;
 use std::{
     cell::RefCell,
     collections::{HashMap, VecDeque},
@@ -98,9 +99,9 @@ pub struct Endpoint {
 #[derive(Debug, Default)]
 struct Outgoing {
     /// (request index on the connection, node, method, target)
-    requests: VecDeque<(u64, Rc<Node>, String, String)>,
+    requests: VecDeque<(u64, Rc<Node>, CompactString, CompactString)>,
     /// Server requests parsed before the client request they pair with.
-    awaiting: Vec<(u64, Rc<Node>, String, String)>,
+    awaiting: Vec<(u64, Rc<Node>, CompactString, CompactString)>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -210,7 +210,7 @@ fn metric_attributes(span: &Span) -> Vec<KeyValue> {
     ] {
         if let Some(value) = span.attribute(key) {
             attributes.push(match value {
-                AttributeValue::Str(s) => KeyValue::new(key, s.clone()),
+                AttributeValue::Str(s) => KeyValue::new(key, s.to_string()),
                 AttributeValue::Int(i) => KeyValue::new(key, *i),
             });
         }
@@ -293,7 +293,7 @@ mod tests {
             ("url.path", AttributeValue::Str("/users/7".into())),
         ];
         if status >= 500 {
-            attributes.push(("error.type", AttributeValue::Str(status.to_string())));
+            attributes.push(("error.type", AttributeValue::Str(status.to_string().into())));
         }
         Span {
             trace_id: [1; 16],

@@ -117,7 +117,7 @@ mod tests {
             span_id: [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
             parent_span_id: None,
             trace_state: None,
-            name: "GET /users/*".to_string(),
+            name: "GET /users/*".into(),
             kind: SpanKind::Server,
             start_unix_nano: 1_700_000_000_123_456_789,
             end_unix_nano: u64::MAX,
@@ -212,7 +212,7 @@ mod tests {
     fn strings_are_escaped() {
         let tricky = "a \"quoted\" \\ back\nnew\tline \u{1} é 漢字 🦀 </script>";
         let mut s = span();
-        s.name = tricky.to_string();
+        s.name = tricky.into();
         s.attributes = vec![("user_agent.original", AttributeValue::Str(tricky.into()))];
         let out = export(&[s.clone(), s]);
         assert_eq!(out.lines().count(), 2);

@@ -94,7 +94,7 @@ fn format_span_into(span: &Span, out: &mut String) {
             let peer = match port {
                 Some(AttributeValue::Int(p)) if address.contains(':') => format!("[{address}]:{p}"),
                 Some(AttributeValue::Int(p)) => format!("{address}:{p}"),
-                _ => address.clone(),
+                _ => address.to_string(),
             };
             push_token(out, &peer);
         }
@@ -205,7 +205,7 @@ mod tests {
             span_id: [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
             parent_span_id: None,
             trace_state: None,
-            name: "GET /users/*".to_string(),
+            name: "GET /users/*".into(),
             kind: SpanKind::Server,
             start_unix_nano: 1_700_000_000_123_456_789,
             end_unix_nano: 1_700_000_000_124_690_789,
@@ -271,7 +271,7 @@ mod tests {
         s.attributes = vec![("http.response.status_code", AttributeValue::Int(500))];
         s.resource = Arc::new(Resource { attributes: vec![] });
         s.end_unix_nano = s.start_unix_nano + 999;
-        s.name = "HTTP /a\nb".to_string();
+        s.name = "HTTP /a\nb".into();
         assert_eq!(
             format_span(&s),
             "2023-11-14T22:13:20.123456Z SERVER HTTP /a\\nb 500 ERROR 0.999µs service=- \

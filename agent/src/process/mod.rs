@@ -187,19 +187,19 @@ fn read_resource(pid: u32, host_name: &str, exec_comm: Option<&str>) -> Resource
         // The process is gone before we could look at it.
         .unwrap_or_else(|| "unknown_service".to_string());
     let mut attributes = vec![
-        ("service.name", AttributeValue::Str(service_name)),
+        ("service.name", AttributeValue::Str(service_name.into())),
         ("process.pid", AttributeValue::Int(pid as i64)),
     ];
     if let Some(name) = exe_name {
-        attributes.push(("process.executable.name", AttributeValue::Str(name)));
+        attributes.push(("process.executable.name", AttributeValue::Str(name.into())));
     }
     if let Some(path) = exe {
         attributes.push((
             "process.executable.path",
-            AttributeValue::Str(path.to_string_lossy().into_owned()),
+            AttributeValue::Str(path.to_string_lossy().into()),
         ));
     }
-    attributes.push(("host.name", AttributeValue::Str(host_name.to_string())));
+    attributes.push(("host.name", AttributeValue::Str(host_name.into())));
     attributes.push(("telemetry.distro.name", AttributeValue::Str("kspan".into())));
     attributes.push((
         "telemetry.distro.version",
@@ -226,7 +226,7 @@ mod tests {
         let name = procfs_scan::file_name(&exe);
         assert_eq!(
             resource.get("process.executable.name"),
-            Some(&AttributeValue::Str(name.clone()))
+            Some(&AttributeValue::Str(name.into()))
         );
         assert_eq!(
             resource.get("process.pid"),

@@ -1,19 +1,21 @@
 //! HTTP request/response exchanges, whatever the wire version (HTTP/1.x now, HTTP/2 later).
 
+use compact_str::CompactString;
+
 use super::Role;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpRequest {
     /// Method as sent, e.g. "GET".
-    pub method: String,
+    pub method: CompactString,
     /// Raw request-target as sent (path and query, or an absolute URI). The span builder strips
     /// the query; it never leaves the agent.
-    pub target: String,
+    pub target: CompactString,
     /// "1.0", "1.1", later "2".
     pub version: &'static str,
     /// Host header value (may carry a port).
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
+    pub host: Option<CompactString>,
+    pub user_agent: Option<CompactString>,
     /// Trace-context headers only (traceparent, tracestate, b3, x-b3-*), names lower-cased.
     /// Nothing else is kept: Authorization and Cookie values never leave the parser.
     pub context_headers: Vec<(String, String)>,
@@ -37,8 +39,8 @@ pub struct RequestStart {
     /// request on its connection (the exchange carries the same pair).
     pub tid: u32,
     pub start_ns: u64,
-    pub method: String,
-    pub target: String,
+    pub method: CompactString,
+    pub target: CompactString,
     pub context_headers: Vec<(String, String)>,
 }
 

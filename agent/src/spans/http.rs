@@ -8,6 +8,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use compact_str::{CompactString, ToCompactString, format_compact};
+
 use super::route::{route_template, target_path};
 use super::{AttributeValue, Attributes, Resource, Span, SpanIds, SpanKind, SpanStatus};
 use crate::clock::Clock;
@@ -26,15 +28,16 @@ pub fn known_method(method: &str) -> Option<&'static str> {
 
 /// An address as OpenTelemetry wants it: plain ("127.0.0.1", "::1"), IPv4-mapped IPv6 shown as
 /// IPv4.
-pub fn address_string(ip: IpAddr) -> String {
-    ip.to_canonical().to_string()
+pub fn address_string(ip: IpAddr) -> CompactString {
+    // Inline: the longest IPv6 text (45 bytes) is rare; IPv4 and short IPv6 fit in 24.
+    ip.to_canonical().to_compact_string()
 }
 
 /// A host and port from a Host header value: `example.com`, `example.com:8080`, `[::1]:8080`,
 /// `[::1]`, also a bare (non-conforming) `::1`. The host comes back without brackets, IP
 /// literals normalized (IPv4-mapped → IPv4). The port is None when absent or invalid. None when
 /// the value is empty or holds characters no host has (see the module documentation).
-pub fn parse_host(value: &str) -> Option<(String, Option<u16>)> {
+pub fn parse_host(value: &str) -> Option<(CompactString, Option<u16>)> {
     let value = value.trim();
     let suspicious = |c: char| c.is_whitespace() || c.is_control() || "/?#@".contains(c);
     if value.contains(suspicious) {
@@ -61,7 +64,7 @@ pub fn parse_host(value: &str) -> Option<(String, Option<u16>)> {
     let port = port.and_then(parse_port);
     let host = match host.parse::<IpAddr>() {
         Ok(ip) => address_string(ip),
-        Err(_) => host.to_string(),
+        Err(_) => host.into(),
     };
     Some((host, port))
 }
@@ -74,11 +77,11 @@ fn parse_port(s: &str) -> Option<u16> {
 }
 
 /// `host` as a URL authority host: IPv6 literals bracketed.
-fn url_host(host: &str) -> String {
+fn url_host(host: &str) -> CompactString {
     if host.contains(':') {
-        format!("[{host}]")
+        format_compact!("[{host}]")
     } else {
-        host.to_string()
+        host.into()
     }
 }
 
@@ -99,7 +102,11 @@ pub fn http_span(
     };
     let method = known_method(&request.method);
     let route = route_template(&request.target);
-    let name = format!("{} {}", method.unwrap_or("HTTP"), route);
+    let method_or_http = method.unwrap_or("HTTP");
+    let mut name = CompactString::with_capacity(method_or_http.len() + 1 + route.len());
+    name.push_str(method_or_http);
+    name.push(' ');
+    name.push_str(&route);
     let path = target_path(&request.target);
 
     let (status, error_type) = status_of(exchange);
@@ -119,7 +126,7 @@ pub fn http_span(
 
     let mut attributes: Attributes = Vec::with_capacity(16);
     let mut put = |key: &'static str, value: AttributeValue| attributes.push((key, value));
-    let str_value = |s: &str| AttributeValue::Str(s.to_string());
+    let str_value = |s: &str| AttributeValue::Str(s.into());
     match method {
         Some(m) => put("http.request.method", str_value(m)),
         None => {
@@ -154,13 +161,13 @@ pub fn http_span(
     }
     if kind == SpanKind::Client {
         let authority = match &host {
-            Some((h, Some(p))) => format!("{}:{p}", url_host(h)),
+            Some((h, Some(p))) => format_compact!("{}:{p}", url_host(h)),
             Some((h, None)) => url_host(h),
-            None => format!("{}:{}", url_host(&remote_address), remote.port()),
+            None => format_compact!("{}:{}", url_host(&remote_address), remote.port()),
         };
         put(
             "url.full",
-            AttributeValue::Str(format!("http://{authority}{path}")),
+            AttributeValue::Str(format_compact!("http://{authority}{path}")),
         );
     }
     if let Some(error_type) = error_type {
@@ -186,20 +193,20 @@ pub fn http_span(
 
 /// Span status and `error.type`. An error status code (≥ 500 for servers, ≥ 400 for clients)
 /// gives the code; otherwise a missing response or an exchange error gives the error's name.
-fn status_of(exchange: &HttpExchange) -> (SpanStatus, Option<String>) {
+fn status_of(exchange: &HttpExchange) -> (SpanStatus, Option<CompactString>) {
     if let Some(response) = &exchange.response {
         let threshold = match exchange.role {
             Role::Server => 500,
             Role::Client => 400,
         };
         if response.status >= threshold {
-            return (SpanStatus::Error, Some(response.status.to_string()));
+            return (SpanStatus::Error, Some(response.status.to_compact_string()));
         }
     }
     match (exchange.error, &exchange.response) {
-        (Some(error), _) => (SpanStatus::Error, Some(error.as_str().to_string())),
+        (Some(error), _) => (SpanStatus::Error, Some(error.as_str().into())),
         // No response and no reason: OpenTelemetry's fallback value.
-        (None, None) => (SpanStatus::Error, Some("_OTHER".to_string())),
+        (None, None) => (SpanStatus::Error, Some("_OTHER".into())),
         (None, Some(_)) => (SpanStatus::Unset, None),
     }
 }
@@ -213,7 +220,7 @@ mod tests {
     const OFFSET: i128 = 1_700_000_000_000_000_000;
 
     fn s(v: &str) -> AttributeValue {
-        Str(v.to_string())
+        Str(v.into())
     }
 
     fn resource() -> Arc<Resource> {
@@ -226,11 +233,11 @@ mod tests {
         HttpExchange {
             role,
             request: HttpRequest {
-                method: method.to_string(),
-                target: target.to_string(),
+                method: method.into(),
+                target: target.into(),
                 version: "1.1",
-                host: Some("example.com".to_string()),
-                user_agent: Some("curl/8.5.0".to_string()),
+                host: Some("example.com".into()),
+                user_agent: Some("curl/8.5.0".into()),
                 context_headers: vec![],
                 body_len: 0,
             },
@@ -278,7 +285,7 @@ mod tests {
     #[test]
     fn server_span() {
         let mut ex = exchange(Role::Server, "GET", "/users/123?token=secret", Some(200));
-        ex.request.host = Some("example.com:8443".to_string());
+        ex.request.host = Some("example.com:8443".into());
         let span = build(&ex, local(), remote());
         assert_eq!(span.name, "GET /users/*");
         assert_eq!(span.kind, SpanKind::Server);
@@ -398,7 +405,7 @@ mod tests {
         assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
 
         let mut ex = exchange(Role::Client, "GET", "/a", Some(200));
-        ex.request.host = Some("api.example.com:8080".to_string());
+        ex.request.host = Some("api.example.com:8080".into());
         let remote: SocketAddr = "10.1.2.3:8080".parse().unwrap();
         let span = build(&ex, local(), remote);
         assert_eq!(
@@ -412,7 +419,7 @@ mod tests {
         );
 
         // Invalid port: the socket's port, no port in url.full.
-        ex.request.host = Some("api.example.com:80x".to_string());
+        ex.request.host = Some("api.example.com:80x".into());
         let span = build(&ex, local(), remote);
         assert_eq!(
             span.attribute("server.address"),
@@ -428,7 +435,7 @@ mod tests {
     #[test]
     fn ipv6_host() {
         let mut ex = exchange(Role::Client, "GET", "/p", Some(200));
-        ex.request.host = Some("[::1]:8080".to_string());
+        ex.request.host = Some("[::1]:8080".into());
         let remote: SocketAddr = "[::1]:8080".parse().unwrap();
         let local: SocketAddr = "[::1]:50000".parse().unwrap();
         let span = build(&ex, local, remote);
@@ -437,7 +444,7 @@ mod tests {
         assert_eq!(span.attribute("network.peer.address"), Some(&s("::1")));
         assert_eq!(span.attribute("url.full"), Some(&s("http://[::1]:8080/p")));
 
-        ex.request.host = Some("[::1]".to_string());
+        ex.request.host = Some("[::1]".into());
         let span = build(&ex, local, remote);
         assert_eq!(span.attribute("server.address"), Some(&s("::1")));
         assert_eq!(span.attribute("server.port"), Some(&Int(8080)));
@@ -574,7 +581,7 @@ mod tests {
                 for host in [None, Some("example.com?SECRETQ"), Some("example.com")] {
                     for method in ["GET", "WEIRD"] {
                         let mut ex = exchange(role, method, target, Some(200));
-                        ex.request.host = host.map(str::to_string);
+                        ex.request.host = host.map(CompactString::from);
                         let span = build(&ex, local(), remote());
                         assert!(!span.name.contains("SECRETQ"), "{}", span.name);
                         for (key, value) in &span.attributes {

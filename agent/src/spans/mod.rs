@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use compact_str::CompactString;
+
 pub mod http;
 pub mod route;
 
@@ -36,8 +38,10 @@ impl SpanStatus {
 }
 
 #[derive(Clone, Debug, PartialEq)]
+/// Strings up to 24 bytes (methods, paths, addresses, most span names) are stored inline: no
+/// allocation per attribute.
 pub enum AttributeValue {
-    Str(String),
+    Str(CompactString),
     Int(i64),
 }
 
@@ -73,7 +77,7 @@ pub struct Span {
     pub parent_span_id: Option<[u8; 8]>,
     /// W3C tracestate received with the trace (exported over OTLP).
     pub trace_state: Option<String>,
-    pub name: String,
+    pub name: CompactString,
     pub kind: SpanKind,
     pub start_unix_nano: u64,
     pub end_unix_nano: u64,

@@ -15,6 +15,8 @@
 //! Targets of any other form (authority-form `host:443` of `CONNECT`) are templated like a path,
 //! without adding a leading `/`.
 
+use compact_str::CompactString;
+
 /// Most segments a template keeps (the last one is then `*`).
 pub const MAX_SEGMENTS: usize = 16;
 /// A segment longer than this many characters becomes `*`.
@@ -44,21 +46,23 @@ fn strip_scheme(target: &str) -> Option<&str> {
 }
 
 /// The low-cardinality template of a request-target (see the module documentation).
-pub fn route_template(target: &str) -> String {
+pub fn route_template(target: &str) -> CompactString {
     let path = target_path(target);
     if path == "*" {
-        return "*".to_string();
+        return CompactString::const_new("*");
     }
     let (leading_slash, rest) = match path.strip_prefix('/') {
         Some(rest) => (true, rest),
         None => (false, path),
     };
-    let segments: Vec<&str> = rest.split('/').collect();
-    let mut out = String::with_capacity(path.len().min(MAX_TEMPLATE_LEN));
-    for (i, segment) in segments.iter().enumerate() {
+    // Inline (no allocation) up to 24 bytes, which most templates are.
+    let mut out = CompactString::with_capacity(path.len().min(MAX_TEMPLATE_LEN));
+    let mut segments = rest.split('/').peekable();
+    let mut i = 0;
+    while let Some(segment) = segments.next() {
         let templated = if is_variable(segment) { "*" } else { segment };
         let separator = usize::from(i > 0 || leading_slash);
-        let last = i + 1 == segments.len();
+        let last = segments.peek().is_none();
         if i + 1 == MAX_SEGMENTS && !last {
             // Segment 16 of more: it stands for the rest of the path.
             out.push_str(if separator == 1 { "/*" } else { "*" });
@@ -74,6 +78,7 @@ pub fn route_template(target: &str) -> String {
             out.push('/');
         }
         out.push_str(templated);
+        i += 1;
     }
     out
 }

@@ -305,7 +305,7 @@ pub fn key_values(attributes: &Attributes) -> Vec<KeyValue> {
     attributes
         .iter()
         .map(|(key, value)| match value {
-            AttributeValue::Str(s) => KeyValue::new(*key, s.clone()),
+            AttributeValue::Str(s) => KeyValue::new(*key, s.to_string()),
             AttributeValue::Int(i) => KeyValue::new(*key, *i),
         })
         .collect()
@@ -343,7 +343,7 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
             SpanKind::Server => OtelKind::Server,
             SpanKind::Client => OtelKind::Client,
         },
-        name: Cow::Owned(span.name.clone()),
+        name: Cow::Owned(span.name.to_string()),
         start_time: unix_time(span.start_unix_nano),
         end_time: unix_time(span.end_unix_nano),
         attributes: key_values(&span.attributes),

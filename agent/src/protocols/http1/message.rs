@@ -3,6 +3,8 @@
 
 use std::mem::MaybeUninit;
 
+use compact_str::CompactString;
+
 use crate::protocols::http::{HttpRequest, HttpResponse};
 
 /// Longest string kept from a header block (method, target, header values), in bytes.
@@ -300,7 +302,7 @@ pub(super) fn parse_request(block: &[u8]) -> Result<ParsedRequest, ()> {
         {
             request
                 .context_headers
-                .push(((*known).to_owned(), limited_string(value)));
+                .push(((*known).to_owned(), limited_string(value).into()));
         }
     }
     Ok(ParsedRequest {
@@ -344,8 +346,8 @@ pub(super) fn parse_response(block: &[u8]) -> Result<ParsedResponse, ()> {
 
 /// Lossy UTF-8 decoding (invalid sequences become U+FFFD) of at most `MAX_STRING` bytes of
 /// output, cut at a character boundary.
-pub(super) fn limited_string(raw: &[u8]) -> String {
-    let mut out = String::with_capacity(raw.len().min(MAX_STRING));
+pub(super) fn limited_string(raw: &[u8]) -> CompactString {
+    let mut out = CompactString::with_capacity(raw.len().min(MAX_STRING));
     for chunk in raw.utf8_chunks() {
         let valid = chunk.valid();
         let room = MAX_STRING - out.len();

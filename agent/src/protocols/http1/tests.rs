@@ -77,8 +77,8 @@ impl Harness {
 
 fn req(method: &str, target: &str) -> HttpRequest {
     HttpRequest {
-        method: method.to_owned(),
-        target: target.to_owned(),
+        method: method.into(),
+        target: target.into(),
         version: "1.1",
         ..HttpRequest::default()
     }
@@ -86,7 +86,7 @@ fn req(method: &str, target: &str) -> HttpRequest {
 
 fn req_host(method: &str, target: &str, host: &str) -> HttpRequest {
     HttpRequest {
-        host: Some(host.to_owned()),
+        host: Some(host.into()),
         ..req(method, target)
     }
 }
@@ -160,7 +160,7 @@ const OK_HELLO: &[u8] =
 
 fn index_request() -> HttpRequest {
     HttpRequest {
-        user_agent: Some("curl/8.5.0".to_owned()),
+        user_agent: Some("curl/8.5.0".into()),
         ..req_host("GET", "/index.html?q=1", "example.com")
     }
 }
@@ -376,7 +376,7 @@ fn non_utf8_and_long_values() {
     assert_eq!(h.rx(&request), 0);
     assert_eq!(h.tx(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 0);
     let expected = HttpRequest {
-        user_agent: Some("u".repeat(1024)),
+        user_agent: Some("u".repeat(1024).into()),
         context_headers: vec![(
             "traceparent".to_owned(),
             "00-\u{FFFD}\u{FFFD}-01".to_owned(),
