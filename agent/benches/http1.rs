@@ -7,6 +7,10 @@
 
 mod common;
 
+/// The agent's allocator (agent/src/main.rs), so the figures are the agent's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 
 use common::{PIPELINED, REQUEST, RESPONSE, chunk, repeated};

@@ -12,6 +12,10 @@
 
 mod common;
 
+/// The agent's allocator (agent/src/main.rs), so the figures are the agent's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 
 use common::{BenchPipeline, fresh_connection_records, keepalive_records, warm_keepalive_pipeline};

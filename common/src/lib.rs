@@ -96,7 +96,8 @@ pub struct EventHeader {
     /// Identity of the connection within (pid, fd): the kernel time at which the socket started
     /// being tracked. fd numbers are reused after close; (pid, fd, conn_id) never is.
     pub conn_id: u64,
-    /// Kernel monotonic time (CLOCK_MONOTONIC, ns) at syscall entry.
+    /// Kernel monotonic time (CLOCK_MONOTONIC, ns) at syscall entry; for reads (ingress data),
+    /// the exit time: their bytes exist only then, and the entry clock read is skipped.
     pub start_ns: u64,
     /// Kernel monotonic time at syscall exit.
     pub end_ns: u64,

@@ -64,7 +64,13 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
         _pad: 0,
         ptr: arg(ctx, ARG1),
         count: arg(ctx, ARG2),
-        start_ns: unsafe { bpf_ktime_get_ns() },
+        // A read's bytes exist at its exit, which the exit records; only writes need the entry
+        // time (a clock read saved per read).
+        start_ns: if direction == DIRECTION_EGRESS {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        },
         conn_id: conn.conn_id,
     };
     stash(&in_flight);
@@ -146,7 +152,11 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, full_len: u64, end_ns: u64) {
             tid: pid_tgid as u32,
             fd: in_flight.fd,
             conn_id: in_flight.conn_id,
-            start_ns: in_flight.start_ns,
+            start_ns: if in_flight.start_ns == 0 {
+                end_ns
+            } else {
+                in_flight.start_ns
+            },
             end_ns,
             full_len,
             copied_len: copied,
@@ -180,7 +190,9 @@ fn copy_iovec(dst: *mut u8, iov: u64, iovcnt: u64, want: u32) -> u32 {
     let half = MAX_CAPTURE as u32;
     // The whole iovec array (up to MAX_IOV_SEGMENTS) in one user read: each read is a helper call
     // with user-access setup, the largest fixed cost of this path.
-    let mut segments = [const { Iovec { base: 0, len: 0 } }; MAX_IOV_SEGMENTS];
+    // Left uninitialized (zeroing cost a memset call per event); only the `count` entries the
+    // read filled are used.
+    let mut segments = core::mem::MaybeUninit::<[Iovec; MAX_IOV_SEGMENTS]>::uninit();
     let count = iovcnt.min(MAX_IOV_SEGMENTS as u64) as u32;
     let ret = unsafe {
         generated::bpf_probe_read_user(
@@ -192,6 +204,7 @@ fn copy_iovec(dst: *mut u8, iov: u64, iovcnt: u64, want: u32) -> u32 {
     if ret != 0 {
         return 0;
     }
+    let segments = unsafe { segments.assume_init_ref() };
     let mut copied: u32 = 0;
     let mut i: usize = 0;
     while i < MAX_IOV_SEGMENTS {
