@@ -1,10 +1,8 @@
 //! Connection tracking: one entry per tracked TCP socket, keyed by (pid, fd), carrying the exact
 //! addresses and the protocol parser state of that connection.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use rustc_hash::FxHashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use kspan_common::{AF_INET, SocketTuple};
 
@@ -70,7 +68,7 @@ pub struct TableFull;
 
 /// Tracked connections, grouped per process so a process exit drops its entries at once.
 pub struct ConnTable {
-    by_pid: HashMap<u32, HashMap<i32, Connection>>,
+    by_pid: FxHashMap<u32, FxHashMap<i32, Connection>>,
     len: usize,
     capacity: usize,
 }
@@ -78,7 +76,7 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn new(capacity: usize) -> Self {
         ConnTable {
-            by_pid: HashMap::new(),
+            by_pid: FxHashMap::default(),
             len: 0,
             capacity,
         }

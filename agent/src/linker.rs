@@ -16,12 +16,8 @@
 //! are therefore resolved when the span is emitted, by walking up to the root of its chain.
 
 use compact_str::CompactString;
-use std::{
-    cell::RefCell,
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-    rc::Rc,
-};
+use rustc_hash::FxHashMap;
+use std::{cell::RefCell, collections::VecDeque, net::SocketAddr, rc::Rc};
 
 use crate::{
     protocols::{Role, http::RequestStart},
@@ -118,9 +114,9 @@ type Served = (SocketAddr, SocketAddr, Rc<Node>);
 pub struct Linker {
     sampler: Sampler,
     /// Requests each (pid, tid) read and has not started answering: (local, remote, node).
-    serving: HashMap<(u32, u32), Vec<Served>>,
+    serving: FxHashMap<(u32, u32), Vec<Served>>,
     /// Client ends of traced connections, keyed (client local, client remote).
-    outgoing: HashMap<(SocketAddr, SocketAddr), Outgoing>,
+    outgoing: FxHashMap<(SocketAddr, SocketAddr), Outgoing>,
     pub counters: LinkCounters,
 }
 
@@ -128,8 +124,8 @@ impl Linker {
     pub fn new(sampler: Sampler) -> Self {
         Linker {
             sampler,
-            serving: HashMap::new(),
-            outgoing: HashMap::new(),
+            serving: FxHashMap::default(),
+            outgoing: FxHashMap::default(),
             counters: LinkCounters::default(),
         }
     }

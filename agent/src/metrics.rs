@@ -5,8 +5,8 @@
 //! Prometheus endpoint collect on their own schedule. The number of per-process providers is
 //! bounded; the least recently used one is evicted past the bound.
 
+use rustc_hash::FxHashMap;
 use std::{
-    collections::HashMap,
     fmt,
     sync::{Arc, Mutex, Weak},
     time::Duration,
@@ -125,7 +125,7 @@ impl ProcessMetrics {
 }
 
 struct Registry {
-    processes: HashMap<usize, ProcessMetrics>,
+    processes: FxHashMap<usize, ProcessMetrics>,
     uses: u64,
 }
 
@@ -141,7 +141,7 @@ impl MetricsHub {
         register_health_counters(&agent.provider, stats);
         MetricsHub {
             registry: Mutex::new(Registry {
-                processes: HashMap::new(),
+                processes: FxHashMap::default(),
                 uses: 0,
             }),
             agent,
@@ -187,7 +187,7 @@ impl MetricsHub {
     }
 }
 
-fn evict_least_recently_used(processes: &mut HashMap<usize, ProcessMetrics>) {
+fn evict_least_recently_used(processes: &mut FxHashMap<usize, ProcessMetrics>) {
     if let Some(key) = processes
         .iter()
         .min_by_key(|(_, p)| p.last_used)

@@ -3,10 +3,8 @@
 pub mod procfs_scan;
 pub mod selectors;
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use rustc_hash::FxHashMap;
+use std::{collections::HashSet, sync::Arc};
 
 pub use selectors::Selectors;
 
@@ -18,12 +16,12 @@ const MAX_ANCESTRY: usize = 64;
 pub struct Processes {
     selectors: Selectors,
     host_name: String,
-    resources: HashMap<u32, Arc<Resource>>,
+    resources: FxHashMap<u32, Arc<Resource>>,
     /// Pids userspace put in the kernel filter (unused when tracing all).
     traced: HashSet<u32>,
     /// Program name from the exec event of traced processes: the resource's fallback when the
     /// process is gone before procfs was read (a short-lived client).
-    comms: HashMap<u32, String>,
+    comms: FxHashMap<u32, String>,
 }
 
 /// What an exec changes for the process that ran it.
@@ -39,9 +37,9 @@ impl Processes {
         Processes {
             selectors,
             host_name: host_name(),
-            resources: HashMap::new(),
+            resources: FxHashMap::default(),
             traced: HashSet::new(),
-            comms: HashMap::new(),
+            comms: FxHashMap::default(),
         }
     }
 
@@ -111,7 +109,7 @@ impl Processes {
     /// `comm`: the new program's name from the kernel (NUL padded).
     pub fn on_exec(&mut self, pid: u32, comm: &[u8]) -> ExecDecision {
         self.resources.remove(&pid);
-        let remember_comm = |comms: &mut HashMap<u32, String>| {
+        let remember_comm = |comms: &mut FxHashMap<u32, String>| {
             let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
             comms.insert(pid, String::from_utf8_lossy(&comm[..end]).into_owned());
         };

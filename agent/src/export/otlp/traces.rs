@@ -3,9 +3,9 @@
 //! errors with backoff inside its export timeout. Memory stays bounded when the collector is slow
 //! or gone: the queue has a fixed capacity, past it spans are dropped and counted.
 
+use rustc_hash::FxHashMap;
 use std::{
     borrow::Cow,
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -135,7 +135,7 @@ impl OtlpTraceExporter {
                     stats: worker_stats,
                     stop: worker_stop,
                     timeout: export_timeout(Signal::Traces),
-                    resources: HashMap::new(),
+                    resources: FxHashMap::default(),
                     scope: InstrumentationScope::builder("kspan")
                         .with_version(env!("CARGO_PKG_VERSION"))
                         .build(),
@@ -197,7 +197,7 @@ struct Worker {
     stop: Arc<Stop>,
     timeout: Duration,
     /// SDK resources by the address of the agent's resource (held alive by the key's Arc).
-    resources: HashMap<usize, (Arc<Resource>, opentelemetry_sdk::Resource)>,
+    resources: FxHashMap<usize, (Arc<Resource>, opentelemetry_sdk::Resource)>,
     scope: InstrumentationScope,
 }
 
