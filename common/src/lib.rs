@@ -17,6 +17,8 @@ pub const MAX_IOV_SEGMENTS: usize = 8;
 pub const MAX_CONNECTIONS: u32 = 65536;
 /// Capacity of the pid filter map.
 pub const MAX_TRACED_PIDS: u32 = 16384;
+/// Slots of the kernel's "maybe traced" pre-filter, indexed by pid modulo this (a power of two).
+pub const TRACED_SLOTS: u32 = 65536;
 /// Capacity of the map of executable names selected in the kernel at exec (`--exe NAME`).
 pub const MAX_EXE_NAMES: u32 = 256;
 /// The kernel's task command name length (TASK_COMM_LEN), NUL included.

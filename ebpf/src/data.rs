@@ -20,8 +20,8 @@ use kspan_common::{
 
 use crate::{
     maps::{
-        CONNECTIONS, EVENTS, InFlight, SCRATCH, capture_bytes, count, shape, stash, submit_flags,
-        unstash,
+        CONNECTIONS, EVENTS, InFlight, SCRATCH, capture_bytes, count, may_be_traced, shape, stash,
+        submit_flags, unstash,
     },
     socket,
 };
@@ -47,8 +47,12 @@ pub(crate) fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
 #[inline(always)]
 fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usize) {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // What an unselected process costs: one array slot.
+    if !may_be_traced((pid_tgid >> 32) as u32) {
+        return;
+    }
     let fd = arg(ctx, ARG0) as i32;
-    // The one lookup an untracked fd (a file, a pipe, an unselected process) costs.
+    // The one lookup an untracked fd (a file, a pipe) of a traced process costs.
     let Some(conn) = (unsafe { CONNECTIONS.get(&connection_key((pid_tgid >> 32) as u32, fd)) })
     else {
         return;

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
-    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_TRACED_PIDS, counter,
+    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_TRACED_PIDS, TRACED_SLOTS, counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -84,6 +84,13 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Processes to trace (tgid → 1) when `TRACE_ALL` is 0.
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
+
+/// Pre-filter in front of every hash lookup keyed by pid: slot `pid % TRACED_SLOTS` is set
+/// whenever a pid starts being traced and never cleared. An array lookup is a few instructions
+/// where a hash lookup costs ~60 ns, paid by every read and write of every untraced process on
+/// the host. A stale or shared slot only lets the exact lookup run.
+#[map]
+pub static MAYBE_TRACED: Array<u32> = Array::with_max_entries(TRACED_SLOTS, 0);
 
 /// Executable names selected with `--exe NAME` (plain names only), as `comm` keys: a process
 /// exec'ing one is traced from its first syscall, without waiting for userspace.
@@ -186,8 +193,32 @@ pub fn count(index: u32) {
     }
 }
 
+/// False when `pid` is surely not traced (then it has no tracked connection either).
+#[inline(always)]
+pub fn may_be_traced(pid: u32) -> bool {
+    if trace_all() {
+        return true;
+    }
+    matches!(MAYBE_TRACED.get(pid & (TRACED_SLOTS - 1)), Some(slot) if *slot != 0)
+}
+
+/// Start tracing `pid` (kernel side: exec of a selected name, fork of a traced process).
+#[inline(always)]
+pub fn mark_traced(pid: u32) {
+    if let Some(slot) = MAYBE_TRACED.get_ptr_mut(pid & (TRACED_SLOTS - 1)) {
+        // A plain store of a constant: concurrent writers agree.
+        unsafe { *slot = 1 };
+    }
+    if TRACED_PIDS.insert(&pid, &1, 0).is_err() {
+        count(counter::TRACED_PIDS_MAP_FULL);
+    }
+}
+
 #[inline(always)]
 pub fn is_traced(pid: u32) -> bool {
+    if !may_be_traced(pid) {
+        return false;
+    }
     if trace_all() {
         return pid != agent_pid();
     }

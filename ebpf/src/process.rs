@@ -11,7 +11,10 @@ use kspan_common::{EventHeader, EventKind, ExecEvent, counter};
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 use crate::{
-    maps::{EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, submit_flags, trace_all},
+    maps::{
+        EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, mark_traced, may_be_traced,
+        submit_flags, trace_all,
+    },
     socket::header,
 };
 
@@ -36,11 +39,8 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     // comm already holds the new program's name here. A match is traced at once; userspace then
     // confirms with the full executable path (and untraces on a mismatch).
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    if !trace_all()
-        && unsafe { EXE_COMMS.get(&comm) }.is_some()
-        && TRACED_PIDS.insert(&pid, &1, 0).is_err()
-    {
-        count(counter::TRACED_PIDS_MAP_FULL);
+    if !trace_all() && unsafe { EXE_COMMS.get(&comm) }.is_some() {
+        mark_traced(pid);
     }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) {
@@ -63,13 +63,13 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if unsafe { TRACED_PIDS.get(&parent) }.is_none() {
+    if !may_be_traced(parent) || unsafe { TRACED_PIDS.get(&parent) }.is_none() {
         return 0;
     }
     // child_pid is a thread id for new threads too; those entries are removed at thread exit.
     let child: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
-    if child > 0 && TRACED_PIDS.insert(&(child as u32), &1, 0).is_err() {
-        count(counter::TRACED_PIDS_MAP_FULL);
+    if child > 0 {
+        mark_traced(child as u32);
     }
     0
 }

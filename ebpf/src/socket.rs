@@ -18,8 +18,8 @@ use kspan_common::{
 use crate::{
     data::{SYSCALL_ARG0, syscall_arg},
     maps::{
-        CONNECTIONS, EVENTS, InFlight, agent_pid, count, is_traced, kernel_offsets, shape, stash,
-        submit_flags,
+        CONNECTIONS, EVENTS, InFlight, agent_pid, count, is_traced, kernel_offsets, may_be_traced,
+        shape, stash, submit_flags,
     },
 };
 
@@ -159,6 +159,9 @@ pub fn header(
 #[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    if !may_be_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
     let fd = syscall_arg(&ctx, SYSCALL_ARG0) as i32;
     let key = connection_key((pid_tgid >> 32) as u32, fd);
     let Some(conn_id) = (unsafe { CONNECTIONS.get(&key) }).map(|value| value.conn_id) else {

@@ -9,11 +9,12 @@ use std::{os::fd::AsRawFd, path::Path, time::Duration};
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint, trace_point::TracePointLinkId},
 };
 use kspan_common::{
-    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, comm_key, connection_key, counter,
+    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, TRACED_SLOTS, comm_key, connection_key,
+    counter,
 };
 
 /// The eBPF object built by build.rs from ebpf/.
@@ -89,12 +90,17 @@ pub trait KernelControl {
 /// Control maps of the loaded programs.
 pub struct KernelMaps {
     traced_pids: HashMap<MapData, u32, u8>,
+    maybe_traced: Array<MapData, u32>,
     connections: HashMap<MapData, u64, ConnectionValue>,
     counters: PerCpuArray<MapData, u64>,
 }
 
 impl KernelControl for KernelMaps {
     fn trace_pid(&mut self, pid: u32) {
+        // The pre-filter slot first: the exact entry is only looked up behind it.
+        if let Err(e) = self.maybe_traced.set(pid % TRACED_SLOTS, 1, 0) {
+            log::warn!("cannot add pid {pid} to the kernel pre-filter: {e}");
+        }
         if let Err(e) = self.traced_pids.insert(pid, 1, 0) {
             log::warn!("cannot add pid {pid} to the kernel pid filter: {e}");
         }
@@ -215,6 +221,7 @@ impl Probes {
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let maps = KernelMaps {
             traced_pids: HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?)?,
+            maybe_traced: Array::try_from(take(&mut ebpf, "MAYBE_TRACED")?)?,
             connections: HashMap::try_from(take(&mut ebpf, "CONNECTIONS")?)?,
             counters: PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?,
         };
