@@ -29,8 +29,33 @@ pub fn known_method(method: &str) -> Option<&'static str> {
 /// An address as OpenTelemetry wants it: plain ("127.0.0.1", "::1"), IPv4-mapped IPv6 shown as
 /// IPv4.
 pub fn address_string(ip: IpAddr) -> CompactString {
-    // Inline: the longest IPv6 text (45 bytes) is rare; IPv4 and short IPv6 fit in 24.
-    ip.to_canonical().to_compact_string()
+    match ip.to_canonical() {
+        // Every span formats one or two addresses: by hand, without the formatting machinery.
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            // Only ASCII digits and dots were written.
+            CompactString::from_utf8_lossy(&text[..len])
+        }
+        // Inline up to 24 bytes; the longest IPv6 text (45 bytes) is rare.
+        ip => ip.to_compact_string(),
+    }
 }
 
 /// A host and port from a Host header value: `example.com`, `example.com:8080`, `[::1]:8080`,
@@ -63,6 +88,8 @@ pub fn parse_host(value: &str) -> Option<(CompactString, Option<u16>)> {
     }
     let port = port.and_then(parse_port);
     let host = match host.parse::<IpAddr>() {
+        // The IPv4 parser accepts only the canonical dotted form: the text is already right.
+        Ok(IpAddr::V4(_)) => host.into(),
         Ok(ip) => address_string(ip),
         Err(_) => host.into(),
     };
@@ -280,6 +307,24 @@ mod tests {
             &resource(),
             &Clock::with_offset(OFFSET),
         )
+    }
+
+    #[test]
+    fn ipv4_addresses_format_like_std() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.99.9",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(address_string(ip), text);
+        }
+        let mapped: IpAddr = "::ffff:192.168.1.200".parse().unwrap();
+        assert_eq!(address_string(mapped), "192.168.1.200");
+        let v6: IpAddr = "2001:DB8::1".parse().unwrap();
+        assert_eq!(address_string(v6), "2001:db8::1");
     }
 
     #[test]
