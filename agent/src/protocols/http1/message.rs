@@ -347,6 +347,12 @@ pub(super) fn parse_response(block: &[u8]) -> Result<ParsedResponse, ()> {
 /// Lossy UTF-8 decoding (invalid sequences become U+FFFD) of at most `MAX_STRING` bytes of
 /// output, cut at a character boundary.
 pub(super) fn limited_string(raw: &[u8]) -> CompactString {
+    // The usual case, valid and short: one copy (inline up to 24 bytes).
+    if raw.len() <= MAX_STRING
+        && let Ok(text) = std::str::from_utf8(raw)
+    {
+        return CompactString::from(text);
+    }
     let mut out = CompactString::with_capacity(raw.len().min(MAX_STRING));
     for chunk in raw.utf8_chunks() {
         let valid = chunk.valid();
