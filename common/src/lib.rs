@@ -98,8 +98,9 @@ pub struct EventHeader {
     /// Identity of the connection within (pid, fd): the kernel time at which the socket started
     /// being tracked. fd numbers are reused after close; (pid, fd, conn_id) never is.
     pub conn_id: u64,
-    /// Kernel monotonic time (CLOCK_MONOTONIC, ns) at syscall entry; for reads (ingress data),
-    /// the exit time: their bytes exist only then, and the entry clock read is skipped.
+    /// Kernel monotonic time (CLOCK_MONOTONIC, ns) at syscall entry; for reads (ingress data) and
+    /// writes on accepted sockets, the exit time: no span uses their entry time, and the entry
+    /// clock read is skipped.
     pub start_ns: u64,
     /// Kernel monotonic time at syscall exit.
     pub end_ns: u64,
@@ -153,6 +154,10 @@ pub struct ExecEvent {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnectionValue {
     pub conn_id: u64,
+    /// 1 when the socket came from accept(2): its writes are responses, whose entry time no span
+    /// uses, so their entry skips the clock read. 0 (connect, or found in procfs): unknown.
+    pub accepted: u32,
+    pub _pad: u32,
 }
 
 pub fn connection_key(pid: u32, fd: i32) -> u64 {

@@ -68,9 +68,10 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
         _pad: 0,
         ptr: arg(ctx, ARG1),
         count: arg(ctx, ARG2),
-        // A read's bytes exist at its exit, which the exit records; only writes need the entry
-        // time (a clock read saved per read).
-        start_ns: if direction == DIRECTION_EGRESS {
+        // A read's bytes exist at its exit, which the exit records, and a server's response
+        // spans end at their last write's exit: only writes on connections that may be clients
+        // need the entry time (a clock read saved per syscall otherwise).
+        start_ns: if direction == DIRECTION_EGRESS && conn.accepted == 0 {
             unsafe { bpf_ktime_get_ns() }
         } else {
             0

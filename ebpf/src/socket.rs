@@ -101,7 +101,11 @@ fn track_socket(kind: EventKind, pid_tgid: u64, fd: i32, start_ns: u64, end_ns: 
     };
     let pid = (pid_tgid >> 32) as u32;
     // The tracking start time is the connection's identity: fds are reused, (pid, fd, time) not.
-    let value = ConnectionValue { conn_id: end_ns };
+    let value = ConnectionValue {
+        conn_id: end_ns,
+        accepted: u32::from(kind == EventKind::Accept),
+        _pad: 0,
+    };
     if CONNECTIONS
         .insert(&connection_key(pid, fd), &value, 0)
         .is_err()

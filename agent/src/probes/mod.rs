@@ -111,7 +111,12 @@ impl KernelControl for KernelMaps {
     }
 
     fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
-        let value = ConnectionValue { conn_id };
+        // Role unknown (found in procfs): every write takes its entry time.
+        let value = ConnectionValue {
+            conn_id,
+            accepted: 0,
+            _pad: 0,
+        };
         if let Err(e) = self.connections.insert(connection_key(pid, fd), value, 0) {
             log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
         }
