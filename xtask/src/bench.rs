@@ -163,15 +163,27 @@ fn traced(nginx_pid: u32, secs: u64) -> Result<Traced> {
     let cpu_after = cpu_ticks(pid)?;
     let bpf_after = bpf_programs(pid)?;
     let peak_rss_kib = vm_hwm_kib(pid)?;
+    let names = program_names(pid)?;
     let counters = kspan.stop()?;
 
     let mut ebpf_ns = 0;
     let mut ebpf_runs = 0;
+    let mut by_program = Vec::new();
     for (id, after) in &bpf_after {
         let before = bpf_before.get(id).copied().unwrap_or_default();
-        ebpf_ns += after.run_time_ns.saturating_sub(before.run_time_ns);
-        ebpf_runs += after.run_cnt.saturating_sub(before.run_cnt);
+        let ns = after.run_time_ns.saturating_sub(before.run_time_ns);
+        let runs = after.run_cnt.saturating_sub(before.run_cnt);
+        ebpf_ns += ns;
+        ebpf_runs += runs;
+        if runs > 0 {
+            let name = names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("prog {id}"));
+            by_program.push(ProgramRun { name, ns, runs });
+        }
     }
+    by_program.sort_by_key(|p| std::cmp::Reverse(p.ns));
     let counter = |name: &str| {
         counters
             .get(name)
@@ -186,6 +198,7 @@ fn traced(nginx_pid: u32, secs: u64) -> Result<Traced> {
         peak_rss_kib,
         events_lost: counter("events_lost")?,
         spans_emitted: counter("spans_emitted")?,
+        by_program,
         wrk,
     };
     println!(
@@ -200,6 +213,21 @@ fn traced(nginx_pid: u32, secs: u64) -> Result<Traced> {
         traced.spans_emitted,
         traced.wrk.requests
     );
+    // Where the eBPF time goes: the traced process's hooks and everyone else's (wrk's here).
+    let parts: Vec<String> = traced
+        .by_program
+        .iter()
+        .take(8)
+        .map(|p| {
+            format!(
+                "{} {:.0} ns/run × {:.2}",
+                p.name,
+                p.ns as f64 / p.runs as f64,
+                traced.per_request(p.runs as f64)
+            )
+        })
+        .collect();
+    println!("  eBPF by program (runs/request): {}", parts.join(", "));
     Ok(traced)
 }
 
@@ -249,6 +277,15 @@ struct Traced {
     peak_rss_kib: u64,
     events_lost: u64,
     spans_emitted: u64,
+    /// Per program, most time first.
+    by_program: Vec<ProgramRun>,
+}
+
+struct ProgramRun {
+    /// Tracepoint name, from the program's link.
+    name: String,
+    ns: u64,
+    runs: u64,
 }
 
 impl Traced {
@@ -290,6 +327,12 @@ impl Traced {
             "events_lost": self.events_lost,
             "spans_emitted": self.spans_emitted,
             "spans_per_request": self.spans_per_request(),
+            "ebpf_by_program": self.by_program.iter().map(|p| json!({
+                "tracepoint": p.name,
+                "ns_per_run": p.ns as f64 / p.runs as f64,
+                "runs_per_request": self.per_request(p.runs as f64),
+                "ns_per_request": self.per_request(p.ns as f64),
+            })).collect::<Vec<_>>(),
         });
         value
     }
@@ -1013,6 +1056,33 @@ fn parse_program_fdinfo(text: &str) -> Option<(u64, Option<ProgramStats>)> {
     Some((id, stats))
 }
 
+/// Tracepoint names of the programs a process has linked, by program id (from the links' fdinfo).
+fn program_names(pid: u32) -> Result<BTreeMap<u64, String>> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
+    let mut names = BTreeMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let Ok(text) = fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        if let Some((id, name)) = parse_link_fdinfo(&text) {
+            names.insert(id, name);
+        }
+    }
+    Ok(names)
+}
+
+/// For a tracepoint link's fdinfo: the program id and the tracepoint name.
+fn parse_link_fdinfo(text: &str) -> Option<(u64, String)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    field("link_type")?;
+    let id = field("prog_id")?.parse().ok()?;
+    Some((id, field("tp_name")?.to_string()))
+}
+
 /// kernel.bpf_stats_enabled set to 1; the previous value is restored when dropped.
 struct BpfStats {
     previous: String,
@@ -1374,6 +1444,16 @@ Transfer/sec:      1.99MB
         assert_eq!(parse_program_fdinfo(&old), Some((6602, None)));
         assert_eq!(parse_program_fdinfo(FDINFO_LINK), None);
         assert_eq!(parse_program_fdinfo(FDINFO_MAP), None);
+    }
+
+    #[test]
+    fn link_fdinfo_names_its_program() {
+        assert_eq!(
+            parse_link_fdinfo(FDINFO_LINK),
+            Some((6602, "sys_enter_read".to_string()))
+        );
+        assert_eq!(parse_link_fdinfo(FDINFO_PROGRAM), None);
+        assert_eq!(parse_link_fdinfo(FDINFO_MAP), None);
     }
 }
 
