@@ -193,10 +193,9 @@ fn copy_buffer(dst: *mut u8, src: u64, want: u32) -> u32 {
 #[inline(always)]
 fn copy_iovec(dst: *mut u8, iov: u64, iovcnt: u64, want: u32) -> u32 {
     let half = MAX_CAPTURE as u32;
-    // The whole iovec array (up to MAX_IOV_SEGMENTS) in one user read: each read is a helper call
-    // with user-access setup, the largest fixed cost of this path.
-    // Left uninitialized (zeroing cost a memset call per event); only the `count` entries the
-    // read filled are used.
+    // The whole iovec array (up to MAX_IOV_SEGMENTS) in one user read rather than one per
+    // segment. Left uninitialized (zeroing it compiled to a memset call per event); only the
+    // `count` entries the read filled are used.
     let mut segments = core::mem::MaybeUninit::<[Iovec; MAX_IOV_SEGMENTS]>::uninit();
     let count = iovcnt.min(MAX_IOV_SEGMENTS as u64) as u32;
     let ret = unsafe {
