@@ -408,3 +408,86 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::spans::{Resource, SpanKind, SpanStatus};
+
+    fn finished(n: u8) -> Finished {
+        Finished {
+            span: Span {
+                trace_id: [n; 16],
+                span_id: [n; 8],
+                parent_span_id: None,
+                trace_state: None,
+                name: "GET /".into(),
+                kind: SpanKind::Server,
+                start_unix_nano: 1,
+                end_unix_nano: 2,
+                status: SpanStatus::Unset,
+                attributes: Vec::new(),
+                resource: Arc::new(Resource {
+                    attributes: Vec::new(),
+                }),
+            },
+            sampled: true,
+        }
+    }
+
+    #[test]
+    fn spans_wait_for_a_flush_then_go_as_one_batch() {
+        let (sender, receiver) = mpsc::sync_channel(4);
+        let stats = Arc::new(Stats::default());
+        let mut sink = ChannelSink::new(sender, stats.clone());
+        sink.emit(finished(1));
+        sink.emit(finished(2));
+        assert!(
+            receiver.try_recv().is_err(),
+            "nothing is sent before a flush"
+        );
+        sink.flush();
+        let batch = receiver.try_recv().unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[1].span.span_id, [2; 8]);
+        assert_eq!(Stats::get(&stats.spans_emitted), 2);
+        sink.flush();
+        assert!(receiver.try_recv().is_err(), "an empty flush sends nothing");
+    }
+
+    #[test]
+    fn a_full_batch_goes_without_waiting_for_the_flush() {
+        let (sender, receiver) = mpsc::sync_channel(4);
+        let stats = Arc::new(Stats::default());
+        let mut sink = ChannelSink::new(sender, stats.clone());
+        for n in 0..=SPAN_BATCH {
+            sink.emit(finished(n as u8));
+        }
+        assert_eq!(receiver.try_recv().unwrap().len(), SPAN_BATCH);
+        drop(sink);
+        assert_eq!(
+            receiver.try_recv().unwrap().len(),
+            1,
+            "dropping the sink flushes"
+        );
+        assert_eq!(Stats::get(&stats.spans_emitted), SPAN_BATCH as u64 + 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_the_whole_batch() {
+        let (sender, receiver) = mpsc::sync_channel(1);
+        let stats = Arc::new(Stats::default());
+        let mut sink = ChannelSink::new(sender, stats.clone());
+        sink.emit(finished(1));
+        sink.flush();
+        sink.emit(finished(2));
+        sink.emit(finished(3));
+        sink.flush();
+        assert_eq!(Stats::get(&stats.spans_emitted), 1);
+        assert_eq!(Stats::get(&stats.spans_dropped), 2);
+        assert_eq!(receiver.try_recv().unwrap().len(), 1);
+        assert!(receiver.try_recv().is_err());
+    }
+}
