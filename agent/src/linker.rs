@@ -65,21 +65,20 @@ pub struct Resolved {
 #[derive(Debug, Default)]
 pub struct ConnectionLinks {
     requests_seen: u64,
-    in_flight: VecDeque<(u32, u64, Rc<Node>)>,
+    in_flight: VecDeque<PendingRequest>,
 }
 
-impl ConnectionLinks {
-    /// The node of the exchange that started at (tid, start_ns); older unmatched entries (requests
-    /// the parser dropped) are discarded.
-    pub fn take(&mut self, tid: u32, start_ns: u64) -> Option<Rc<Node>> {
-        let position = self
-            .in_flight
-            .iter()
-            .position(|(t, s, _)| *t == tid && *s == start_ns)?;
-        let node = self.in_flight.remove(position).map(|(_, _, node)| node);
-        self.in_flight.drain(..position);
-        node
-    }
+/// A request whose span is not emitted yet.
+#[derive(Debug)]
+struct PendingRequest {
+    /// Thread that read (server) or wrote (client) it.
+    tid: u32,
+    start_ns: u64,
+    node: Rc<Node>,
+    /// Its response has started (server requests).
+    answered: bool,
+    /// Listed in `Linker::serving` under (pid, tid): lets every removal be a keyed lookup.
+    listed: bool,
 }
 
 /// Where a request happened: the traced process's end of one connection.
@@ -108,13 +107,10 @@ pub struct LinkCounters {
     pub mismatched: u64,
 }
 
-/// A request being served: (local, remote) of its connection, and its span node.
-type Served = (SocketAddr, SocketAddr, Rc<Node>);
-
 pub struct Linker {
     sampler: Sampler,
-    /// Requests each (pid, tid) read and has not started answering: (local, remote, node).
-    serving: FxHashMap<(u32, u32), Vec<Served>>,
+    /// Requests each (pid, tid) read and has not started answering.
+    serving: FxHashMap<(u32, u32), Vec<Rc<Node>>>,
     /// Client ends of traced connections, keyed (client local, client remote).
     outgoing: FxHashMap<(SocketAddr, SocketAddr), Outgoing>,
     pub counters: LinkCounters,
@@ -140,8 +136,8 @@ impl Linker {
     /// The connection ended (or its process exited): forget what pairing and serving kept.
     pub fn on_close(&mut self, end: &Endpoint, links: &mut ConnectionLinks) {
         self.outgoing.remove(&(end.local, end.remote));
-        for (_, _, node) in links.in_flight.drain(..) {
-            self.stop_serving_node(end.pid, &node);
+        for mut request in links.in_flight.drain(..) {
+            self.stop_serving(end.pid, &mut request);
         }
     }
 
@@ -158,6 +154,7 @@ impl Linker {
     ) {
         let index = links.requests_seen;
         links.requests_seen += 1;
+        let mut listed = false;
         let incoming = tracecontext::extract(&start.context_headers);
         let node = Rc::new(Node {
             span_id: tracecontext::new_span_id(),
@@ -178,13 +175,14 @@ impl Linker {
                 }
                 let serving = self.serving.entry((end.pid, start.tid)).or_default();
                 if serving.len() < MAX_SERVING_PER_THREAD {
-                    serving.push((end.local, end.remote, node.clone()));
+                    serving.push(node.clone());
+                    listed = true;
                 }
             }
             Role::Client => {
                 if incoming.is_none() {
                     match self.serving.get(&(end.pid, start.tid)).map(Vec::as_slice) {
-                        Some([(_, _, server)]) => {
+                        Some([server]) => {
                             *node.parent.borrow_mut() = Parent::Local(server.clone());
                         }
                         Some([_, _, ..]) => self.counters.ambiguous += 1,
@@ -196,7 +194,13 @@ impl Linker {
                 }
             }
         }
-        links.in_flight.push_back((start.tid, start.start_ns, node));
+        links.in_flight.push_back(PendingRequest {
+            tid: start.tid,
+            start_ns: start.start_ns,
+            node,
+            answered: false,
+            listed,
+        });
     }
 
     fn pair_with_client(
@@ -259,56 +263,77 @@ impl Linker {
         ));
     }
 
-    /// `count` responses began on a server connection: those requests are no longer being
-    /// served by the thread that read them.
-    pub fn on_responses_started(&mut self, end: &Endpoint, count: u32) {
-        for _ in 0..count {
-            let mut emptied = None;
-            // The oldest request of this connection, whichever thread read it.
-            for (key, list) in self.serving.iter_mut() {
-                if key.0 != end.pid {
-                    continue;
-                }
-                if let Some(position) = list
-                    .iter()
-                    .position(|(l, r, _)| *l == end.local && *r == end.remote)
-                {
-                    list.remove(position);
-                    if list.is_empty() {
-                        emptied = Some(*key);
-                    }
-                    break;
-                }
-            }
-            if let Some(key) = emptied {
-                self.serving.remove(&key);
-            }
+    /// `count` responses began on a server connection: its oldest unanswered requests are no
+    /// longer being served by the threads that read them.
+    pub fn on_responses_started(
+        &mut self,
+        end: &Endpoint,
+        links: &mut ConnectionLinks,
+        count: u32,
+    ) {
+        let unanswered = links.in_flight.iter_mut().filter(|r| !r.answered);
+        for request in unanswered.take(count as usize) {
+            request.answered = true;
+            self.stop_serving(end.pid, request);
         }
     }
 
-    fn stop_serving_node(&mut self, pid: u32, node: &Rc<Node>) {
-        self.serving.retain(|(p, _), list| {
-            if *p == pid {
-                list.retain(|(_, _, n)| !Rc::ptr_eq(n, node));
-            }
-            !list.is_empty()
-        });
+    /// Takes `request` off its thread's serving list, if it is on it.
+    fn stop_serving(&mut self, pid: u32, request: &mut PendingRequest) {
+        if !std::mem::take(&mut request.listed) {
+            return;
+        }
+        let key = (pid, request.tid);
+        let Some(list) = self.serving.get_mut(&key) else {
+            return;
+        };
+        if let Some(position) = list.iter().position(|n| Rc::ptr_eq(n, &request.node)) {
+            list.remove(position);
+        }
+        if list.is_empty() {
+            self.serving.remove(&key);
+        }
     }
 
-    /// The exchange of `node` completed: its final identity. Server requests still listed as
-    /// served (their response start was not seen) stop being served.
-    pub fn finish(&mut self, end: &Endpoint, role: Role, node: &Rc<Node>) -> Resolved {
-        if role == Role::Server {
-            self.stop_serving_node(end.pid, node);
-        } else if let Some(outgoing) = self.outgoing.get_mut(&(end.local, end.remote)) {
+    /// The exchange that started at (tid, start_ns) on this connection completed: its span's
+    /// final identity. Older pending requests (the parser dropped them) are discarded; server
+    /// requests still listed as served (their response start was not seen) stop being served.
+    pub fn finish(
+        &mut self,
+        end: &Endpoint,
+        role: Role,
+        links: &mut ConnectionLinks,
+        tid: u32,
+        start_ns: u64,
+    ) -> Resolved {
+        let Some(position) = links
+            .in_flight
+            .iter()
+            .position(|r| r.tid == tid && r.start_ns == start_ns)
+        else {
+            // Should not happen: the parser reports every request it emits.
+            return self.new_root();
+        };
+        for mut dropped in links.in_flight.drain(..position) {
+            self.stop_serving(end.pid, &mut dropped);
+        }
+        let Some(mut request) = links.in_flight.pop_front() else {
+            return self.new_root();
+        };
+        self.stop_serving(end.pid, &mut request);
+        if role == Role::Client
+            && let Some(outgoing) = self.outgoing.get_mut(&(end.local, end.remote))
+        {
             // The server end read this request before answering it: no pairing needs it now.
-            outgoing.requests.retain(|(_, n, ..)| !Rc::ptr_eq(n, node));
+            outgoing
+                .requests
+                .retain(|(_, n, ..)| !Rc::ptr_eq(n, &request.node));
         }
-        self.resolve(node)
+        self.resolve(&request.node)
     }
 
-    /// A span without a node (should not happen; the parser reports every request it emits).
-    pub fn new_root(&self) -> Resolved {
+    /// A span without a node.
+    fn new_root(&self) -> Resolved {
         let trace_id = tracecontext::new_trace_id();
         Resolved {
             ids: SpanIds {
@@ -420,7 +445,7 @@ mod tests {
         links: &mut ConnectionLinks,
     ) -> Rc<Node> {
         linker.on_request(end, &s, links);
-        links.in_flight.back().unwrap().2.clone()
+        links.in_flight.back().unwrap().node.clone()
     }
 
     #[test]
@@ -531,7 +556,7 @@ mod tests {
         assert_eq!(linker.resolve(&client).ids.parent_span_id, None);
         assert_eq!(linker.counters.ambiguous, 1);
         // Once the first response starts, the thread serves one request: calls link again.
-        linker.on_responses_started(&end(1, 8000, 40001), 1);
+        linker.on_responses_started(&end(1, 8000, 40001), &mut a, 1);
         let client = request(
             &mut linker,
             &end(1, 41000, 9000),
@@ -552,7 +577,7 @@ mod tests {
             start(Role::Server, 5, 1, &[]),
             &mut links,
         );
-        linker.on_responses_started(&server_end, 1);
+        linker.on_responses_started(&server_end, &mut links, 1);
         let mut out = ConnectionLinks::default();
         let client = request(
             &mut linker,
@@ -625,7 +650,7 @@ mod tests {
                 linker.resolve(&server).sampled,
                 linker.resolve(&client).sampled
             );
-            linker.on_responses_started(&server_end, 1);
+            linker.on_responses_started(&server_end, &mut links, 1);
         }
     }
 
@@ -636,10 +661,15 @@ mod tests {
         let mut links = ConnectionLinks::default();
         let first = request(&mut linker, &e, start(Role::Server, 1, 10, &[]), &mut links);
         let second = request(&mut linker, &e, start(Role::Server, 1, 20, &[]), &mut links);
-        // The first request never became an exchange: asking for the second discards it.
-        assert!(Rc::ptr_eq(&links.take(1, 20).unwrap(), &second));
-        assert!(links.take(1, 10).is_none());
-        drop(first);
+        // The first request never became an exchange: finishing the second discards it.
+        let finished = linker.finish(&e, Role::Server, &mut links, 1, 20);
+        assert_eq!(finished.ids.span_id, second.span_id);
         assert!(links.in_flight.is_empty());
+        // Nothing is left for the first: a span of its own, not the dropped node's.
+        let orphan = linker.finish(&e, Role::Server, &mut links, 1, 10);
+        assert_ne!(orphan.ids.span_id, first.span_id);
+        assert_eq!(orphan.ids.parent_span_id, None);
+        // Neither is still listed as being served by thread 1.
+        assert!(linker.serving.is_empty());
     }
 }

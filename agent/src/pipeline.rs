@@ -355,7 +355,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         }
         let responses = parser.take_responses_started();
         if responses > 0 && parser.role() == Some(Role::Server) {
-            self.linker.on_responses_started(&end, responses);
+            self.linker
+                .on_responses_started(&end, &mut connection.links, responses);
         }
         if !self.exchanges.is_empty() {
             // The links leave the connection while `emit` borrows the pipeline.
@@ -388,10 +389,13 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     fn emit(&mut self, pid: u32, end: &Endpoint, links: &mut ConnectionLinks) {
         let resource = self.processes.resource(pid);
         for exchange in self.exchanges.drain(..) {
-            let resolved = match links.take(exchange.request_tid, exchange.start_ns) {
-                Some(node) => self.linker.finish(end, exchange.role, &node),
-                None => self.linker.new_root(),
-            };
+            let resolved = self.linker.finish(
+                end,
+                exchange.role,
+                links,
+                exchange.request_tid,
+                exchange.start_ns,
+            );
             let mut span = http_span(
                 &exchange,
                 resolved.ids,
