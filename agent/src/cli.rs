@@ -309,6 +309,7 @@ pub fn run(args: Args) -> Result<()> {
     while let Some(record) = ring.next() {
         pipeline.handle_record(&record);
     }
+    pipeline.flush();
     let kernel = pipeline.kernel().counters();
     mirror_kernel_counters(&stats, &kernel);
     let links = pipeline.linker().counters;

@@ -109,6 +109,9 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     /// Reused between events so a chunk that completes nothing allocates nothing.
     exchanges: Vec<HttpExchange>,
     starts: Vec<RequestStart>,
+    /// Events handled since the last flush: a plain count per event, one shared atomic add per
+    /// drain (the stats are read by other threads).
+    events_unflushed: u64,
 }
 
 impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
@@ -131,6 +134,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             linker,
             exchanges: Vec::new(),
             starts: Vec::new(),
+            events_unflushed: 0,
         }
     }
 
@@ -146,8 +150,11 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         &mut self.sink
     }
 
-    /// Hand buffered spans to the sink's consumer.
+    /// Hand buffered spans to the sink's consumer and publish the event count (after each drain
+    /// of the ring buffer).
     pub fn flush(&mut self) {
+        Stats::add(&self.stats.events_received, self.events_unflushed);
+        self.events_unflushed = 0;
         self.sink.flush()
     }
 
@@ -183,7 +190,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
 
     /// One ring-buffer record.
     pub fn handle_record(&mut self, record: &[u8]) {
-        Stats::add(&self.stats.events_received, 1);
+        self.events_unflushed += 1;
         match events::decode(record) {
             Some(event) => self.handle_event(event),
             None => Stats::add(&self.stats.malformed_events, 1),
