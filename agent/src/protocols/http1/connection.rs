@@ -98,18 +98,14 @@ impl Http1Connection {
                         ..
                     }
                 );
-                if let Some(request) = in_flight.request.request {
-                    out.push(if until_close {
-                        exchange(
-                            &in_flight.request.meta,
-                            request,
-                            Some(in_flight.response),
-                            end_ns,
-                            in_flight.response_tid,
-                        )
-                    } else {
-                        closed(&in_flight.request.meta, request, end_ns)
-                    });
+                if until_close {
+                    out.extend(in_flight.request.answered(
+                        in_flight.response,
+                        end_ns,
+                        in_flight.response_tid,
+                    ));
+                } else if let Some(request) = in_flight.request.request {
+                    out.push(closed(&in_flight.request.meta, request, end_ns));
                 }
             }
         }
@@ -200,6 +196,25 @@ struct PendingRequest {
     meta: RequestMeta,
     is_head: bool,
     is_connect: bool,
+}
+
+impl PendingRequest {
+    /// The exchange this request and its response make; None for a dropped placeholder.
+    fn answered(
+        self,
+        response: HttpResponse,
+        end_ns: u64,
+        response_tid: u32,
+    ) -> Option<HttpExchange> {
+        let request = self.request?;
+        Some(exchange(
+            &self.meta,
+            request,
+            Some(response),
+            end_ns,
+            response_tid,
+        ))
+    }
 }
 
 /// A response whose headers were parsed, its body still arriving.
@@ -559,20 +574,7 @@ impl HalfStream {
 
         if status == 101 || (is_connect && (200..300).contains(&status)) {
             // The connection leaves HTTP/1 (protocol switch or tunnel).
-            if let Some(PendingRequest {
-                request: Some(req),
-                meta: req_meta,
-                ..
-            }) = request
-            {
-                out.push(exchange(
-                    &req_meta,
-                    req,
-                    Some(response),
-                    meta.end_ns,
-                    response_tid,
-                ));
-            }
+            out.extend(request.and_then(|r| r.answered(response, meta.end_ns, response_tid)));
             sh.upgraded = true;
             self.state = State::Idle;
             *pos = total;
@@ -593,20 +595,9 @@ impl HalfStream {
                 BodyFraming::Invalid => {
                     // Unusable Content-Length: report the exchange, then resync.
                     errors += 1;
-                    if let Some(PendingRequest {
-                        request: Some(req),
-                        meta: req_meta,
-                        ..
-                    }) = request
-                    {
-                        out.push(exchange(
-                            &req_meta,
-                            req,
-                            Some(response),
-                            meta.end_ns,
-                            response_tid,
-                        ));
-                    }
+                    out.extend(
+                        request.and_then(|r| r.answered(response, meta.end_ns, response_tid)),
+                    );
                     *pos = total;
                     self.state = State::Garbage;
                     return errors;
@@ -731,23 +722,11 @@ impl HalfStream {
         match kind {
             Kind::Request => self.request_body = false,
             Kind::Response => {
-                if let Some(InFlight {
-                    request:
-                        PendingRequest {
-                            request: Some(request),
-                            meta,
-                            ..
-                        },
-                    response,
-                    response_tid,
-                }) = self.response.take()
-                {
-                    out.push(exchange(
-                        &meta,
-                        request,
-                        Some(response),
+                if let Some(in_flight) = self.response.take() {
+                    out.extend(in_flight.request.answered(
+                        in_flight.response,
                         end_ns,
-                        response_tid,
+                        in_flight.response_tid,
                     ));
                 }
             }
