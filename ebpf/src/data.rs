@@ -18,12 +18,9 @@ use kspan_common::{
     MAX_IOV_SEGMENTS, connection_key, counter,
 };
 
-use crate::{
-    maps::{
-        CONNECTIONS, EVENTS, InFlight, SCRATCH, capture_bytes, count, may_be_traced, shape, stash,
-        submit_flags, unstash,
-    },
-    socket,
+use crate::maps::{
+    CONNECTIONS, DataRecord, EVENTS, InFlight, Iovec, SCRATCH, capture_bytes, count, may_be_traced,
+    shape, stash, submit_flags, unstash,
 };
 
 /// Syscall tracepoint layout (stable across architectures): arguments at 16 + 8 * n, return value
@@ -81,30 +78,21 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
     stash(&in_flight);
 }
 
-/// Shared exit of every stashed syscall (data and socket ones).
+/// Exit of a data syscall: with the real byte count, copy the bytes. Connect and accept have
+/// their own exit (socket.rs), so the data exits stay small enough for every verifier.
 #[inline(always)]
-fn exit_syscall(ctx: &TracePointContext) {
+fn exit_data(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(in_flight) = unstash(pid_tgid) else {
         return;
     };
     let ret = arg(ctx, RET) as i64;
-    let end_ns = unsafe { bpf_ktime_get_ns() };
-    match in_flight.shape {
-        shape::CONNECT => socket::connect_exit(pid_tgid, &in_flight, ret, end_ns),
-        shape::ACCEPT => socket::accept_exit(pid_tgid, &in_flight, ret, end_ns),
-        _ => {
-            if ret > 0 {
-                data_exit(pid_tgid, &in_flight, ret as u64, end_ns);
-            }
-        }
+    // A slot stashed by connect or accept whose exit was lost is not ours to report.
+    if ret > 0 && in_flight.shape <= shape::NONE {
+        data_exit(pid_tgid, &in_flight, ret as u64, unsafe {
+            bpf_ktime_get_ns()
+        });
     }
-}
-
-#[repr(C)]
-struct Iovec {
-    base: u64,
-    len: u64,
 }
 
 /// The fields of `struct user_msghdr` up to the iovec.
@@ -133,12 +121,11 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, full_len: u64, end_ns: u64) {
     let Some(record) = SCRATCH.get_ptr_mut(cpu) else {
         return;
     };
-    let data = unsafe { (*record).data.as_mut_ptr() };
     let mut copied = match in_flight.shape {
-        shape::BUFFER => copy_buffer(data, in_flight.ptr, want),
-        shape::IOVEC => copy_iovec(data, in_flight.ptr, in_flight.count, want),
+        shape::BUFFER => copy_buffer(unsafe { (*record).data.as_mut_ptr() }, in_flight.ptr, want),
+        shape::IOVEC => copy_iovec(record, in_flight.ptr, in_flight.count, want),
         shape::MSGHDR => match unsafe { bpf_probe_read_user(in_flight.ptr as *const MsgHdr) } {
-            Ok(msg) => copy_iovec(data, msg.iov, msg.iovlen, want),
+            Ok(msg) => copy_iovec(record, msg.iov, msg.iovlen, want),
             Err(_) => 0,
         },
         _ => 0,
@@ -191,13 +178,15 @@ fn copy_buffer(dst: *mut u8, src: u64, want: u32) -> u32 {
 /// destination offset is masked below MAX_CAPTURE and each copy is at most MAX_CAPTURE long, so
 /// the verifier can prove every write stays inside the scratch record (twice MAX_CAPTURE).
 #[inline(always)]
-fn copy_iovec(dst: *mut u8, iov: u64, iovcnt: u64, want: u32) -> u32 {
+fn copy_iovec(record: *mut DataRecord, iov: u64, iovcnt: u64, want: u32) -> u32 {
     let half = MAX_CAPTURE as u32;
+    let dst = unsafe { (*record).data.as_mut_ptr() };
     // The whole iovec array (up to MAX_IOV_SEGMENTS) in one user read rather than one per
-    // segment. Left uninitialized (zeroing it compiled to a memset call per event); only the
-    // `count` entries the read filled are used.
-    let mut segments = core::mem::MaybeUninit::<[Iovec; MAX_IOV_SEGMENTS]>::uninit();
+    // segment, into the scratch record: on the 512-byte BPF stack it pushed the exit programs
+    // over the limit of kernels before 6.13 (their verifier rounds every frame up to 32 bytes).
+    // Only the `count` entries the read filled are used.
     let count = iovcnt.min(MAX_IOV_SEGMENTS as u64) as u32;
+    let segments = unsafe { &mut (*record).segments };
     let ret = unsafe {
         generated::bpf_probe_read_user(
             segments.as_mut_ptr().cast(),
@@ -208,7 +197,6 @@ fn copy_iovec(dst: *mut u8, iov: u64, iovcnt: u64, want: u32) -> u32 {
     if ret != 0 {
         return 0;
     }
-    let segments = unsafe { segments.assume_init_ref() };
     let mut copied: u32 = 0;
     let mut i: usize = 0;
     while i < MAX_IOV_SEGMENTS {
@@ -254,7 +242,7 @@ macro_rules! data_syscall {
 
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_syscall(&ctx);
+            exit_data(&ctx);
             0
         }
     };
@@ -324,24 +312,6 @@ data_syscall!(
     0
 );
 
-/// connect, accept and accept4 exits share the stash-and-exit path of data syscalls.
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    exit_syscall(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    exit_syscall(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    exit_syscall(&ctx);
-    0
-}
-
 pub(crate) use arg as syscall_arg;
 pub(crate) const SYSCALL_ARG0: usize = ARG0;
+pub(crate) const SYSCALL_RET: usize = RET;

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
-    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_TRACED_PIDS, TRACED_SLOTS, counter,
+    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_IOV_SEGMENTS, MAX_TRACED_PIDS, TRACED_SLOTS, counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -118,6 +118,15 @@ pub struct DataRecord {
     pub header: EventHeader,
     /// Twice the largest capture: iovec copies mask their offset below MAX_CAPTURE (verifier).
     pub data: [u8; 2 * MAX_CAPTURE],
+    /// The caller's iovec array, read in one go (not part of the event).
+    pub segments: [Iovec; MAX_IOV_SEGMENTS],
+}
+
+/// `struct iovec` as user space lays it out.
+#[repr(C)]
+pub struct Iovec {
+    pub base: u64,
+    pub len: u64,
 }
 
 /// Per-CPU counters, indexed by `kspan_common::counter`.

@@ -16,10 +16,10 @@ use kspan_common::{
 };
 
 use crate::{
-    data::{SYSCALL_ARG0, syscall_arg},
+    data::{SYSCALL_ARG0, SYSCALL_RET, syscall_arg},
     maps::{
         CONNECTIONS, EVENTS, InFlight, agent_pid, count, is_traced, kernel_offsets, may_be_traced,
-        shape, stash, submit_flags,
+        shape, stash, submit_flags, unstash,
     },
 };
 
@@ -68,7 +68,44 @@ pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
     0
 }
 
-pub fn connect_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) {
+/// Exit of connect, accept and accept4: the fd (accept: the returned one) becomes a tracked
+/// socket. Kept apart from the data exits so neither carries the other's stack frames.
+#[inline(always)]
+fn exit_socket(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(in_flight) = unstash(pid_tgid) else {
+        return;
+    };
+    let ret = syscall_arg(ctx, SYSCALL_RET) as i64;
+    let end_ns = unsafe { bpf_ktime_get_ns() };
+    match in_flight.shape {
+        shape::CONNECT => connect_exit(pid_tgid, &in_flight, ret, end_ns),
+        shape::ACCEPT => accept_exit(pid_tgid, &in_flight, ret, end_ns),
+        // A data syscall whose exit was lost: its bytes are gone either way.
+        _ => {}
+    }
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    exit_socket(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_socket(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    exit_socket(&ctx);
+    0
+}
+
+#[inline(always)]
+fn connect_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) {
     // A non-blocking connect returns EINPROGRESS with its local port already bound.
     if ret == 0 || ret == -EINPROGRESS {
         track_socket(
@@ -81,7 +118,8 @@ pub fn connect_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) 
     }
 }
 
-pub fn accept_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) {
+#[inline(always)]
+fn accept_exit(pid_tgid: u64, in_flight: &InFlight, ret: i64, end_ns: u64) {
     if ret >= 0 {
         track_socket(
             EventKind::Accept,
@@ -130,10 +168,13 @@ fn emit_socket_event(
         count(counter::EVENTS_LOST);
         return;
     };
-    entry.write(SocketEvent {
-        header: header(kind, pid_tgid, fd, conn_id, start_ns, end_ns),
-        tuple,
-    });
+    // Field by field into the reserved record: a whole SocketEvent built on the stack first
+    // costs its size again in stack depth.
+    let event = entry.as_mut_ptr();
+    unsafe {
+        (*event).header = header(kind, pid_tgid, fd, conn_id, start_ns, end_ns);
+        (*event).tuple = tuple;
+    }
     entry.submit(submit_flags());
 }
 
@@ -220,48 +261,7 @@ fn read<T>(address: u64) -> Option<T> {
 /// `struct sock_common`. Returns None for anything but a TCP socket over IPv4 or IPv6.
 #[inline(always)]
 fn socket_tuple(fd: i32) -> Option<SocketTuple> {
-    let o = kernel_offsets();
-    let lookup = || -> Option<SocketTuple> {
-        let task = unsafe { bpf_get_current_task() };
-        let files: u64 = read(task + o.task_files as u64)?;
-        let fdt: u64 = read(files + o.files_fdt as u64)?;
-        let max_fds: u32 = read(fdt + o.fdtable_max_fds as u64)?;
-        if fd < 0 || fd as u32 >= max_fds {
-            return None;
-        }
-        let fd_array: u64 = read(fdt + o.fdtable_fd as u64)?;
-        let file: u64 = read(fd_array + 8 * fd as u64)?;
-        let socket: u64 = read(file + o.file_private_data as u64)?;
-        let sk: u64 = read(socket + o.socket_sk as u64)?;
-        let family: u16 = read(sk + o.sock_family as u64)?;
-        if family != AF_INET && family != AF_INET6 {
-            return Some(SocketTuple::default());
-        }
-        if o.sock_type != NO_OFFSET && read::<u16>(sk + o.sock_type as u64)? != SOCK_STREAM {
-            return Some(SocketTuple::default());
-        }
-        if o.sock_protocol != NO_OFFSET && read::<u16>(sk + o.sock_protocol as u64)? != IPPROTO_TCP
-        {
-            return Some(SocketTuple::default());
-        }
-        let mut tuple = SocketTuple {
-            family,
-            local_port: read(sk + o.sock_num as u64)?,
-            remote_port: u16::from_be(read(sk + o.sock_dport as u64)?),
-            ..SocketTuple::default()
-        };
-        if family == AF_INET {
-            let local: [u8; 4] = read(sk + o.sock_rcv_saddr as u64)?;
-            let remote: [u8; 4] = read(sk + o.sock_daddr as u64)?;
-            tuple.local_addr[..4].copy_from_slice(&local);
-            tuple.remote_addr[..4].copy_from_slice(&remote);
-        } else {
-            tuple.local_addr = read(sk + o.sock_v6_rcv_saddr as u64)?;
-            tuple.remote_addr = read(sk + o.sock_v6_daddr as u64)?;
-        }
-        Some(tuple)
-    };
-    match lookup() {
+    match walk_to_socket(fd) {
         // family 0: a socket we deliberately do not track.
         Some(tuple) if tuple.family != 0 => Some(tuple),
         Some(_) => None,
@@ -270,4 +270,57 @@ fn socket_tuple(fd: i32) -> Option<SocketTuple> {
             None
         }
     }
+}
+
+/// The walk behind [`socket_tuple`]: None when a read fails, family 0 for a socket that is not
+/// TCP. Inlined (as every function here): a BPF-to-BPF call costs a stack frame rounded up to
+/// 32 bytes on kernels before 6.13, and the socket exits are close to the 512-byte limit.
+#[inline(always)]
+fn walk_to_socket(fd: i32) -> Option<SocketTuple> {
+    let o = kernel_offsets();
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read(task + o.task_files as u64)?;
+    let fdt: u64 = read(files + o.files_fdt as u64)?;
+    let max_fds: u32 = read(fdt + o.fdtable_max_fds as u64)?;
+    if fd < 0 || fd as u32 >= max_fds {
+        return None;
+    }
+    let fd_array: u64 = read(fdt + o.fdtable_fd as u64)?;
+    let file: u64 = read(fd_array + 8 * fd as u64)?;
+    let socket: u64 = read(file + o.file_private_data as u64)?;
+    let sk: u64 = read(socket + o.socket_sk as u64)?;
+    let family: u16 = read(sk + o.sock_family as u64)?;
+    let untracked = SocketTuple {
+        family: 0,
+        local_port: 0,
+        remote_port: 0,
+        _pad: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    if family != AF_INET && family != AF_INET6 {
+        return Some(untracked);
+    }
+    if o.sock_type != NO_OFFSET && read::<u16>(sk + o.sock_type as u64)? != SOCK_STREAM {
+        return Some(untracked);
+    }
+    if o.sock_protocol != NO_OFFSET && read::<u16>(sk + o.sock_protocol as u64)? != IPPROTO_TCP {
+        return Some(untracked);
+    }
+    let mut tuple = SocketTuple {
+        family,
+        local_port: read(sk + o.sock_num as u64)?,
+        remote_port: u16::from_be(read(sk + o.sock_dport as u64)?),
+        ..untracked
+    };
+    if family == AF_INET {
+        let local: [u8; 4] = read(sk + o.sock_rcv_saddr as u64)?;
+        let remote: [u8; 4] = read(sk + o.sock_daddr as u64)?;
+        tuple.local_addr[..4].copy_from_slice(&local);
+        tuple.remote_addr[..4].copy_from_slice(&remote);
+    } else {
+        tuple.local_addr = read(sk + o.sock_v6_rcv_saddr as u64)?;
+        tuple.remote_addr = read(sk + o.sock_v6_daddr as u64)?;
+    }
+    Some(tuple)
 }
