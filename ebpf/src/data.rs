@@ -78,20 +78,21 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
     stash(&in_flight);
 }
 
-/// Exit of a data syscall: with the real byte count, copy the bytes. Connect and accept have
-/// their own exit (socket.rs), so the data exits stay small enough for every verifier.
+/// Exit of a data syscall: with the real byte count, copy the bytes. `shape` is a constant per
+/// program, so each exit holds only its own copy loop: smaller programs, a fraction of the
+/// verifier's work (which under emulation, or on a busy node, is most of kspan's start time).
+/// Connect and accept have their own exit (socket.rs).
 #[inline(always)]
-fn exit_data(ctx: &TracePointContext) {
+fn exit_data(ctx: &TracePointContext, shape: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(in_flight) = unstash(pid_tgid) else {
         return;
     };
     let ret = arg(ctx, RET) as i64;
-    // A slot stashed by connect or accept whose exit was lost is not ours to report.
-    if ret > 0 && in_flight.shape <= shape::NONE {
-        data_exit(pid_tgid, &in_flight, ret as u64, unsafe {
-            bpf_ktime_get_ns()
-        });
+    // A slot stashed by another syscall whose exit was lost is not ours to report.
+    if ret > 0 && in_flight.shape == shape {
+        let end_ns = unsafe { bpf_ktime_get_ns() };
+        data_exit(pid_tgid, &in_flight, shape, ret as u64, end_ns);
     }
 }
 
@@ -110,9 +111,9 @@ struct MsgHdr {
 /// a 40-byte request took a 256-byte slot and a small iovec response 1 KiB: every record touched
 /// several cold cache lines of the ring. The scratch record stays hot in this CPU's cache.
 #[inline(always)]
-fn data_exit(pid_tgid: u64, in_flight: &InFlight, full_len: u64, end_ns: u64) {
+fn data_exit(pid_tgid: u64, in_flight: &InFlight, shape: u32, full_len: u64, end_ns: u64) {
     let capture = (capture_bytes() as u64).min(MAX_CAPTURE as u64);
-    let want = if in_flight.shape == shape::NONE {
+    let want = if shape == shape::NONE {
         0
     } else {
         full_len.min(capture) as u32
@@ -121,7 +122,7 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, full_len: u64, end_ns: u64) {
     let Some(record) = SCRATCH.get_ptr_mut(cpu) else {
         return;
     };
-    let mut copied = match in_flight.shape {
+    let mut copied = match shape {
         shape::BUFFER => copy_buffer(unsafe { (*record).data.as_mut_ptr() }, in_flight.ptr, want),
         shape::IOVEC => copy_iovec(record, in_flight.ptr, in_flight.count, want),
         shape::MSGHDR => match unsafe { bpf_probe_read_user(in_flight.ptr as *const MsgHdr) } {
@@ -242,7 +243,7 @@ macro_rules! data_syscall {
 
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_data(&ctx);
+            exit_data(&ctx, $shape);
             0
         }
     };

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint, trace_point::TracePointLinkId},
+    programs::{Program, TracePoint, trace_point::TracePointLinkId},
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, TRACED_SLOTS, comm_key, connection_key,
@@ -189,14 +189,19 @@ pub struct Probes {
 
 impl Probes {
     pub fn load(options: &ProbeOptions) -> Result<Self> {
+        let started = std::time::Instant::now();
         check_host()?;
         let offsets: KernelOffsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
+        log::debug!("kernel BTF read in {:?}", started.elapsed());
         let trace_all: u32 = options.trace_all.into();
         let agent_pid: u32 = std::process::id();
         let capture: u32 = options.capture_bytes.clamp(1, MAX_CAPTURE as u32);
         // Wake the agent early enough that the ring never fills between its polls.
         let wakeup_bytes: u64 = u64::from(options.ring_bytes / 8);
         let mut ebpf = EbpfLoader::new()
+            // The object has no CO-RE relocations (offsets come from our own BTF reader), so
+            // aya need not parse the kernel's BTF a second time.
+            .btf(None)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("AGENT_PID", &agent_pid, true)
             .override_global("CAPTURE_BYTES", &capture, true)
@@ -207,6 +212,12 @@ impl Probes {
             .load(EBPF_OBJECT)
             .map_err(|e| permission_hint(anyhow!(e).context("cannot load the eBPF object")))?;
 
+        log::debug!("maps created after {:?}", started.elapsed());
+        load_programs(&mut ebpf)?;
+        log::debug!(
+            "BTF read, maps created, programs verified in {:?}",
+            started.elapsed()
+        );
         let mut links = Vec::with_capacity(TRACEPOINTS.len());
         for (program, category, name) in TRACEPOINTS {
             links.push((*program, attach(&mut ebpf, program, category, name)?));
@@ -249,20 +260,59 @@ pub fn wait_for_events(ring: &RingBuf<MapData>, timeout: Duration) {
     unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
 }
 
+/// Verify and load every program, on all CPUs: the verifier runs in the loading thread, and its
+/// work is most of kspan's start-up time on a busy node (seconds under emulation).
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let programs: Vec<(&str, &mut Program)> = ebpf.programs_mut().collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, programs.len().max(1));
+    let queue = std::sync::Mutex::new(programs.into_iter());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                        let Some((name, program)) = next else {
+                            return Ok(());
+                        };
+                        load_program(name, program)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|worker| worker.join().expect("a program-loading thread panicked"))
+    })
+}
+
+fn load_program(name: &str, program: &mut Program) -> Result<()> {
+    let started = std::time::Instant::now();
+    let tracepoint: &mut TracePoint = program.try_into()?;
+    tracepoint.load().map_err(|e| {
+        // The verifier's log is already part of a LoadError's message.
+        permission_hint(anyhow!(
+            "cannot load program {name} into Linux {}: {e}",
+            kernel_release()
+        ))
+    })?;
+    log::debug!("{name}: verified in {:?}", started.elapsed());
+    Ok(())
+}
+
+/// The running kernel's release (`uname -r`), for error messages.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "(unknown release)".into(), |r| r.trim().to_string())
+}
+
 fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<TracePointLinkId> {
     let tracepoint: &mut TracePoint = ebpf
         .program_mut(program)
         .with_context(|| format!("program {program} missing from the eBPF object"))?
         .try_into()?;
-    tracepoint.load().map_err(|e| {
-        let log = match &e {
-            ProgramError::LoadError { verifier_log, .. } => {
-                format!("\nverifier log:\n{verifier_log}")
-            }
-            _ => String::new(),
-        };
-        permission_hint(anyhow!("cannot load program {program}: {e}{log}"))
-    })?;
     tracepoint.attach(category, name).map_err(|e| {
         anyhow!(
             "cannot attach to tracepoint {category}/{name}: {e}; check that \
