@@ -189,6 +189,35 @@ pub struct KernelOffsets {
     pub _pad: u32,
 }
 
+/// Byte offsets of the tracepoint fields the programs read, from the running kernel's tracefs
+/// `format` files (read by the agent at load time). Layouts differ between kernels: e.g.
+/// `sched_process_fork` has `char parent_comm[16]` (child_pid at 44) up to 6.12 and `__data_loc`
+/// comm fields (child_pid at 20) from 6.13 on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    /// `syscalls/sys_enter_*`: the first syscall argument; the others follow 8 bytes apart.
+    pub syscall_args: u32,
+    /// `syscalls/sys_exit_*`: the return value.
+    pub syscall_ret: u32,
+    /// `sched/sched_process_fork`: `child_pid`.
+    pub fork_child_pid: u32,
+    /// `sock/inet_sock_set_state` fields.
+    pub sock_newstate: u32,
+    pub sock_sport: u32,
+    pub sock_family: u32,
+    pub sock_protocol: u32,
+    pub sock_saddr: u32,
+    pub sock_saddr_v6: u32,
+    pub _pad: u32,
+}
+
+/// The syscall tracepoint layout of every kernel seen so far (arguments at 16 + 8n, return value
+/// at 16): the programs read these with direct context loads, and fall back to a helper read at
+/// the offsets tracefs gave when a kernel differs.
+pub const USUAL_SYSCALL_ARGS: u32 = 16;
+pub const USUAL_SYSCALL_RET: u32 = 16;
+
 /// Runtime settings written by the agent into the one-entry `CONFIG` array before attaching.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -227,4 +256,5 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ConnectionValue {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for TracepointOffsets {}
 }

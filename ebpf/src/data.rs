@@ -15,46 +15,67 @@ use aya_ebpf::{
 };
 use kspan_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EVENT_HEADER_LEN, EventHeader, EventKind, MAX_CAPTURE,
-    MAX_IOV_SEGMENTS, connection_key, counter,
+    MAX_IOV_SEGMENTS, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET, connection_key, counter,
 };
 
 use crate::maps::{
-    CONNECTIONS, DataRecord, EVENTS, InFlight, Iovec, SCRATCH, capture_bytes, count, may_be_traced,
-    shape, stash, submit_flags, unstash,
+    CONNECTIONS, DataRecord, EVENTS, InFlight, Iovec, SCRATCH, TRACEPOINT_OFFSETS, capture_bytes,
+    count, may_be_traced, shape, stash, submit_flags, unstash,
 };
-
-/// Syscall tracepoint layout (stable across architectures): arguments at 16 + 8 * n, return value
-/// of sys_exit_* at 16. The agent checks these against tracefs before loading.
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const ARG3: usize = 40;
-const RET: usize = 16;
 
 const MSG_PEEK: u64 = 2;
 
+/// Syscall argument `n` (0-based) at a sys_enter_* tracepoint.
 #[inline(always)]
-pub(crate) fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
-    // Tracepoint programs may load from their context directly: no helper call per argument.
-    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>()) }
+pub(crate) fn syscall_arg(ctx: &TracePointContext, n: usize) -> u64 {
+    let base = unsafe { core::ptr::read_volatile(&raw const TRACEPOINT_OFFSETS.syscall_args) };
+    context_u64(ctx, base, USUAL_SYSCALL_ARGS, 8 * n)
 }
 
-/// Stash a data syscall's arguments if its fd is a tracked socket. `flags_at`: offset of a flags
-/// argument whose MSG_PEEK means the bytes will be read again and must not be counted twice.
+/// The return value at a sys_exit_* tracepoint.
 #[inline(always)]
-fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usize) {
+pub(crate) fn syscall_ret(ctx: &TracePointContext) -> i64 {
+    let at = unsafe { core::ptr::read_volatile(&raw const TRACEPOINT_OFFSETS.syscall_ret) };
+    context_u64(ctx, at, USUAL_SYSCALL_RET, 0) as i64
+}
+
+/// The u64 at `base + delta` in the tracepoint record, `base` from tracefs. When `base` is the
+/// usual one, a direct context load at a constant offset (no helper call per argument): the
+/// offsets are read-only globals, so the verifier knows `base` and drops the branch not taken.
+/// A modified context pointer cannot be dereferenced, hence the helper read otherwise.
+#[inline(always)]
+fn context_u64(ctx: &TracePointContext, base: u32, usual: u32, delta: usize) -> u64 {
+    if base == usual {
+        unsafe {
+            core::ptr::read_volatile(
+                ctx.as_ptr()
+                    .cast::<u8>()
+                    .add(usual as usize + delta)
+                    .cast::<u64>(),
+            )
+        }
+    } else {
+        unsafe { ctx.read_at::<u64>(base as usize + delta) }.unwrap_or(0)
+    }
+}
+
+/// Stash a data syscall's arguments if its fd is a tracked socket. `flags_arg`: index of a flags
+/// argument whose MSG_PEEK means the bytes will be read again and must not be counted twice (0:
+/// none; argument 0 is always the fd).
+#[inline(always)]
+fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: usize) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // What an unselected process costs: one array slot.
     if !may_be_traced((pid_tgid >> 32) as u32) {
         return;
     }
-    let fd = arg(ctx, ARG0) as i32;
+    let fd = syscall_arg(ctx, 0) as i32;
     // The one lookup an untracked fd (a file, a pipe) of a traced process costs.
     let Some(conn) = (unsafe { CONNECTIONS.get(&connection_key((pid_tgid >> 32) as u32, fd)) })
     else {
         return;
     };
-    if flags_at != 0 && arg(ctx, flags_at) & MSG_PEEK != 0 {
+    if flags_arg != 0 && syscall_arg(ctx, flags_arg) & MSG_PEEK != 0 {
         return;
     }
     let in_flight = InFlight {
@@ -63,8 +84,8 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_at: usi
         direction,
         fd,
         _pad: 0,
-        ptr: arg(ctx, ARG1),
-        count: arg(ctx, ARG2),
+        ptr: syscall_arg(ctx, 1),
+        count: syscall_arg(ctx, 2),
         // A read's bytes exist at its exit, which the exit records, and a server's response
         // spans end at their last write's exit: only writes on connections that may be clients
         // need the entry time (a clock read saved per syscall otherwise).
@@ -88,7 +109,7 @@ fn exit_data(ctx: &TracePointContext, shape: u32) {
     let Some(in_flight) = unstash(pid_tgid) else {
         return;
     };
-    let ret = arg(ctx, RET) as i64;
+    let ret = syscall_ret(ctx);
     // A slot stashed by another syscall whose exit was lost is not ours to report.
     if ret > 0 && in_flight.shape == shape {
         let end_ns = unsafe { bpf_ktime_get_ns() };
@@ -234,10 +255,10 @@ fn copy_iovec(record: *mut DataRecord, iov: u64, iovcnt: u64, want: u32) -> u32 
 }
 
 macro_rules! data_syscall {
-    ($enter:ident, $exit:ident, $shape:expr, $direction:expr, $flags_at:expr) => {
+    ($enter:ident, $exit:ident, $shape:expr, $direction:expr, $flags_arg:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter_data(&ctx, $shape, $direction, $flags_at);
+            enter_data(&ctx, $shape, $direction, $flags_arg);
             0
         }
 
@@ -289,7 +310,7 @@ data_syscall!(
     sys_exit_recvfrom,
     shape::BUFFER,
     DIRECTION_INGRESS,
-    ARG3
+    3
 );
 data_syscall!(
     sys_enter_sendmsg,
@@ -303,7 +324,7 @@ data_syscall!(
     sys_exit_recvmsg,
     shape::MSGHDR,
     DIRECTION_INGRESS,
-    ARG2
+    2
 );
 data_syscall!(
     sys_enter_sendfile64,
@@ -312,7 +333,3 @@ data_syscall!(
     DIRECTION_EGRESS,
     0
 );
-
-pub(crate) use arg as syscall_arg;
-pub(crate) const SYSCALL_ARG0: usize = ARG0;
-pub(crate) const SYSCALL_RET: usize = RET;

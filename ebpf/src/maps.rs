@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
-    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_IOV_SEGMENTS, MAX_TRACED_PIDS, TRACED_SLOTS, counter,
+    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_IOV_SEGMENTS, MAX_TRACED_PIDS, TRACED_SLOTS,
+    TracepointOffsets, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET, counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -40,6 +41,26 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sock_protocol: 0,
     _pad: 0,
 };
+
+/// Field offsets of the tracepoints, from the running kernel's tracefs.
+#[unsafe(no_mangle)]
+pub static TRACEPOINT_OFFSETS: TracepointOffsets = TracepointOffsets {
+    syscall_args: USUAL_SYSCALL_ARGS,
+    syscall_ret: USUAL_SYSCALL_RET,
+    fork_child_pid: 0,
+    sock_newstate: 0,
+    sock_sport: 0,
+    sock_family: 0,
+    sock_protocol: 0,
+    sock_saddr: 0,
+    sock_saddr_v6: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn tracepoint_offsets() -> TracepointOffsets {
+    unsafe { core::ptr::read_volatile(&TRACEPOINT_OFFSETS) }
+}
 
 #[inline(always)]
 pub fn trace_all() -> bool {

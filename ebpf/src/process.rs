@@ -13,7 +13,7 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 use crate::{
     maps::{
         EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, mark_traced, may_be_traced,
-        submit_flags, trace_all,
+        submit_flags, trace_all, tracepoint_offsets,
     },
     socket::header,
 };
@@ -67,7 +67,9 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // child_pid is a thread id for new threads too; those entries are removed at thread exit.
-    let child: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
+    // Its offset comes from tracefs: 44 up to 6.12 (comm fields in line), 20 from 6.13 on.
+    let at = tracepoint_offsets().fork_child_pid as usize;
+    let child: i32 = unsafe { ctx.read_at(at) }.unwrap_or(0);
     if child > 0 {
         mark_traced(child as u32);
     }

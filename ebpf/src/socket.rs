@@ -16,10 +16,10 @@ use kspan_common::{
 };
 
 use crate::{
-    data::{SYSCALL_ARG0, SYSCALL_RET, syscall_arg},
+    data::{syscall_arg, syscall_ret},
     maps::{
         CONNECTIONS, EVENTS, InFlight, agent_pid, count, is_traced, kernel_offsets, may_be_traced,
-        shape, stash, submit_flags, unstash,
+        shape, stash, submit_flags, tracepoint_offsets, unstash,
     },
 };
 
@@ -40,7 +40,7 @@ fn stash_socket_call(ctx: &TracePointContext, shape: u32) {
         pid_tgid,
         shape,
         direction: 0,
-        fd: syscall_arg(ctx, SYSCALL_ARG0) as i32,
+        fd: syscall_arg(ctx, 0) as i32,
         _pad: 0,
         ptr: 0,
         count: 0,
@@ -76,7 +76,7 @@ fn exit_socket(ctx: &TracePointContext) {
     let Some(in_flight) = unstash(pid_tgid) else {
         return;
     };
-    let ret = syscall_arg(ctx, SYSCALL_RET) as i64;
+    let ret = syscall_ret(ctx);
     let end_ns = unsafe { bpf_ktime_get_ns() };
     match in_flight.shape {
         shape::CONNECT => connect_exit(pid_tgid, &in_flight, ret, end_ns),
@@ -207,7 +207,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if !may_be_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let fd = syscall_arg(&ctx, SYSCALL_ARG0) as i32;
+    let fd = syscall_arg(&ctx, 0) as i32;
     let key = connection_key((pid_tgid >> 32) as u32, fd);
     let Some(conn_id) = (unsafe { CONNECTIONS.get(&key) }).map(|value| value.conn_id) else {
         return 0;
@@ -227,8 +227,10 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 /// listen(2). Reported for every process so `--port` can select servers started after kspan.
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let newstate: i32 = unsafe { ctx.read_at(20) }.unwrap_or(0);
-    let protocol: u16 = unsafe { ctx.read_at(30) }.unwrap_or(0);
+    // Offsets from tracefs: they move on PREEMPT_RT kernels (one more common field).
+    let o = tracepoint_offsets();
+    let newstate: i32 = unsafe { ctx.read_at(o.sock_newstate as usize) }.unwrap_or(0);
+    let protocol: u16 = unsafe { ctx.read_at(o.sock_protocol as usize) }.unwrap_or(0);
     if newstate != TCP_LISTEN || protocol != IPPROTO_TCP {
         return 0;
     }
@@ -237,15 +239,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let mut tuple = SocketTuple {
-        family: unsafe { ctx.read_at(28) }.unwrap_or(0),
-        local_port: unsafe { ctx.read_at(24) }.unwrap_or(0),
+        family: unsafe { ctx.read_at(o.sock_family as usize) }.unwrap_or(0),
+        local_port: unsafe { ctx.read_at(o.sock_sport as usize) }.unwrap_or(0),
         ..SocketTuple::default()
     };
     if tuple.family == AF_INET {
-        let addr: [u8; 4] = unsafe { ctx.read_at(32) }.unwrap_or([0; 4]);
+        let addr: [u8; 4] = unsafe { ctx.read_at(o.sock_saddr as usize) }.unwrap_or([0; 4]);
         tuple.local_addr[..4].copy_from_slice(&addr);
     } else {
-        tuple.local_addr = unsafe { ctx.read_at(40) }.unwrap_or([0; 16]);
+        tuple.local_addr = unsafe { ctx.read_at(o.sock_saddr_v6 as usize) }.unwrap_or([0; 16]);
     }
     let now = unsafe { bpf_ktime_get_ns() };
     emit_socket_event(EventKind::Listen, pid_tgid, -1, 0, now, now, tuple);

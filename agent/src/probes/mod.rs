@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod events;
+pub mod tracefs;
 
 use std::{os::fd::AsRawFd, path::Path, time::Duration};
 
@@ -13,8 +14,8 @@ use aya::{
     programs::{Program, TracePoint, trace_point::TracePointLinkId},
 };
 use kspan_common::{
-    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, TRACED_SLOTS, comm_key, connection_key,
-    counter,
+    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, TRACED_SLOTS, TracepointOffsets,
+    comm_key, connection_key, counter,
 };
 
 /// The eBPF object built by build.rs from ebpf/.
@@ -191,6 +192,7 @@ impl Probes {
     pub fn load(options: &ProbeOptions) -> Result<Self> {
         let started = std::time::Instant::now();
         check_host()?;
+        let tracepoint_offsets = tracepoint_offsets()?;
         let offsets: KernelOffsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
         log::debug!("kernel BTF read in {:?}", started.elapsed());
         let trace_all: u32 = options.trace_all.into();
@@ -206,6 +208,7 @@ impl Probes {
             .override_global("AGENT_PID", &agent_pid, true)
             .override_global("CAPTURE_BYTES", &capture, true)
             .override_global("KERNEL_OFFSETS", &offsets, true)
+            .override_global("TRACEPOINT_OFFSETS", &tracepoint_offsets, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .map_max_entries("SCRATCH", scratch_entries()?)
@@ -344,7 +347,7 @@ fn check_host() -> Result<()> {
     if !events.join("syscalls").exists() {
         mount_tracefs()?;
     }
-    check_syscall_layout()
+    Ok(())
 }
 
 fn mount_tracefs() -> Result<()> {
@@ -373,36 +376,32 @@ fn mount_tracefs() -> Result<()> {
     Ok(())
 }
 
-/// The programs read syscall arguments at fixed offsets (16 + 8n) and the return value at 16.
-/// That layout has been stable for years on every architecture, but verify instead of assuming.
-fn check_syscall_layout() -> Result<()> {
-    let read_format = |name: &str| -> Result<String> {
-        let path = format!("{TRACEFS}/events/syscalls/{name}/format");
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))
+/// The syscall tracepoints the programs attach to (`sys_enter_*`, `sys_exit_*`).
+pub fn syscall_tracepoints() -> impl Iterator<Item = &'static str> {
+    TRACEPOINTS
+        .iter()
+        .filter(|(_, category, _)| *category == "syscalls")
+        .map(|(_, _, name)| *name)
+}
+
+/// The offsets of the tracepoint fields the programs read, from this kernel's tracefs.
+fn tracepoint_offsets() -> Result<TracepointOffsets> {
+    let syscalls: Vec<&str> = syscall_tracepoints().collect();
+    let read = |category: &str, name: &str| -> Result<String> {
+        let path = format!("{TRACEFS}/events/{category}/{name}/format");
+        std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {path}: kspan needs the tracepoint {category}/{name} \
+                 (syscall tracepoints need CONFIG_FTRACE_SYSCALLS)"
+            )
+        })
     };
-    let enter = read_format("sys_enter_recvfrom")?;
-    let exit = read_format("sys_exit_recvfrom")?;
-    let expect = [
-        (&enter, "fd;", 16),
-        (&enter, "ubuf;", 24),
-        (&enter, "size;", 32),
-        (&enter, "flags;", 40),
-        (&exit, "ret;", 16),
-    ];
-    for (format, field, offset) in expect {
-        let line = format
-            .lines()
-            .find(|line| line.contains(&format!(" {field}")))
-            .with_context(|| format!("syscall tracepoint format lacks field {field}"))?;
-        if !line.contains(&format!("offset:{offset};")) {
-            bail!(
-                "unsupported syscall tracepoint layout: expected {field} at offset {offset}, \
-                 found `{}`",
-                line.trim()
-            );
-        }
-    }
-    Ok(())
+    tracefs::tracepoint_offsets(&syscalls, &read).with_context(|| {
+        format!(
+            "kspan does not support the tracepoint layout of Linux {}",
+            kernel_release()
+        )
+    })
 }
 
 /// One scratch data record per possible CPU (the eBPF side indexes it by CPU id; possible CPU ids
