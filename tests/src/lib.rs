@@ -1017,6 +1017,92 @@ impl Drop for PyServer {
 }
 
 // ---------------------------------------------------------------------------
+// Pre-forking server
+// ---------------------------------------------------------------------------
+
+/// `servers/forking_server.py`: listening, its workers not forked until [`ForkingServer::fork`].
+/// Killed (with its workers) on drop.
+pub struct ForkingServer {
+    child: Child,
+    pub pid: u32,
+    pub port: u16,
+    stdin: Option<ChildStdin>,
+    stdout: LinePump,
+    stderr: LinePump,
+}
+
+impl ForkingServer {
+    pub fn start() -> ForkingServer {
+        let script = server_script("forking_server.py");
+        let mut child = Command::new(python())
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env_remove("OTEL_SERVICE_NAME")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
+        let stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
+        let mut server = ForkingServer {
+            child,
+            pid,
+            port: 0,
+            stdin,
+            stdout,
+            stderr,
+        };
+        let line = server.expect_line("PORT ");
+        server.port = line
+            .parse()
+            .unwrap_or_else(|e| panic!("bad port {line:?}: {e}"));
+        server
+    }
+
+    /// Forks `n` workers; returns their pids once every one of them runs.
+    pub fn fork(&mut self, n: usize) -> Vec<u32> {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "fork {n}").expect("write to forking_server.py");
+        stdin.flush().expect("flush forking_server.py's stdin");
+        self.expect_line("WORKERS ")
+            .split_whitespace()
+            .map(|pid| pid.parse().expect("worker pid"))
+            .collect()
+    }
+
+    /// The rest of the next stdout line starting with `prefix`, or a failed test.
+    fn expect_line(&mut self, prefix: &str) -> String {
+        match self.stdout.lines.recv_timeout(HELPER_TIMEOUT) {
+            Ok(Some(line)) if line.starts_with(prefix) => line[prefix.len()..].trim().to_string(),
+            other => {
+                kill_and_reap(&mut self.child);
+                panic!(
+                    "forking_server.py: expected `{prefix}...`, got {other:?}\n--- stderr ---\n{}",
+                    self.stderr.finish()
+                )
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+}
+
+impl Drop for ForkingServer {
+    fn drop(&mut self) {
+        // SIGTERM lets the parent stop its workers; then reap it.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        if wait_timeout(&mut self.child, HELPER_TIMEOUT).is_none() {
+            kill_and_reap(&mut self.child);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Keep-alive client
 // ---------------------------------------------------------------------------
 

@@ -520,6 +520,54 @@ fn error_statuses() {
     }
 }
 
+/// A selected server that forks its workers after kspan started, as pre-forking servers do
+/// (gunicorn, Apache prefork, nginx workers): the workers are traced from their fork on (in the
+/// kernel, before the agent hears of them), and each span carries the pid of the worker that
+/// answered. This reads `child_pid` of sched_process_fork, whose offset differs between kernels.
+#[test]
+fn forked_workers_are_traced() {
+    let _env = preflight();
+    let mut server = ForkingServer::start();
+    let kspan = Kspan::start(&["--pid", &server.pid.to_string()]);
+    let workers = server.fork(2);
+    assert!(!workers.contains(&server.pid));
+
+    // Which worker answered each path, from the response bodies.
+    let mut answered_by = std::collections::BTreeMap::new();
+    for i in 0..6 {
+        let path = format!("/orders/{i}");
+        let out = curl(&[&server.url(&path)]);
+        let body: Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("worker body is not JSON ({e}): {:?}", out.stdout));
+        assert_eq!(body["path"], path.as_str());
+        answered_by.insert(path, body["worker"].as_i64().expect("worker pid"));
+    }
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let spans = run.of_kind("SERVER");
+    assert_eq!(
+        spans.len(),
+        answered_by.len(),
+        "one SERVER span per request\n{}",
+        run.dump()
+    );
+    let traced: std::collections::BTreeMap<String, i64> = spans
+        .iter()
+        .map(|span| {
+            assert_eq!(must_i64(span, "http.response.status_code"), 200);
+            let pid = res_i64(span, "process.pid").expect("process.pid");
+            (must_str(span, "url.path").to_string(), pid)
+        })
+        .collect();
+    assert_eq!(
+        traced, answered_by,
+        "every request traced in the worker that answered it (workers {workers:?}, parent {})",
+        server.pid
+    );
+    assert!(run.of_kind("CLIENT").is_empty(), "curl is not selected");
+}
+
 /// e. Only the selected process is traced.
 #[test]
 fn unselected_processes_are_not_traced() {
