@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Keep-alive HTTP client used by the kspan end-to-end tests.
 
-Usage: keepalive_client.py PORT N
+Usage: keepalive_client.py PORT N [PREFIX]
 
 Prints ``READY`` (flushed) and blocks until a line arrives on stdin, so the
 test can start kspan with this process's pid selected before any traffic.
-Then sends N GET requests (/users/1 .. /users/N) over ONE connection to
+Then sends N GET requests (PREFIX1 .. PREFIXN, PREFIX defaults to /users/) over ONE connection to
 127.0.0.1:PORT, reading each response fully, and prints
 
   LOCAL_PORT <local port of the connection>
@@ -20,11 +20,12 @@ import sys
 
 
 def main():
-    if len(sys.argv) != 3:
-        sys.stderr.write("usage: keepalive_client.py PORT N\n")
+    if len(sys.argv) not in (3, 4):
+        sys.stderr.write("usage: keepalive_client.py PORT N [PREFIX]\n")
         return 2
     port = int(sys.argv[1])
     n = int(sys.argv[2])
+    prefix = sys.argv[3] if len(sys.argv) == 4 else "/users/"
 
     sys.stdout.write("READY\n")
     sys.stdout.flush()
@@ -35,7 +36,7 @@ def main():
     sock = None
     local_port = None
     for i in range(1, n + 1):
-        conn.request("GET", "/users/%d" % i)
+        conn.request("GET", "%s%d" % (prefix, i))
         if sock is None:
             sock = conn.sock
             local_port = sock.getsockname()[1]

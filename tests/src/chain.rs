@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::{
-    HELPER_TIMEOUT, LinePump, kill_and_reap, python, server_script, spawn_port_server, wait_timeout,
+    LinePump, helper_timeout, kill_and_reap, python, server_script, spawn_port_server, wait_timeout,
 };
 
 // ---------------------------------------------------------------------------
@@ -274,7 +274,7 @@ impl SdkClient {
         let stdin = child.stdin.take();
         let stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
         let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
-        match stdout.lines.recv_timeout(HELPER_TIMEOUT) {
+        match stdout.lines.recv_timeout(helper_timeout()) {
             Ok(Some(l)) if l.trim() == "READY" => {}
             other => {
                 kill_and_reap(&mut child);
@@ -301,10 +301,11 @@ impl SdkClient {
                 .write_all(b"go\n")
                 .expect("write to otel_sdk_client stdin");
         }
-        let Some(status) = wait_timeout(&mut self.child, HELPER_TIMEOUT) else {
+        let Some(status) = wait_timeout(&mut self.child, helper_timeout()) else {
             kill_and_reap(&mut self.child);
             panic!(
-                "otel_sdk_client.py did not finish within {HELPER_TIMEOUT:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                "otel_sdk_client.py did not finish within {:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                helper_timeout(),
                 self.stdout.finish(),
                 self.stderr.finish()
             );
@@ -368,10 +369,11 @@ pub fn load_client(port: u16, n: usize, prefix: &str) -> Vec<u16> {
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
     let mut stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
     let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
-    let Some(status) = wait_timeout(&mut child, HELPER_TIMEOUT) else {
+    let Some(status) = wait_timeout(&mut child, helper_timeout()) else {
         kill_and_reap(&mut child);
         panic!(
-            "load_client.py did not finish within {HELPER_TIMEOUT:?}.\n--- stderr ---\n{}",
+            "load_client.py did not finish within {:?}.\n--- stderr ---\n{}",
+            helper_timeout(),
             stderr.finish()
         );
     };

@@ -43,13 +43,37 @@ pub mod otlp_receiver;
 pub mod prometheus;
 
 /// How long kspan may take to print `ready`.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub fn ready_timeout() -> Duration {
+    scaled(60)
+}
 /// How long kspan may take to exit after SIGINT (contract).
-pub const STOP_CONTRACT: Duration = Duration::from_secs(5);
+pub fn stop_contract() -> Duration {
+    scaled(5)
+}
 /// How long we wait after SIGINT before killing kspan.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub fn stop_timeout() -> Duration {
+    scaled(10)
+}
 /// How long helper processes (servers, clients) may take to start or finish.
-pub const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+pub fn helper_timeout() -> Duration {
+    scaled(30)
+}
+
+/// `secs` times `KSPAN_E2E_TIME_SCALE` (default 1). The kernel-matrix guests of `cargo xtask
+/// vmtest` run under software emulation, 5-15x slower, and on PREEMPT_RT the kernel's detaching
+/// of each tracepoint takes most of a second there: they set a scale. Only the harness's
+/// deadlines stretch; what a test asserts about spans does not change.
+fn scaled(secs: u64) -> Duration {
+    static SCALE: OnceLock<u64> = OnceLock::new();
+    let scale =
+        *SCALE.get_or_init(|| match std::env::var("KSPAN_E2E_TIME_SCALE") {
+            Ok(value) => value.parse().ok().filter(|&n| n >= 1).unwrap_or_else(|| {
+                panic!("KSPAN_E2E_TIME_SCALE={value:?} is not a whole number >= 1")
+            }),
+            Err(_) => 1,
+        });
+    Duration::from_secs(secs * scale)
+}
 
 /// Cross-process lock file serializing e2e runs on this machine.
 const LOCK_FILE: &str = "/tmp/kspan-e2e.lock";
@@ -466,7 +490,7 @@ impl Kspan {
             ready_at: Instant::now(),
             ready_unix_nano: 0,
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let next = k.stderr.lines.recv_timeout(left);
@@ -491,7 +515,8 @@ impl Kspan {
                     let err = k.stderr.finish();
                     panic!(
                         "kspan {:?} did not print `ready` within {:?}; killed it.\n--- kspan stderr ---\n{err}",
-                        k.args, READY_TIMEOUT
+                        k.args,
+                        ready_timeout()
                     );
                 }
             }
@@ -536,14 +561,15 @@ impl Kspan {
             std::io::Error::last_os_error()
         );
         let child = self.child.as_mut().unwrap();
-        let status = wait_timeout(child, STOP_TIMEOUT);
+        let status = wait_timeout(child, stop_timeout());
         let stop_duration = sent.elapsed();
         let Some(exit_status) = status else {
             kill_and_reap(child);
             let err = self.stderr.finish();
             panic!(
                 "kspan {:?} did not exit within {:?} of SIGINT; killed it.\n--- kspan stderr ---\n{err}",
-                self.args, STOP_TIMEOUT
+                self.args,
+                stop_timeout()
             );
         };
         self.child = None;
@@ -561,8 +587,9 @@ impl Kspan {
             self.args
         );
         assert!(
-            stop_duration <= STOP_CONTRACT,
-            "kspan took {stop_duration:?} to exit after SIGINT (contract: within {STOP_CONTRACT:?}).\n--- kspan stderr ---\n{stderr}"
+            stop_duration <= stop_contract(),
+            "kspan took {stop_duration:?} to exit after SIGINT (contract: within {:?}).\n--- kspan stderr ---\n{stderr}",
+            stop_contract()
         );
 
         let mut spans = Vec::new();
@@ -918,7 +945,7 @@ pub fn assert_attributes(span: &Value, expected: &[(&str, Expect)]) {
 /// `servers/http_server.py`, killed on drop.
 /// Starts a helper server whose first stdout line of interest is `PORT <n>`; returns the child,
 /// its pid, the port and its stderr pump. Fails the test with the helper's stderr if no port
-/// comes within HELPER_TIMEOUT. Its stdout keeps draining in the background.
+/// comes within helper_timeout(). Its stdout keeps draining in the background.
 pub(crate) fn spawn_port_server(mut cmd: Command, what: &str) -> (Child, u32, u16, LinePump) {
     let mut child = cmd
         .spawn()
@@ -926,7 +953,7 @@ pub(crate) fn spawn_port_server(mut cmd: Command, what: &str) -> (Child, u32, u1
     let pid = child.id();
     let out = LinePump::new(child.stdout.take().expect("piped stdout"));
     let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
-    let deadline = Instant::now() + HELPER_TIMEOUT;
+    let deadline = Instant::now() + helper_timeout();
     let port = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match out.lines.recv_timeout(left) {
@@ -1075,7 +1102,7 @@ impl ForkingServer {
 
     /// The rest of the next stdout line starting with `prefix`, or a failed test.
     fn expect_line(&mut self, prefix: &str) -> String {
-        match self.stdout.lines.recv_timeout(HELPER_TIMEOUT) {
+        match self.stdout.lines.recv_timeout(helper_timeout()) {
             Ok(Some(line)) if line.starts_with(prefix) => line[prefix.len()..].trim().to_string(),
             other => {
                 kill_and_reap(&mut self.child);
@@ -1096,7 +1123,7 @@ impl Drop for ForkingServer {
     fn drop(&mut self) {
         // SIGTERM lets the parent stop its workers; then reap it.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        if wait_timeout(&mut self.child, HELPER_TIMEOUT).is_none() {
+        if wait_timeout(&mut self.child, helper_timeout()).is_none() {
             kill_and_reap(&mut self.child);
         }
     }
@@ -1126,11 +1153,17 @@ pub struct KeepaliveResult {
 impl KeepaliveClient {
     /// Starts the client and waits for its `READY`.
     pub fn start(port: u16, n: usize) -> KeepaliveClient {
+        Self::start_with_prefix(port, n, "/users/")
+    }
+
+    /// Like [`KeepaliveClient::start`], requesting `{prefix}1` .. `{prefix}{n}`.
+    pub fn start_with_prefix(port: u16, n: usize, prefix: &str) -> KeepaliveClient {
         let script = server_script("keepalive_client.py");
         let mut child = Command::new(python())
             .arg(&script)
             .arg(port.to_string())
             .arg(n.to_string())
+            .arg(prefix)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1142,7 +1175,7 @@ impl KeepaliveClient {
         let stdin = child.stdin.take();
         let stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
         let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
-        match stdout.lines.recv_timeout(HELPER_TIMEOUT) {
+        match stdout.lines.recv_timeout(helper_timeout()) {
             Ok(Some(l)) if l.trim() == "READY" => {}
             other => {
                 kill_and_reap(&mut child);
@@ -1164,17 +1197,26 @@ impl KeepaliveClient {
     /// Lets the client send its requests; waits for it to exit 0 and parses
     /// `LOCAL_PORT <p>` and `DONE <statuses>`.
     pub fn go(mut self) -> KeepaliveResult {
-        {
-            let mut stdin = self.stdin.take().expect("stdin");
-            stdin
-                .write_all(b"go\n")
-                .expect("write to keepalive_client stdin");
-        }
-        let status = wait_timeout(&mut self.child, HELPER_TIMEOUT);
+        self.release();
+        self.wait()
+    }
+
+    /// Lets the client send its requests without waiting (several clients at once).
+    pub fn release(&mut self) {
+        let mut stdin = self.stdin.take().expect("released once");
+        stdin
+            .write_all(b"go\n")
+            .expect("write to keepalive_client stdin");
+    }
+
+    /// After [`KeepaliveClient::release`]: waits for the client to exit 0, parses its output.
+    pub fn wait(mut self) -> KeepaliveResult {
+        let status = wait_timeout(&mut self.child, helper_timeout());
         let Some(status) = status else {
             kill_and_reap(&mut self.child);
             panic!(
-                "keepalive_client.py did not finish within {HELPER_TIMEOUT:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                "keepalive_client.py did not finish within {:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                helper_timeout(),
                 self.stdout.finish(),
                 self.stderr.finish()
             );
