@@ -59,20 +59,25 @@ pub fn helper_timeout() -> Duration {
     scaled(30)
 }
 
-/// `secs` times `KSPAN_E2E_TIME_SCALE` (default 1). The kernel-matrix guests of `cargo xtask
-/// vmtest` run under software emulation, 5-15x slower, and on PREEMPT_RT the kernel's detaching
-/// of each tracepoint takes most of a second there: they set a scale. Only the harness's
-/// deadlines stretch; what a test asserts about spans does not change.
-fn scaled(secs: u64) -> Duration {
+/// `secs` seconds times [`time_scale`].
+pub fn scaled(secs: u64) -> Duration {
+    Duration::from_secs(secs * time_scale())
+}
+
+/// `KSPAN_E2E_TIME_SCALE` (default 1). The kernel-matrix guests of `cargo xtask vmtest` run
+/// under software emulation, 5-15x slower, and on PREEMPT_RT the kernel's detaching of each
+/// tracepoint takes most of a second there: they set a scale. Only deadlines stretch (the
+/// harness's, and timeouts a test gives kspan); what a test asserts about spans does not change.
+pub fn time_scale() -> u64 {
     static SCALE: OnceLock<u64> = OnceLock::new();
-    let scale =
-        *SCALE.get_or_init(|| match std::env::var("KSPAN_E2E_TIME_SCALE") {
-            Ok(value) => value.parse().ok().filter(|&n| n >= 1).unwrap_or_else(|| {
+    *SCALE.get_or_init(|| match std::env::var("KSPAN_E2E_TIME_SCALE") {
+        Ok(value) => {
+            value.parse().ok().filter(|&n| n >= 1).unwrap_or_else(|| {
                 panic!("KSPAN_E2E_TIME_SCALE={value:?} is not a whole number >= 1")
-            }),
-            Err(_) => 1,
-        });
-    Duration::from_secs(secs * scale)
+            })
+        }
+        Err(_) => 1,
+    })
 }
 
 /// Cross-process lock file serializing e2e runs on this machine.

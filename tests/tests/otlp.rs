@@ -535,6 +535,8 @@ fn collector_down_then_up() {
     let _env = preflight();
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
+    // Short, so the exports to the closed port fail fast; longer where everything is slower.
+    let export_timeout_ms = (500 * time_scale()).to_string();
     let server = PyServer::start(Some("otlp-flaky"));
     let spid = server.pid.to_string();
     let mut kspan = Kspan::start_with_env(
@@ -548,7 +550,7 @@ fn collector_down_then_up() {
             "--otlp-protocol",
             "grpc",
         ],
-        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "500")],
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", &export_timeout_ms)],
     );
 
     for _ in 0..3 {
@@ -566,7 +568,7 @@ fn collector_down_then_up() {
         later_pids.push(c.pid);
     }
     let t0 = Instant::now();
-    let later = rx.wait_for_spans_where(4, Duration::from_secs(15), |s| {
+    let later = rx.wait_for_spans_where(4, scaled(15), |s| {
         s.attr_str("url.path").as_deref() == Some("/users/9")
     });
     let waited = t0.elapsed();
@@ -798,7 +800,7 @@ fn metrics_over_grpc_and_prometheus() {
     let total: u64 = traffic.iter().map(|t| t.2 as u64).sum();
 
     // Prometheus, while kspan runs: poll until every request is counted.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(10);
     let (samples, prom_text) = loop {
         let fetched = prometheus::http_get(prom_port, "/metrics");
         if let Ok((200, _, body)) = &fetched {
@@ -824,7 +826,7 @@ fn metrics_over_grpc_and_prometheus() {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "Prometheus endpoint did not count all {total} requests per side within 10 s \
+                    "Prometheus endpoint did not count all {total} requests per side in time \
                      (server {server_total}, client {client_total}):\n{body}"
                 );
             }
@@ -836,7 +838,7 @@ fn metrics_over_grpc_and_prometheus() {
 
     // Periodic OTLP export (1 s interval): the complete server histogram
     // arrives while kspan still runs.
-    let periodic = rx.wait_for_metrics_where(Duration::from_secs(6), |reqs| {
+    let periodic = rx.wait_for_metrics_where(scaled(6), |reqs| {
         let latest = latest_per_resource(reqs);
         histogram_points(&latest, "http.server.request.duration")
             .iter()
