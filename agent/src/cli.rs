@@ -327,7 +327,7 @@ pub fn run(args: Args) -> Result<()> {
         "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
          spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
          export_failures={} links_ambiguous={} links_mismatched={} connections_dropped={} \
-         kernel_read_errors={} kernel_map_full={} in_flight_collisions={}",
+         kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={}",
         Stats::get(&stats.events_received),
         Stats::get(&stats.events_lost),
         Stats::get(&stats.malformed_events),
@@ -343,6 +343,7 @@ pub fn run(args: Args) -> Result<()> {
         kernel.read_errors + kernel.socket_lookup_errors,
         kernel.connections_map_full + kernel.traced_pids_map_full,
         kernel.in_flight_collisions,
+        kernel.scratch_busy,
     );
     Ok(())
 }

@@ -43,6 +43,11 @@ pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
 /// insert and delete per syscall; two threads in flight on the same slot are detected and counted.
 pub const IN_FLIGHT_SLOTS: u32 = 65536;
 
+/// Scratch data records per possible CPU in the kernel: one for the program running, one for a
+/// program that preempted it (kernels where syscall tracepoints may fault run their programs
+/// preemptibly). A third level finds both busy and drops the record (`SCRATCH_BUSY`).
+pub const SCRATCH_PER_CPU: u32 = 2;
+
 /// What an event is. Stored as `u32` in [`EventHeader::kind`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,7 +252,10 @@ pub mod counter {
     pub const SOCKET_LOOKUP_ERRORS: u32 = 4;
     /// Forked children that could not be added to the pid filter (map full).
     pub const TRACED_PIDS_MAP_FULL: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Data records dropped because every scratch record of the CPU was in use (programs
+    /// preempted while filling them).
+    pub const SCRATCH_BUSY: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 #[cfg(feature = "user")]

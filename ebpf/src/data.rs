@@ -19,8 +19,8 @@ use kspan_common::{
 };
 
 use crate::maps::{
-    CONNECTIONS, DataRecord, EVENTS, InFlight, Iovec, SCRATCH, TRACEPOINT_OFFSETS, capture_bytes,
-    count, may_be_traced, shape, stash, submit_flags, unstash,
+    CONNECTIONS, DataRecord, EVENTS, InFlight, Iovec, SCRATCH, SCRATCH_PER_CPU, TRACEPOINT_OFFSETS,
+    capture_bytes, count, may_be_traced, shape, stash, submit_flags, unstash,
 };
 
 const MSG_PEEK: u64 = 2;
@@ -139,8 +139,8 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, shape: u32, full_len: u64, end
     } else {
         full_len.min(capture) as u32
     };
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(record) = SCRATCH.get_ptr_mut(cpu) else {
+    let Some(record) = claim_scratch() else {
+        count(counter::SCRATCH_BUSY);
         return;
     };
     let mut copied = match shape {
@@ -181,6 +181,50 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, shape: u32, full_len: u64, end
     let bytes = unsafe { core::slice::from_raw_parts(record.cast::<u8>(), len) };
     if EVENTS.output::<[u8]>(bytes, submit_flags()).is_err() {
         count(counter::EVENTS_LOST);
+    }
+    release_scratch(record);
+}
+
+/// Claim one of this CPU's scratch records. A program on a syscall tracepoint can be preempted
+/// where syscall tracepoints may fault (7.2 showed it: records of one client carried another's
+/// bytes), and another task's run of it on the same CPU must not write into the record being
+/// filled. Each record has a busy count taken with an atomic add (the only atomic 5.10 has: no
+/// compare-and-swap before 5.12): whoever reads 1 after its own increment owns the record, a
+/// reader of more backs off and tries the CPU's next record. The CPU cannot change under a
+/// program (migration is disabled), so only tasks of this CPU ever touch these records.
+#[inline(always)]
+fn claim_scratch() -> Option<*mut DataRecord> {
+    let first = unsafe { bpf_get_smp_processor_id() } * SCRATCH_PER_CPU;
+    let mut k = 0;
+    while k < SCRATCH_PER_CPU {
+        if let Some(record) = SCRATCH.get_ptr_mut(first + k) {
+            let busy = unsafe { &raw mut (*record).busy };
+            atomic_add(busy, 1);
+            if unsafe { core::ptr::read_volatile(busy) } == 1 {
+                return Some(record);
+            }
+            atomic_add(busy, u64::MAX);
+        }
+        k += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn release_scratch(record: *mut DataRecord) {
+    atomic_add(unsafe { &raw mut (*record).busy }, u64::MAX);
+}
+
+/// `*counter += delta` (wrapping: `u64::MAX` subtracts one) as one atomic instruction whose old
+/// value is not fetched: `lock *(u64 *)(r + 0) += r`, which every kernel since 4.x accepts
+/// (fetching atomics came in 5.12). core's atomic types have no read-modify-write ops on the BPF
+/// target, hence the intrinsic.
+#[inline(always)]
+fn atomic_add(counter: *mut u64, delta: u64) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, delta,
+        );
     }
 }
 

@@ -5,6 +5,9 @@
 //! really transferred into one ring buffer. No protocol parsing happens here.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// atomic_xadd: core's atomics have no fetch-and-add on the BPF target (see data::atomic_add).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod data;

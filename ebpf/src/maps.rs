@@ -127,12 +127,14 @@ pub static CONNECTIONS: HashMap<u64, ConnectionValue> =
 #[map]
 pub static IN_FLIGHT: Array<InFlight> = Array::with_max_entries(IN_FLIGHT_SLOTS, 0);
 
-/// One data record per CPU, built here before it is copied into the ring at its exact size.
-/// Entries: the number of possible CPUs, set by the agent. A plain array indexed by CPU rather
-/// than a per-CPU array, whose values are capped at 32 KiB. Syscall tracepoint programs run with
-/// preemption disabled and never nest on a CPU, so a CPU's record has one writer at a time.
+/// Data records built here before they are copied into the ring at their exact size:
+/// `SCRATCH_PER_CPU` per possible CPU (entries set by the agent), CPU `c` owning entries
+/// `c * SCRATCH_PER_CPU ..`. A plain array rather than a per-CPU array, whose values are capped
+/// at 32 KiB. A program claims a record through its busy count (see `data::claim_scratch`):
+/// a task preempted while filling one keeps it, and the next task on that CPU takes the other.
 #[map]
 pub static SCRATCH: Array<DataRecord> = Array::with_max_entries(1, 0);
+pub use kspan_common::SCRATCH_PER_CPU;
 
 #[repr(C)]
 pub struct DataRecord {
@@ -141,6 +143,9 @@ pub struct DataRecord {
     pub data: [u8; 2 * MAX_CAPTURE],
     /// The caller's iovec array, read in one go (not part of the event).
     pub segments: [Iovec; MAX_IOV_SEGMENTS],
+    /// Programs holding or trying to claim this record (0 when free). 64 bits: the BPF target
+    /// has atomics of that width only.
+    pub busy: u64,
 }
 
 /// `struct iovec` as user space lays it out.

@@ -601,7 +601,12 @@ fn concurrent_traffic_keeps_every_record_its_own() {
     let run = kspan.stop();
     run.assert_no_lost_events();
     let counters = run.counters();
-    for counter in ["parse_errors", "malformed_events", "in_flight_collisions"] {
+    for counter in [
+        "parse_errors",
+        "malformed_events",
+        "in_flight_collisions",
+        "scratch_busy",
+    ] {
         assert_eq!(counters.get(counter), Some(&0), "{counter}\n{}", run.dump());
     }
 

@@ -74,6 +74,7 @@ pub struct ProbeOptions {
 pub struct KernelCounters {
     pub events_lost: u64,
     pub in_flight_collisions: u64,
+    pub scratch_busy: u64,
     pub connections_map_full: u64,
     pub read_errors: u64,
     pub socket_lookup_errors: u64,
@@ -140,6 +141,7 @@ impl KernelMaps {
         KernelCounters {
             events_lost: sum(counter::EVENTS_LOST),
             in_flight_collisions: sum(counter::IN_FLIGHT_COLLISIONS),
+            scratch_busy: sum(counter::SCRATCH_BUSY),
             connections_map_full: sum(counter::CONNECTIONS_MAP_FULL),
             read_errors: sum(counter::READ_ERRORS),
             socket_lookup_errors: sum(counter::SOCKET_LOOKUP_ERRORS),
@@ -430,11 +432,11 @@ fn tracepoint_offsets() -> Result<TracepointOffsets> {
     })
 }
 
-/// One scratch data record per possible CPU (the eBPF side indexes it by CPU id; possible CPU ids
-/// are 0..n).
+/// `SCRATCH_PER_CPU` scratch data records per possible CPU (the eBPF side indexes them by CPU
+/// id; possible CPU ids are 0..n).
 fn scratch_entries() -> Result<u32> {
     let cpus = aya::util::nr_cpus()
         .map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))
         .context("cannot size the per-CPU scratch records")?;
-    Ok(cpus as u32)
+    Ok(cpus as u32 * kspan_common::SCRATCH_PER_CPU)
 }
