@@ -5,6 +5,7 @@
 
 mod bench;
 mod setup;
+mod vmtest;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
@@ -37,7 +38,8 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
-    /// Set up, build the release agent, run the unit tests, then the end-to-end tests.
+    /// Set up, build the release agent, run the unit tests, then the end-to-end tests on this
+    /// kernel and in QEMU guests on each kernel of the matrix (see `vmtest`).
     Test,
     /// Set up, then check formatting (rustfmt) and lints (clippy -D warnings).
     Lint,
@@ -61,6 +63,24 @@ enum Task {
         /// Skip the criterion micro-benchmarks (`cargo bench -p kspan`).
         #[arg(long)]
         skip_criterion: bool,
+    },
+    /// Set up, build, run the end-to-end tests in QEMU guests booting other kernels (Debian's
+    /// 5.10, 6.1, 6.1-rt, 6.12, 7.2), downloaded and cached in $KSPAN_VMTEST_DIR (default
+    /// /var/cache/kspan/vmtest): `vmtest [--kernel NAME]... [-- TEST ARGS]`.
+    Vmtest {
+        /// A kernel of the matrix (repeatable; default: all of them).
+        #[arg(long = "kernel", value_name = "NAME", value_parser = vmtest::parse_kernel)]
+        kernels: Vec<&'static vmtest::Kernel>,
+        /// Guests booted at once; with more than one, each guest's console is printed when it ends.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        jobs: u32,
+        /// Run this shell command in the guests (in the current directory) instead of the tests.
+        #[arg(long, value_name = "CMD")]
+        run: Option<String>,
+        /// Arguments passed to every test binary (everything after `--`).
+        #[arg(last = true, value_name = "TEST ARGS")]
+        test_args: Vec<String>,
     },
 }
 
@@ -94,6 +114,17 @@ fn run_task(task: Task) -> Result<()> {
             pairs,
             skip_criterion,
         }),
+        Task::Vmtest {
+            kernels,
+            jobs,
+            run,
+            test_args,
+        } => vmtest::vmtest(&vmtest::Options {
+            kernels,
+            jobs: jobs as usize,
+            run,
+            test_args,
+        }),
     }
 }
 
@@ -123,10 +154,13 @@ fn build(debug: bool) -> Result<()> {
     run_cmd(&mut cargo(&args))
 }
 
+/// Guests booted at once by `cargo xtask test`: the CI machine has two cores.
+const MATRIX_JOBS: usize = 2;
+
 fn test() -> Result<()> {
     let mut steps = Steps::default();
     let result = (|| {
-        steps.run("setup", setup::setup)?;
+        steps.run("setup", || setup::setup_with(vmtest::PACKAGES))?;
         steps.run("build (release)", || build(false))?;
         steps.run("unit tests", || {
             run_cmd(&mut cargo(&[
@@ -140,10 +174,26 @@ fn test() -> Result<()> {
             let mut cmd = cargo(&["test", "-p", "kspan-e2e", "--", "--test-threads=1"]);
             run_cmd(cmd.env("KSPAN_BIN", kspan_bin()))
         })?;
+        let mut binaries = Vec::new();
+        steps.run("e2e test binaries", || {
+            binaries = vmtest::e2e_binaries()?;
+            Ok(())
+        })?;
+        // Two guests at once, one per core (each guest is one emulation thread); every kernel
+        // runs, one failing does not hide the others' results.
+        let matrix = steps.run("e2e on the kernel matrix", || {
+            let kernels: Vec<&'static vmtest::Kernel> = vmtest::MATRIX.iter().collect();
+            let command = vmtest::GuestCommand::Tests {
+                binaries: &binaries,
+                args: &[],
+            };
+            vmtest::run_matrix(&kernels, &command, MATRIX_JOBS)
+        });
         // The criterion benchmarks are run by `cargo xtask bench`; here they must compile.
         steps.run("benchmarks compile", || {
             run_cmd(&mut cargo(&["bench", "-p", "kspan", "--no-run"]))
-        })
+        })?;
+        matrix
     })();
     steps.print_summary();
     result
@@ -187,15 +237,16 @@ fn run(args: &[OsString]) -> Result<()> {
 /// Named steps with a header before each and a timed summary at the end.
 #[derive(Default)]
 struct Steps {
-    done: Vec<(&'static str, Duration, bool)>,
+    done: Vec<(String, Duration, bool)>,
 }
 
 impl Steps {
-    fn run(&mut self, name: &'static str, step: impl FnOnce() -> Result<()>) -> Result<()> {
+    fn run(&mut self, name: &str, step: impl FnOnce() -> Result<()>) -> Result<()> {
         println!("\n==> {name}");
         let start = Instant::now();
         let result = step();
-        self.done.push((name, start.elapsed(), result.is_ok()));
+        self.done
+            .push((name.to_string(), start.elapsed(), result.is_ok()));
         result.with_context(|| format!("step `{name}` failed"))
     }
 
