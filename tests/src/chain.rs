@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::{
-    LinePump, helper_timeout, kill_and_reap, python, server_script, spawn_port_server, wait_timeout,
+    LinePump, helper_timeout, kill_and_reap, python, server_script, spawn_port_server,
+    spawn_python_script, wait_timeout,
 };
 
 // ---------------------------------------------------------------------------
@@ -354,21 +355,11 @@ impl Drop for SdkClient {
 /// Runs `servers/load_client.py PORT N PREFIX` (N sequential GET PREFIX<i> requests, each on a
 /// fresh connection) and returns the status codes it reports. Panics if it fails.
 pub fn load_client(port: u16, n: usize, prefix: &str) -> Vec<u16> {
-    let script = server_script("load_client.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .arg(port.to_string())
-        .arg(n.to_string())
-        .arg(prefix)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env_remove("OTEL_SERVICE_NAME")
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
-    let mut stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
-    let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
+    let (port, n) = (port.to_string(), n.to_string());
+    let (mut child, mut stdout, mut stderr) =
+        spawn_python_script("load_client.py", &[&port, &n, prefix]);
+    // Nothing to say to it.
+    drop(child.stdin.take());
     let Some(status) = wait_timeout(&mut child, helper_timeout()) else {
         kill_and_reap(&mut child);
         panic!(

@@ -1048,6 +1048,25 @@ impl Drop for PyServer {
     }
 }
 
+/// Starts `servers/{name}` with `args`, stdin, stdout and stderr piped, without the test's
+/// OTEL_SERVICE_NAME; returns the child with its stdout and stderr pumps (stdin stays on it).
+pub(crate) fn spawn_python_script(name: &str, args: &[&str]) -> (Child, LinePump, LinePump) {
+    let script = server_script(name);
+    let mut child = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env_remove("OTEL_SERVICE_NAME")
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
+    let stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
+    let stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
+    (child, stdout, stderr)
+}
+
 // ---------------------------------------------------------------------------
 // Pre-forking server
 // ---------------------------------------------------------------------------
@@ -1065,20 +1084,9 @@ pub struct ForkingServer {
 
 impl ForkingServer {
     pub fn start() -> ForkingServer {
-        let script = server_script("forking_server.py");
-        let mut child = Command::new(python())
-            .arg(&script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env_remove("OTEL_SERVICE_NAME")
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
+        let (mut child, stdout, stderr) = spawn_python_script("forking_server.py", &[]);
         let pid = child.id();
         let stdin = child.stdin.take();
-        let stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
-        let stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
         let mut server = ForkingServer {
             child,
             pid,
@@ -1163,23 +1171,11 @@ impl KeepaliveClient {
 
     /// Like [`KeepaliveClient::start`], requesting `{prefix}1` .. `{prefix}{n}`.
     pub fn start_with_prefix(port: u16, n: usize, prefix: &str) -> KeepaliveClient {
-        let script = server_script("keepalive_client.py");
-        let mut child = Command::new(python())
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(n.to_string())
-            .arg(prefix)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env_remove("OTEL_SERVICE_NAME")
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
+        let (port, n) = (port.to_string(), n.to_string());
+        let (mut child, stdout, mut stderr) =
+            spawn_python_script("keepalive_client.py", &[&port, &n, prefix]);
         let pid = child.id();
         let stdin = child.stdin.take();
-        let stdout = LinePump::new(child.stdout.take().expect("piped stdout"));
-        let mut stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
         match stdout.lines.recv_timeout(helper_timeout()) {
             Ok(Some(l)) if l.trim() == "READY" => {}
             other => {
