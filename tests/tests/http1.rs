@@ -182,15 +182,19 @@ fn assert_timing(span: &Value, from_ns: u64, to_ns: u64) {
 /// How much later the SERVER span may end than the CLIENT span. Starts are strictly causal (the
 /// client's write entry precedes the server's read exit), but a span ends at the exit of the
 /// syscall that moved the last byte: on loopback the server's write hands the bytes to the
-/// client, which can finish its read on another CPU before the server's write returns.
-const WRITE_RETURN_SLACK_NS: u64 = 5_000_000;
+/// client, which can finish its read on another CPU before the server's write returns. Scaled
+/// like the harness's deadlines: on an emulated PREEMPT_RT guest the woken client preempted the
+/// server for 6 ms before its write returned.
+fn write_return_slack_ns() -> u64 {
+    5_000_000 * time_scale()
+}
 
 /// The CLIENT span starts before and ends after the SERVER span (end: within the write-return
 /// slack).
 fn assert_client_encloses_server(client: &Value, server: &Value) {
     assert!(
         start_ns(client) <= start_ns(server)
-            && end_ns(client) + WRITE_RETURN_SLACK_NS >= end_ns(server),
+            && end_ns(client) + write_return_slack_ns() >= end_ns(server),
         "CLIENT span [{}, {}] must enclose SERVER span [{}, {}]\nclient:\n{}\nserver:\n{}",
         start_ns(client),
         end_ns(client),
