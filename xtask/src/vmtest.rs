@@ -46,6 +46,8 @@ pub struct Kernel {
     suffix: &'static str,
     /// The packages to download, `{abi}` replaced by the newest one found.
     packages: &'static [&'static str],
+    /// Run by `cargo xtask test` (CI) too, not only by `cargo xtask vmtest`.
+    pub in_ci: bool,
 }
 
 /// The kernels `vmtest` and `test` run the end-to-end tests on, oldest first.
@@ -56,6 +58,7 @@ pub const MATRIX: &[Kernel] = &[
         prefix: "linux-image-5.10.0-",
         suffix: "-amd64-unsigned",
         packages: &["linux-image-5.10.0-{abi}-amd64-unsigned"],
+        in_ci: true,
     },
     // bookworm(-security)
     Kernel {
@@ -63,12 +66,14 @@ pub const MATRIX: &[Kernel] = &[
         prefix: "linux-image-6.1.0-",
         suffix: "-amd64-unsigned",
         packages: &["linux-image-6.1.0-{abi}-amd64-unsigned"],
+        in_ci: true,
     },
     Kernel {
         name: "6.1-rt",
         prefix: "linux-image-6.1.0-",
         suffix: "-rt-amd64-unsigned",
         packages: &["linux-image-6.1.0-{abi}-rt-amd64-unsigned"],
+        in_ci: false,
     },
     // bookworm-security (+deb12) and trixie (+deb13) both carry it.
     Kernel {
@@ -76,6 +81,7 @@ pub const MATRIX: &[Kernel] = &[
         prefix: "linux-image-6.12.",
         suffix: "-amd64-unsigned",
         packages: &["linux-image-6.12.{abi}-amd64-unsigned"],
+        in_ci: true,
     },
     // sid: newer Debian packaging splits the image (linux-binary-*), the modules, and the
     // modules.builtin list and config (linux-base-*).
@@ -88,6 +94,7 @@ pub const MATRIX: &[Kernel] = &[
             "linux-modules-7.2.{abi}-amd64",
             "linux-base-7.2.{abi}-amd64",
         ],
+        in_ci: true,
     },
 ];
 
