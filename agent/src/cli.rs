@@ -309,9 +309,17 @@ pub fn run(args: Args) -> Result<()> {
     while let Some(record) = ring.next() {
         pipeline.handle_record(&record);
     }
-    pipeline.flush();
+    pipeline.shutdown();
     let kernel = pipeline.kernel().counters();
     mirror_kernel_counters(&stats, &kernel);
+    let skipped = pipeline.kernel().skipped_programs();
+    if !skipped.is_empty() {
+        log::warn!(
+            "the kernel skipped runs of kspan's programs, because another BPF program was running \
+             on the CPU (a program preempted inside, where syscall tracepoints are preemptible): \
+             {skipped:?}; those syscalls were not seen"
+        );
+    }
     let links = pipeline.linker().counters;
     drop(ring);
     drop(pipeline); // closes the span queue: the export thread finishes
@@ -326,8 +334,9 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!(
         "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
          spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
-         export_failures={} links_ambiguous={} links_mismatched={} connections_dropped={} \
-         kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={}",
+         export_failures={} links_ambiguous={} links_mismatched={} links_late={} connections_dropped={} \
+         kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={} \
+         program_misses={}",
         Stats::get(&stats.events_received),
         Stats::get(&stats.events_lost),
         Stats::get(&stats.malformed_events),
@@ -339,15 +348,18 @@ pub fn run(args: Args) -> Result<()> {
         Stats::get(&stats.export_failures),
         links.ambiguous,
         links.mismatched,
+        links.late,
         Stats::get(&stats.connections_dropped),
         kernel.read_errors + kernel.socket_lookup_errors,
         kernel.connections_map_full + kernel.traced_pids_map_full,
         kernel.in_flight_collisions,
         kernel.scratch_busy,
+        kernel.program_misses,
     );
     Ok(())
 }
 
 fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
     Stats::set(&stats.events_lost, kernel.events_lost);
+    Stats::set(&stats.program_misses, kernel.program_misses);
 }

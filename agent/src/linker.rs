@@ -17,7 +17,12 @@
 
 use compact_str::CompactString;
 use rustc_hash::FxHashMap;
-use std::{cell::RefCell, collections::VecDeque, net::SocketAddr, rc::Rc};
+use std::{
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    net::SocketAddr,
+    rc::Rc,
+};
 
 use crate::{
     protocols::{Role, http::RequestStart},
@@ -49,6 +54,9 @@ enum Parent {
 pub struct Node {
     span_id: [u8; 8],
     parent: RefCell<Parent>,
+    /// A server request whose client end is traced but whose client request has not arrived
+    /// yet: its parent is still to come (see [`Linker::waits_for_parent`]).
+    awaiting_client: Cell<bool>,
 }
 
 /// A span's resolved identity and sampling decision.
@@ -105,6 +113,9 @@ pub struct LinkCounters {
     pub ambiguous: u64,
     /// Cross-process pairs refused because the two ends disagree on the request.
     pub mismatched: u64,
+    /// Spans emitted without the parent they waited for: the traced client's request event did
+    /// not come in time.
+    pub late: u64,
 }
 
 pub struct Linker {
@@ -135,7 +146,12 @@ impl Linker {
 
     /// The connection ended (or its process exited): forget what pairing and serving kept.
     pub fn on_close(&mut self, end: &Endpoint, links: &mut ConnectionLinks) {
-        self.outgoing.remove(&(end.local, end.remote));
+        if let Some(outgoing) = self.outgoing.remove(&(end.local, end.remote)) {
+            // No client request will come for these any more.
+            for (_, server, ..) in outgoing.awaiting {
+                server.awaiting_client.set(false);
+            }
+        }
         for mut request in links.in_flight.drain(..) {
             self.stop_serving(end.pid, &mut request);
         }
@@ -167,6 +183,7 @@ impl Linker {
                     trace_id: tracecontext::new_trace_id(),
                 },
             }),
+            awaiting_client: Cell::new(false),
         });
         match start.role {
             Role::Server => {
@@ -223,6 +240,7 @@ impl Linker {
                 }
             }
             None if outgoing.awaiting.len() < MAX_OUTGOING_PER_CONNECTION => {
+                node.awaiting_client.set(true);
                 outgoing.awaiting.push((
                     index,
                     node.clone(),
@@ -246,6 +264,7 @@ impl Linker {
         };
         if let Some(position) = outgoing.awaiting.iter().position(|(i, ..)| *i == index) {
             let (_, server, method, target) = outgoing.awaiting.swap_remove(position);
+            server.awaiting_client.set(false);
             if method == start.method && target == start.target {
                 *server.parent.borrow_mut() = Parent::Local(node.clone());
             } else {
@@ -296,7 +315,8 @@ impl Linker {
     }
 
     /// The exchange that started at (tid, start_ns) on this connection completed: its span's
-    /// final identity. Older pending requests (the parser dropped them) are discarded; server
+    /// node, to [`resolve`](Self::resolve) now or, while [`waits_for_parent`](Self::waits_for_parent),
+    /// a little later. Older pending requests (the parser dropped them) are discarded; server
     /// requests still listed as served (their response start was not seen) stop being served.
     pub fn finish(
         &mut self,
@@ -305,20 +325,20 @@ impl Linker {
         links: &mut ConnectionLinks,
         tid: u32,
         start_ns: u64,
-    ) -> Resolved {
+    ) -> Rc<Node> {
         let Some(position) = links
             .in_flight
             .iter()
             .position(|r| r.tid == tid && r.start_ns == start_ns)
         else {
             // Should not happen: the parser reports every request it emits.
-            return self.new_root();
+            return new_root_node();
         };
         for mut dropped in links.in_flight.drain(..position) {
             self.stop_serving(end.pid, &mut dropped);
         }
         let Some(mut request) = links.in_flight.pop_front() else {
-            return self.new_root();
+            return new_root_node();
         };
         self.stop_serving(end.pid, &mut request);
         if role == Role::Client
@@ -329,20 +349,42 @@ impl Linker {
                 .requests
                 .retain(|(_, n, ..)| !Rc::ptr_eq(n, &request.node));
         }
-        self.resolve(&request.node)
+        request.node
     }
 
-    /// A span without a node.
-    fn new_root(&self) -> Resolved {
-        let trace_id = tracecontext::new_trace_id();
-        Resolved {
-            ids: SpanIds {
-                trace_id,
-                span_id: tracecontext::new_span_id(),
-                parent_span_id: None,
-            },
-            sampled: self.sampler.should_sample(&trace_id, None),
-            trace_state: None,
+    /// True while the top of `node`'s chain is a server request waiting for its traced client's
+    /// request event: resolving now would start a trace of its own. The client's write event is
+    /// emitted at its syscall's exit, and a client thread preempted between queueing the bytes
+    /// and that exit lets the server read, answer and finish first (seen on loaded 2-CPU
+    /// machines and always under emulation).
+    pub fn waits_for_parent(&self, node: &Rc<Node>) -> bool {
+        let mut current = node.clone();
+        for _ in 0..MAX_DEPTH {
+            if current.awaiting_client.get() {
+                return true;
+            }
+            let parent = match &*current.parent.borrow() {
+                Parent::Local(parent) => parent.clone(),
+                _ => return false,
+            };
+            current = parent;
+        }
+        false
+    }
+
+    /// Stop waiting for `node`'s chain to learn its parent: it is resolved as it stands.
+    pub fn give_up_waiting(&mut self, node: &Rc<Node>) {
+        let mut current = node.clone();
+        for _ in 0..MAX_DEPTH {
+            if current.awaiting_client.replace(false) {
+                self.counters.late += 1;
+                return;
+            }
+            let parent = match &*current.parent.borrow() {
+                Parent::Local(parent) => parent.clone(),
+                _ => return,
+            };
+            current = parent;
         }
     }
 
@@ -365,6 +407,17 @@ impl Linker {
             trace_state,
         }
     }
+}
+
+/// A node for a span the linker lost track of: a trace of its own.
+fn new_root_node() -> Rc<Node> {
+    Rc::new(Node {
+        span_id: tracecontext::new_span_id(),
+        parent: RefCell::new(Parent::Root {
+            trace_id: tracecontext::new_trace_id(),
+        }),
+        awaiting_client: Cell::new(false),
+    })
 }
 
 /// The root of a chain: its trace id, the remote context it continues and that context's
@@ -529,6 +582,68 @@ mod tests {
         assert_eq!(s.ids.parent_span_id, Some(c.ids.span_id));
     }
 
+    /// The server end finished before the traced client's request event arrived: it and the
+    /// calls it made wait for their parent; a client that never shows up stops the wait.
+    #[test]
+    fn spans_below_a_server_awaiting_its_client_wait_for_it() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let client_end = end(1, 41000, 9000);
+        linker.on_client_connect(client_end.local, client_end.remote);
+        let server_end = end(2, 9000, 41000);
+        let mut server_links = ConnectionLinks::default();
+        let server = request(
+            &mut linker,
+            &server_end,
+            start(Role::Server, 21, 300, &[]),
+            &mut server_links,
+        );
+        // Thread 21 calls a third process while serving.
+        let mut call_links = ConnectionLinks::default();
+        let call = request(
+            &mut linker,
+            &end(2, 42000, 7000),
+            start(Role::Client, 21, 310, &[]),
+            &mut call_links,
+        );
+        assert!(linker.waits_for_parent(&server));
+        assert!(linker.waits_for_parent(&call));
+        let mut client_links = ConnectionLinks::default();
+        let client = request(
+            &mut linker,
+            &client_end,
+            start(Role::Client, 11, 200, &[]),
+            &mut client_links,
+        );
+        assert!(!linker.waits_for_parent(&server));
+        assert!(!linker.waits_for_parent(&call));
+        assert!(!linker.waits_for_parent(&client));
+        let c = linker.resolve(&client);
+        assert_eq!(linker.resolve(&call).ids.trace_id, c.ids.trace_id);
+
+        // A second request whose client event never comes: waiting ends when asked to.
+        let late = request(
+            &mut linker,
+            &server_end,
+            start(Role::Server, 21, 400, &[]),
+            &mut server_links,
+        );
+        assert!(linker.waits_for_parent(&late));
+        linker.give_up_waiting(&late);
+        assert!(!linker.waits_for_parent(&late));
+        assert_eq!(linker.counters.late, 1);
+        assert_eq!(linker.resolve(&late).ids.parent_span_id, None);
+        // So does the client's connection closing.
+        let after_close = request(
+            &mut linker,
+            &server_end,
+            start(Role::Server, 21, 500, &[]),
+            &mut server_links,
+        );
+        assert!(linker.waits_for_parent(&after_close));
+        linker.on_close(&client_end, &mut client_links);
+        assert!(!linker.waits_for_parent(&after_close));
+    }
+
     #[test]
     fn thread_serving_two_requests_is_ambiguous() {
         let mut linker = Linker::new(Sampler::AlwaysOn);
@@ -663,10 +778,11 @@ mod tests {
         let second = request(&mut linker, &e, start(Role::Server, 1, 20, &[]), &mut links);
         // The first request never became an exchange: finishing the second discards it.
         let finished = linker.finish(&e, Role::Server, &mut links, 1, 20);
-        assert_eq!(finished.ids.span_id, second.span_id);
+        assert_eq!(linker.resolve(&finished).ids.span_id, second.span_id);
         assert!(links.in_flight.is_empty());
         // Nothing is left for the first: a span of its own, not the dropped node's.
         let orphan = linker.finish(&e, Role::Server, &mut links, 1, 10);
+        let orphan = linker.resolve(&orphan);
         assert_ne!(orphan.ids.span_id, first.span_id);
         assert_eq!(orphan.ids.parent_span_id, None);
         // Neither is still listed as being served by thread 1.

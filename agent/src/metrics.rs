@@ -227,7 +227,7 @@ type HealthCounter = (&'static str, &'static str, &'static str, fn(&Stats) -> u6
 
 fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
     let meter = provider.meter("kspan");
-    let counters: [HealthCounter; 6] = [
+    let counters: [HealthCounter; 7] = [
         (
             "kspan.events.received",
             "{event}",
@@ -239,6 +239,13 @@ fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
             "{event}",
             "Kernel events lost because the ring buffer was full.",
             |s| Stats::get(&s.events_lost),
+        ),
+        (
+            "kspan.program.misses",
+            "{run}",
+            "Runs of kspan's eBPF programs the kernel skipped because a program was already \
+             running on the CPU: syscalls never seen.",
+            |s| Stats::get(&s.program_misses),
         ),
         (
             "kspan.parse.errors",

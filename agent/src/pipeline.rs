@@ -3,13 +3,15 @@
 //! lookup and the parser's feed, without allocation unless an exchange completes.
 
 use std::{
+    collections::VecDeque,
     net::{Ipv4Addr, SocketAddr},
+    rc::Rc,
     sync::{Arc, mpsc::SyncSender},
 };
 
 use kspan_common::EventKind;
 
-use crate::linker::{ConnectionLinks, Endpoint, Linker};
+use crate::linker::{ConnectionLinks, Endpoint, Linker, Node};
 
 use crate::{
     clock::Clock,
@@ -23,11 +25,28 @@ use crate::{
         Chunk, Role,
         http::{HttpExchange, RequestStart},
     },
-    spans::{Span, http::http_span},
+    spans::{Resource, Span, http::http_span},
     stats::Stats,
 };
 
 /// A finished span and its trace's sampling decision (unsampled spans still count in metrics).
+/// How long a finished span may wait for its parent: the traced client's request event, late
+/// when the client thread was preempted between queueing its bytes and its syscall's exit
+/// (see `Linker::waits_for_parent`). Microseconds usually; milliseconds on a loaded machine.
+const PARENT_WAIT_NS: u64 = 1_000_000_000;
+/// Spans waiting at once, at most; past it a span is emitted without waiting.
+const MAX_WAITING_SPANS: usize = 4096;
+
+/// A finished exchange whose span waits for its parent to be known.
+struct WaitingSpan {
+    exchange: HttpExchange,
+    node: Rc<Node>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    resource: Arc<Resource>,
+    deadline_ns: u64,
+}
+
 pub struct Finished {
     pub span: Span,
     pub sampled: bool,
@@ -109,6 +128,8 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     /// Reused between events so a chunk that completes nothing allocates nothing.
     exchanges: Vec<HttpExchange>,
     starts: Vec<RequestStart>,
+    /// Finished spans waiting for their parent, oldest first.
+    waiting: VecDeque<WaitingSpan>,
     /// Events handled since the last flush: a plain count per event, one shared atomic add per
     /// drain (the stats are read by other threads).
     events_unflushed: u64,
@@ -134,6 +155,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             linker,
             exchanges: Vec::new(),
             starts: Vec::new(),
+            waiting: VecDeque::new(),
             events_unflushed: 0,
         }
     }
@@ -155,7 +177,44 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     pub fn flush(&mut self) {
         Stats::add(&self.stats.events_received, self.events_unflushed);
         self.events_unflushed = 0;
+        if !self.waiting.is_empty() {
+            self.release_waiting(Clock::monotonic_now());
+        }
         self.sink.flush()
+    }
+
+    /// The last flush: spans still waiting for their parent go as they are.
+    pub fn shutdown(&mut self) {
+        self.release_waiting(u64::MAX);
+        self.flush();
+    }
+
+    /// Emit the waiting spans whose parent is known now, and those whose wait ended by `now_ns`.
+    fn release_waiting(&mut self, now_ns: u64) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let waiting = &self.waiting[i];
+            let waits = self.linker.waits_for_parent(&waiting.node);
+            if waits && waiting.deadline_ns > now_ns {
+                i += 1;
+                continue;
+            }
+            let Some(w) = self.waiting.remove(i) else {
+                break;
+            };
+            if waits {
+                self.linker.give_up_waiting(&w.node);
+            }
+            emit_span(
+                &self.linker,
+                &mut self.sink,
+                &self.clock,
+                &w.exchange,
+                &w.node,
+                (w.local, w.remote),
+                &w.resource,
+            );
+        }
     }
 
     /// Select the processes that exist already and track the TCP connections they have open:
@@ -348,6 +407,14 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let errors = parser.feed(chunk, &mut self.exchanges);
         if errors > 0 {
             Stats::add(&self.stats.parse_errors, errors);
+            log::debug!(
+                "parse error on pid {pid} fd {fd} ({:?}, {} of {} bytes, tid {}): {}",
+                chunk.direction,
+                chunk.data.len(),
+                chunk.full_len,
+                chunk.tid,
+                chunk.data[..chunk.data.len().min(96)].escape_ascii()
+            );
         }
         let end = Endpoint {
             pid,
@@ -392,32 +459,57 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     }
 
     /// Completed exchanges → spans: identity from the linker, attributes from the builder, out
-    /// to the sink.
+    /// to the sink; or to the waiting list while the linker still expects their parent.
     fn emit(&mut self, pid: u32, end: &Endpoint, links: &mut ConnectionLinks) {
         let resource = self.processes.resource(pid);
         for exchange in self.exchanges.drain(..) {
-            let resolved = self.linker.finish(
+            let node = self.linker.finish(
                 end,
                 exchange.role,
                 links,
                 exchange.request_tid,
                 exchange.start_ns,
             );
-            let mut span = http_span(
-                &exchange,
-                resolved.ids,
-                end.local,
-                end.remote,
-                &resource,
+            if self.linker.waits_for_parent(&node) && self.waiting.len() < MAX_WAITING_SPANS {
+                self.waiting.push_back(WaitingSpan {
+                    exchange,
+                    node,
+                    local: end.local,
+                    remote: end.remote,
+                    resource: resource.clone(),
+                    deadline_ns: Clock::monotonic_now() + PARENT_WAIT_NS,
+                });
+                continue;
+            }
+            emit_span(
+                &self.linker,
+                &mut self.sink,
                 &self.clock,
+                &exchange,
+                &node,
+                (end.local, end.remote),
+                &resource,
             );
-            span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
-            self.sink.emit(Finished {
-                span,
-                sampled: resolved.sampled,
-            });
         }
     }
+}
+
+fn emit_span(
+    linker: &Linker,
+    sink: &mut impl SpanSink,
+    clock: &Clock,
+    exchange: &HttpExchange,
+    node: &Node,
+    (local, remote): (SocketAddr, SocketAddr),
+    resource: &Arc<Resource>,
+) {
+    let resolved = linker.resolve(node);
+    let mut span = http_span(exchange, resolved.ids, local, remote, resource, clock);
+    span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
+    sink.emit(Finished {
+        span,
+        sampled: resolved.sampled,
+    });
 }
 
 #[cfg(test)]

@@ -8,6 +8,9 @@ pub struct Stats {
     pub events_received: AtomicU64,
     /// Events the kernel could not queue (ring buffer full), read from the kernel counters.
     pub events_lost: AtomicU64,
+    /// Program runs the kernel skipped because a BPF program was already running on the CPU
+    /// (syscalls kspan never saw), read from the kernel.
+    pub program_misses: AtomicU64,
     /// Events whose bytes did not decode (unknown kind, short record).
     pub malformed_events: AtomicU64,
     /// Protocol parse errors (bad start line, oversized headers, lost sync).

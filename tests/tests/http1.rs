@@ -573,11 +573,16 @@ fn forked_workers_are_traced() {
 }
 
 /// Four clients and a threaded server writing at once on every CPU: each captured request and
-/// response stays whole and its own. A data record is assembled in a per-CPU scratch buffer
-/// before it is copied to the ring, which is only right while a program cannot be preempted on
-/// its CPU by another run of itself; this holds every kernel of the matrix (PREEMPT_RT included)
-/// to that. Each client asks for its own paths, so a record mixed with another one's bytes
-/// shows as a wrong path, a parse error or a missing span.
+/// response stays whole and its own. A data record is assembled in a scratch record of its CPU
+/// before it is copied to the ring; where syscall tracepoint programs run preemptibly (7.2),
+/// another task's run on that CPU must not write into it. Each client asks for its own paths,
+/// so a record mixed with another one's bytes shows as a wrong path, a parse error or a
+/// missing span.
+///
+/// Where programs run preemptibly, the kernel also skips a program for other tasks of a CPU
+/// while a task is preempted inside it (`program_misses`): those syscalls never reach kspan.
+/// Then, and only then, a span may be missing or a parser may meet a response it lacks the
+/// request of; never more than two per skipped run, and never a span that was not sent.
 #[test]
 fn concurrent_traffic_keeps_every_record_its_own() {
     const CLIENTS: usize = 4;
@@ -605,14 +610,16 @@ fn concurrent_traffic_keeps_every_record_its_own() {
     let run = kspan.stop();
     run.assert_no_lost_events();
     let counters = run.counters();
-    for counter in [
-        "parse_errors",
-        "malformed_events",
-        "in_flight_collisions",
-        "scratch_busy",
-    ] {
+    for counter in ["malformed_events", "in_flight_collisions", "scratch_busy"] {
         assert_eq!(counters.get(counter), Some(&0), "{counter}\n{}", run.dump());
     }
+    let misses = counters["program_misses"];
+    let parse_errors = counters["parse_errors"];
+    assert!(
+        parse_errors <= 2 * misses,
+        "{parse_errors} parse errors, {misses} program runs skipped by the kernel\n{}",
+        run.dump()
+    );
 
     // Every (process, path) asked for, once on each side: clients in their own process, the
     // server in its one.
@@ -624,26 +631,44 @@ fn concurrent_traffic_keeps_every_record_its_own() {
         all.sort();
         all
     };
-    let traced = |kind: &str| -> Vec<(i64, String)> {
-        let mut all: Vec<(i64, String)> = run
-            .of_kind(kind)
-            .iter()
-            .map(|span| {
-                assert_eq!(
-                    must_i64(span, "http.response.status_code"),
-                    200,
-                    "{}",
-                    pretty(span)
-                );
-                let pid = res_i64(span, "process.pid").expect("process.pid");
-                (pid, must_str(span, "url.path").to_string())
-            })
-            .collect();
-        all.sort();
-        all
+    // (process, path) of each whole exchange, and how many spans a skipped run cut short (a
+    // response never seen ends as a `connection_closed` error).
+    let traced = |kind: &str| -> (Vec<(i64, String)>, usize) {
+        let mut whole = Vec::new();
+        let mut cut = 0;
+        for span in run.of_kind(kind) {
+            let pid = res_i64(span, "process.pid").expect("process.pid");
+            let entry = (pid, must_str(span, "url.path").to_string());
+            match span["attributes"]["http.response.status_code"].as_i64() {
+                Some(status) => {
+                    assert_eq!(status, 200, "{}", pretty(span));
+                    whole.push(entry);
+                }
+                None => cut += 1,
+            }
+        }
+        whole.sort();
+        (whole, cut)
     };
-    assert_eq!(traced("CLIENT"), sent(&|c| client_pids[c]), "CLIENT spans");
-    assert_eq!(traced("SERVER"), sent(&|_| server.pid), "SERVER spans");
+    for (kind, sent) in [
+        ("CLIENT", sent(&|c| client_pids[c])),
+        ("SERVER", sent(&|_| server.pid)),
+    ] {
+        let (traced, cut) = traced(kind);
+        let mut unsent = traced.clone();
+        unsent.retain(|span| sent.binary_search(span).is_err());
+        assert!(unsent.is_empty(), "{kind} spans never sent: {unsent:?}");
+        let mut repeated = traced.clone();
+        repeated.dedup();
+        assert_eq!(repeated.len(), traced.len(), "{kind} spans repeated");
+        let missing = sent.len() - traced.len();
+        assert!(
+            (missing + cut) as u64 <= 2 * misses,
+            "{missing} {kind} spans missing and {cut} cut short, {misses} program runs skipped by \
+             the kernel\n{}",
+            run.dump()
+        );
+    }
 }
 
 /// e. Only the selected process is traced.

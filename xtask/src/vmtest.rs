@@ -48,6 +48,25 @@ pub struct Kernel {
     packages: &'static [&'static str],
     /// Run by `cargo xtask test` (CI) too, not only by `cargo xtask vmtest`.
     pub in_ci: bool,
+    /// How the guest's clock runs.
+    clock: GuestClock,
+    /// Virtual CPUs of the guest.
+    cpus: u8,
+}
+
+/// How a guest's clock runs under emulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GuestClock {
+    /// `-icount shift=1`: guest time advances 2 ns per emulated instruction, idle time skipped.
+    /// A program then spans as many timer ticks as on real hardware. On the host's clock an
+    /// emulated program runs some 50 times longer against the tick, and what is rare on
+    /// hardware became common: on 7.2, whose syscall tracepoint programs are preemptible, tasks
+    /// were preempted inside kspan's programs and the kernel skipped 10-20 program runs per
+    /// concurrent test; cross-process links raced. The suites also ran faster (6.5 against 9
+    /// minutes for 6.12 and 7.2).
+    Instructions,
+    /// The host's: the PREEMPT_RT kernel printed nothing in 10 minutes under icount.
+    Host,
 }
 
 /// The kernels `vmtest` and `test` run the end-to-end tests on, oldest first.
@@ -59,6 +78,8 @@ pub const MATRIX: &[Kernel] = &[
         suffix: "-amd64-unsigned",
         packages: &["linux-image-5.10.0-{abi}-amd64-unsigned"],
         in_ci: true,
+        clock: GuestClock::Instructions,
+        cpus: 2,
     },
     // bookworm(-security)
     Kernel {
@@ -67,6 +88,8 @@ pub const MATRIX: &[Kernel] = &[
         suffix: "-amd64-unsigned",
         packages: &["linux-image-6.1.0-{abi}-amd64-unsigned"],
         in_ci: false,
+        clock: GuestClock::Instructions,
+        cpus: 2,
     },
     Kernel {
         name: "6.1-rt",
@@ -74,6 +97,11 @@ pub const MATRIX: &[Kernel] = &[
         suffix: "-rt-amd64-unsigned",
         packages: &["linux-image-6.1.0-{abi}-rt-amd64-unsigned"],
         in_ci: false,
+        clock: GuestClock::Host,
+        // With two vCPUs on one emulation thread an RCU grace period took ~0.7 s here, and
+        // kspan's stop (each of 29 detaches waits for one, under a global mutex) 22 s; with
+        // one, 4 s. One CPU is also where tasks contend hardest for its scratch records.
+        cpus: 1,
     },
     // bookworm-security (+deb12) and trixie (+deb13) both carry it.
     Kernel {
@@ -82,6 +110,8 @@ pub const MATRIX: &[Kernel] = &[
         suffix: "-amd64-unsigned",
         packages: &["linux-image-6.12.{abi}-amd64-unsigned"],
         in_ci: false,
+        clock: GuestClock::Instructions,
+        cpus: 2,
     },
     // sid: newer Debian packaging splits the image (linux-binary-*), the modules, and the
     // modules.builtin list and config (linux-base-*).
@@ -95,6 +125,8 @@ pub const MATRIX: &[Kernel] = &[
             "linux-base-7.2.{abi}-amd64",
         ],
         in_ci: false,
+        clock: GuestClock::Instructions,
+        cpus: 2,
     },
 ];
 
@@ -524,6 +556,8 @@ struct ScriptEnv {
     home: String,
     cwd: PathBuf,
     kspan_bin: PathBuf,
+    /// The host's `RUST_LOG`, if set: kspan's debug logs from a guest without editing the script.
+    rust_log: Option<String>,
 }
 
 impl ScriptEnv {
@@ -534,6 +568,7 @@ impl ScriptEnv {
             home: var("HOME"),
             cwd: env::current_dir().context("cannot read the current directory")?,
             kspan_bin: kspan_bin(),
+            rust_log: env::var("RUST_LOG").ok(),
         })
     }
 }
@@ -549,6 +584,9 @@ fn guest_script(command: &GuestCommand, env: &ScriptEnv) -> String {
         quote(&env.home),
         path(&env.kspan_bin)
     );
+    if let Some(rust_log) = &env.rust_log {
+        script.push_str(&format!("export RUST_LOG={}\n", quote(rust_log)));
+    }
     match command {
         GuestCommand::Tests { binaries, args } => {
             script.push_str("status=0\n");
@@ -612,7 +650,7 @@ exec switch_root /newroot /bin/sh -c "/bin/bash $S </dev/null; printf '\\nVMTEST
 ///   guest. One host thread for both vCPUs ran the e2e suite as fast here.
 /// - `-display none` rather than `-nographic`, with which SeaBIOS resets and clears the terminal
 ///   through the serial console.
-const QEMU_FLAGS: &str = "-accel tcg,thread=single -cpu max -smp 2 -m 4G -display none \
+const QEMU_FLAGS: &str = "-accel tcg,thread=single -cpu max -m 4G -display none \
     -nodefaults -no-reboot -serial mon:stdio \
     -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap";
 
@@ -632,6 +670,12 @@ fn boot(qemu: &Qemu, kernel: &Prepared, script: &Path, log: &Path, live: bool) -
     let mut child = {
         let mut cmd = qemu.command();
         cmd.args(QEMU_FLAGS.split_whitespace())
+            .arg("-smp")
+            .arg(kernel.kernel.cpus.to_string())
+            .args(match kernel.kernel.clock {
+                GuestClock::Instructions => &["-icount", "shift=1"][..],
+                GuestClock::Host => &[],
+            })
             .arg("-kernel")
             .arg(kernel.dir.join("vmlinux"))
             .arg("-initrd")
@@ -1077,6 +1121,8 @@ struct Prepared {
     dir: PathBuf,
     /// `uname -r`.
     release: String,
+    /// The matrix entry it was prepared for.
+    kernel: &'static Kernel,
 }
 
 /// A Debian package picked for a kernel.
@@ -1094,6 +1140,7 @@ impl Cache {
         let prepared = |release: String| Prepared {
             dir: dir.clone(),
             release,
+            kernel,
         };
         let info: Value = fs::read_to_string(dir.join(KERNEL_DONE))
             .ok()
@@ -2025,6 +2072,7 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/pub/debian/ bookworm mai
             home: "/root".into(),
             cwd: "/work/main/my dir".into(),
             kspan_bin: "/work/main/target/release/kspan".into(),
+            rust_log: None,
         }
     }
 

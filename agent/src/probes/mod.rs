@@ -6,7 +6,11 @@ pub mod events;
 pub mod stack;
 pub mod tracefs;
 
-use std::{os::fd::AsRawFd, path::Path, time::Duration};
+use std::{
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -79,6 +83,8 @@ pub struct KernelCounters {
     pub read_errors: u64,
     pub socket_lookup_errors: u64,
     pub traced_pids_map_full: u64,
+    /// Program runs the kernel skipped (see `program_misses`).
+    pub program_misses: u64,
 }
 
 /// The part of the kernel stage the pipeline drives: which pids to trace, which sockets are
@@ -96,6 +102,8 @@ pub struct KernelMaps {
     maybe_traced: Array<MapData, u32>,
     connections: HashMap<MapData, u64, ConnectionValue>,
     counters: PerCpuArray<MapData, u64>,
+    /// Every loaded program by name, for the runs the kernel skipped.
+    programs: Vec<(String, OwnedFd)>,
 }
 
 impl KernelControl for KernelMaps {
@@ -131,6 +139,15 @@ impl KernelControl for KernelMaps {
 }
 
 impl KernelMaps {
+    /// The programs the kernel skipped runs of, with their counts (for the stop report).
+    pub fn skipped_programs(&self) -> Vec<(&str, u64)> {
+        self.programs
+            .iter()
+            .map(|(name, fd)| (name.as_str(), program_misses(fd.as_fd())))
+            .filter(|(_, misses)| *misses > 0)
+            .collect()
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let sum = |index: u32| -> u64 {
             self.counters
@@ -146,6 +163,11 @@ impl KernelMaps {
             read_errors: sum(counter::READ_ERRORS),
             socket_lookup_errors: sum(counter::SOCKET_LOOKUP_ERRORS),
             traced_pids_map_full: sum(counter::TRACED_PIDS_MAP_FULL),
+            program_misses: self
+                .programs
+                .iter()
+                .map(|(_, fd)| program_misses(fd.as_fd()))
+                .sum(),
         }
     }
 }
@@ -241,7 +263,17 @@ impl Probes {
                 .with_context(|| format!("cannot add --exe {name} to the kernel's exe filter"))?;
         }
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
+        let programs = ebpf
+            .programs()
+            .map(|(name, program)| {
+                let fd = program
+                    .fd()
+                    .with_context(|| format!("program {name} not loaded"))?;
+                Ok((name.to_string(), fd.as_fd().try_clone_to_owned()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let maps = KernelMaps {
+            programs,
             traced_pids: HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?)?,
             maybe_traced: Array::try_from(take(&mut ebpf, "MAYBE_TRACED")?)?,
             connections: HashMap::try_from(take(&mut ebpf, "CONNECTIONS")?)?,
@@ -253,6 +285,39 @@ impl Probes {
             maps,
         })
     }
+}
+
+/// How many runs of a program the kernel skipped because a BPF program was already running on
+/// that CPU: `bpf_prog_info.recursion_misses` (Linux 5.12+; 0 before). Where syscall
+/// tracepoint programs run preemptibly (7.2 here), a task preempted inside one of kspan's
+/// programs makes that program skip for every other task on its CPU until it resumes: those
+/// syscalls are lost in the kernel, before kspan sees them, and this is the only count of them.
+fn program_misses(fd: BorrowedFd<'_>) -> u64 {
+    // SAFETY: plain-data kernel struct; all zeroes is its empty value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    // `union bpf_attr`'s `info` member for BPF_OBJ_GET_INFO_BY_FD.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: `attr` points at `info`, which outlives the call; the kernel writes at most
+    // `info_len` bytes into it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if ret == 0 { info.recursion_misses } else { 0 }
 }
 
 /// Wait until the ring buffer has data or `timeout` passes.
