@@ -48,25 +48,9 @@ pub struct Kernel {
     packages: &'static [&'static str],
     /// Run by `cargo xtask test` (CI) too, not only by `cargo xtask vmtest`.
     pub in_ci: bool,
-    /// How the guest's clock runs.
-    clock: GuestClock,
-    /// Virtual CPUs of the guest.
+    /// Virtual CPUs of the guest: 2 where the kernel brings the second one up under icount
+    /// (see `QEMU_FLAGS`); 5.10 and 6.1 (RT too) hang at "Booting SMP configuration" there.
     cpus: u8,
-}
-
-/// How a guest's clock runs under emulation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum GuestClock {
-    /// `-icount shift=1`: guest time advances 2 ns per emulated instruction, idle time skipped.
-    /// A program then spans as many timer ticks as on real hardware. On the host's clock an
-    /// emulated program runs some 50 times longer against the tick, and what is rare on
-    /// hardware became common: on 7.2, whose syscall tracepoint programs are preemptible, tasks
-    /// were preempted inside kspan's programs and the kernel skipped 10-20 program runs per
-    /// concurrent test; cross-process links raced. The suites also ran faster (6.5 against 9
-    /// minutes for 6.12 and 7.2).
-    Instructions,
-    /// The host's: the PREEMPT_RT kernel printed nothing in 10 minutes under icount.
-    Host,
 }
 
 /// The kernels `vmtest` and `test` run the end-to-end tests on, oldest first.
@@ -78,8 +62,7 @@ pub const MATRIX: &[Kernel] = &[
         suffix: "-amd64-unsigned",
         packages: &["linux-image-5.10.0-{abi}-amd64-unsigned"],
         in_ci: true,
-        clock: GuestClock::Instructions,
-        cpus: 2,
+        cpus: 1,
     },
     // bookworm(-security)
     Kernel {
@@ -87,9 +70,8 @@ pub const MATRIX: &[Kernel] = &[
         prefix: "linux-image-6.1.0-",
         suffix: "-amd64-unsigned",
         packages: &["linux-image-6.1.0-{abi}-amd64-unsigned"],
-        in_ci: false,
-        clock: GuestClock::Instructions,
-        cpus: 2,
+        in_ci: true,
+        cpus: 1,
     },
     Kernel {
         name: "6.1-rt",
@@ -97,10 +79,6 @@ pub const MATRIX: &[Kernel] = &[
         suffix: "-rt-amd64-unsigned",
         packages: &["linux-image-6.1.0-{abi}-rt-amd64-unsigned"],
         in_ci: false,
-        clock: GuestClock::Host,
-        // With two vCPUs on one emulation thread an RCU grace period took ~0.7 s here, and
-        // kspan's stop (each of 29 detaches waits for one, under a global mutex) 22 s; with
-        // one, 4 s. One CPU is also where tasks contend hardest for its scratch records.
         cpus: 1,
     },
     // bookworm-security (+deb12) and trixie (+deb13) both carry it.
@@ -109,8 +87,7 @@ pub const MATRIX: &[Kernel] = &[
         prefix: "linux-image-6.12.",
         suffix: "-amd64-unsigned",
         packages: &["linux-image-6.12.{abi}-amd64-unsigned"],
-        in_ci: false,
-        clock: GuestClock::Instructions,
+        in_ci: true,
         cpus: 2,
     },
     // sid: newer Debian packaging splits the image (linux-binary-*), the modules, and the
@@ -124,8 +101,7 @@ pub const MATRIX: &[Kernel] = &[
             "linux-modules-7.2.{abi}-amd64",
             "linux-base-7.2.{abi}-amd64",
         ],
-        in_ci: false,
-        clock: GuestClock::Instructions,
+        in_ci: true,
         cpus: 2,
     },
 ];
@@ -223,6 +199,7 @@ pub fn vmtest(options: &Options) -> Result<()> {
 }
 
 /// An end-to-end test binary, built by cargo.
+#[derive(Clone)]
 pub struct TestBinary {
     pub executable: PathBuf,
     /// Its package's directory: cargo runs test binaries there.
@@ -321,9 +298,9 @@ struct Unit<'a> {
 }
 
 /// Boot each kernel (at most `jobs` guests at once) and run `command` in it; print a summary,
-/// fail if the command failed on any kernel. With more than one job, each test binary gets its
-/// own guest, so the two slots stay busy to the end: 6.1-rt's suite alone takes as long as two
-/// other kernels', and its binaries go first.
+/// fail if the command failed on any kernel. With more than one job, each kernel's test binaries
+/// are split over `jobs` guests of about equal length, and the longest guests go first, so the
+/// slots stay busy to the end.
 pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usize) -> Result<()> {
     let cache = Cache::open()?;
     let (qemu, prepared) = {
@@ -337,30 +314,44 @@ pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usi
         (qemu, prepared)
     };
 
-    let mut units: Vec<Unit> = Vec::new();
+    let groups = match *command {
+        GuestCommand::Tests { binaries, .. } if jobs > 1 => split_binaries(binaries, jobs),
+        _ => Vec::new(),
+    };
+    // (unit, expected seconds)
+    let mut units: Vec<(Unit, u32)> = Vec::new();
     for (i, kernel) in kernels.iter().enumerate() {
         match *command {
-            GuestCommand::Tests { binaries, args } if jobs > 1 => {
-                for binary in binaries {
-                    units.push(Unit {
-                        kernel: i,
-                        label: format!("{}-{}", kernel.name, binary.stem()),
-                        command: GuestCommand::Tests {
-                            binaries: std::slice::from_ref(binary),
-                            args,
+            GuestCommand::Tests { args, .. } if jobs > 1 => {
+                for group in &groups {
+                    let stems: Vec<&str> = group.iter().map(TestBinary::stem).collect();
+                    let weight = stems.iter().map(|s| guest_seconds(s)).sum();
+                    units.push((
+                        Unit {
+                            kernel: i,
+                            label: format!("{}-{}", kernel.name, stems.join("+")),
+                            command: GuestCommand::Tests {
+                                binaries: group,
+                                args,
+                            },
                         },
-                    });
+                        weight,
+                    ));
                 }
             }
-            command => units.push(Unit {
-                kernel: i,
-                label: kernel.name.to_string(),
-                command,
-            }),
+            command => units.push((
+                Unit {
+                    kernel: i,
+                    label: kernel.name.to_string(),
+                    command,
+                },
+                0,
+            )),
         }
     }
-    // The slowest kernel first (stable: the others keep their order).
-    units.sort_by_key(|u| kernels[u.kernel].name != SLOWEST);
+    // The longest guests first (stable: equal ones keep their order).
+    units.sort_by_key(|(_, weight)| cmp::Reverse(*weight));
+    let units: Vec<Unit> = units.into_iter().map(|(unit, _)| unit).collect();
 
     let jobs = jobs.clamp(1, units.len().max(1));
     // Per unit: how long it took and how it went.
@@ -415,8 +406,37 @@ pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usi
     Ok(())
 }
 
-/// The kernel whose tests take longest (its detach of the tracepoints is slow under emulation).
-const SLOWEST: &str = "6.1-rt";
+/// About how long a test binary's suite takes in a guest, in seconds (measured on this 2-core
+/// machine), to balance the guests; binaries not listed count as short.
+fn guest_seconds(stem: &str) -> u32 {
+    match stem {
+        "context" => 175,
+        "http1" => 135,
+        "otlp" => 60,
+        _ => 10,
+    }
+}
+
+/// The binaries in `jobs` groups of about equal length: the longest first, each into the group
+/// that is shortest so far.
+fn split_binaries(binaries: &[TestBinary], jobs: usize) -> Vec<Vec<TestBinary>> {
+    let mut sorted: Vec<&TestBinary> = binaries.iter().collect();
+    sorted.sort_by_key(|b| cmp::Reverse(guest_seconds(b.stem())));
+    let mut groups: Vec<(u32, Vec<TestBinary>)> = vec![(0, Vec::new()); jobs];
+    for binary in sorted {
+        let shortest = groups
+            .iter_mut()
+            .min_by_key(|(seconds, _)| *seconds)
+            .expect("jobs > 0");
+        shortest.0 += guest_seconds(binary.stem());
+        shortest.1.push(binary.clone());
+    }
+    groups
+        .into_iter()
+        .map(|(_, group)| group)
+        .filter(|group| !group.is_empty())
+        .collect()
+}
 
 /// One guest of the matrix, with a header; its console is printed whole at its end unless `live`.
 /// `print` serializes the output of parallel guests.
@@ -648,9 +668,17 @@ exec switch_root /newroot /bin/sh -c "/bin/bash $S </dev/null; printf '\\nVMTEST
 /// - `thread=single`: with QEMU 7.2's multi-threaded TCG, a vCPU can run a stale int3 after the
 ///   kernel patched its text (as kspan attaches tracepoints), an `Oops: int3` that panics the
 ///   guest. One host thread for both vCPUs ran the e2e suite as fast here.
+/// - `-icount shift=1`: guest time advances 2 ns per emulated instruction (idle time skipped),
+///   so a program spans as many timer ticks as on real hardware. On the host's clock an emulated
+///   program runs some 50 times longer against the tick, and what is rare on hardware became
+///   common: on 7.2, whose syscall tracepoint programs are preemptible, tasks were preempted
+///   inside kspan's programs and the kernel skipped 10-20 program runs per concurrent test;
+///   cross-process links raced; on 6.1-rt with two vCPUs each RCU grace period took ~0.7 s and
+///   kspan's stop (29 detaches, each waiting for one under a mutex) 22 s. Suites also run faster
+///   (6.12 and 7.2 together: 6.5 minutes instead of 9).
 /// - `-display none` rather than `-nographic`, with which SeaBIOS resets and clears the terminal
 ///   through the serial console.
-const QEMU_FLAGS: &str = "-accel tcg,thread=single -cpu max -m 4G -display none \
+const QEMU_FLAGS: &str = "-accel tcg,thread=single -icount shift=1 -cpu max -m 4G -display none \
     -nodefaults -no-reboot -serial mon:stdio \
     -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap";
 
@@ -672,10 +700,6 @@ fn boot(qemu: &Qemu, kernel: &Prepared, script: &Path, log: &Path, live: bool) -
         cmd.args(QEMU_FLAGS.split_whitespace())
             .arg("-smp")
             .arg(kernel.kernel.cpus.to_string())
-            .args(match kernel.kernel.clock {
-                GuestClock::Instructions => &["-icount", "shift=1"][..],
-                GuestClock::Host => &[],
-            })
             .arg("-kernel")
             .arg(kernel.dir.join("vmlinux"))
             .arg("-initrd")
@@ -2074,6 +2098,36 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/pub/debian/ bookworm mai
             kspan_bin: "/work/main/target/release/kspan".into(),
             rust_log: None,
         }
+    }
+
+    #[test]
+    fn binaries_split_into_guests_of_about_equal_length() {
+        let binary = |source: &str| TestBinary {
+            executable: format!("/t/{source}").into(),
+            package_dir: "/t".into(),
+            source: source.into(),
+        };
+        let binaries = [
+            binary("src/lib.rs"),
+            binary("tests/context.rs"),
+            binary("tests/http1.rs"),
+            binary("tests/otlp.rs"),
+        ];
+        let stems = |groups: Vec<Vec<TestBinary>>| -> Vec<Vec<String>> {
+            groups
+                .iter()
+                .map(|g| g.iter().map(|b| b.stem().to_string()).collect())
+                .collect()
+        };
+        assert_eq!(
+            stems(split_binaries(&binaries, 2)),
+            [vec!["context", "lib"], vec!["http1", "otlp"]]
+        );
+        assert_eq!(
+            stems(split_binaries(&binaries, 8)).len(),
+            4,
+            "no empty guests"
+        );
     }
 
     #[test]
