@@ -18,11 +18,7 @@ use common::{
     PIPELINED, REQUEST, RESPONSE, chunk, fresh_connection_records, keepalive_records, repeated,
     warm_keepalive_pipeline,
 };
-use kspan::protocols::{
-    Direction,
-    http::{HttpExchange, RequestStart},
-    http1::Http1Connection,
-};
+use kspan::protocols::{Direction, ParserOutput, ProtocolParser, http1::Http1Connection};
 
 struct Counting;
 
@@ -101,21 +97,19 @@ fn pipeline_fresh_connection() -> (f64, f64) {
 /// The parser alone, fed `reads` then `writes` per round, draining what the pipeline drains.
 fn parser(reads: &[&[u8]], writes: &[&[u8]], requests_per_round: usize) -> (f64, f64) {
     let mut conn = Http1Connection::new();
-    let mut out: Vec<HttpExchange> = Vec::new();
-    let mut starts: Vec<RequestStart> = Vec::new();
+    let mut out = ParserOutput::default();
     let mut round = |conn: &mut Http1Connection| {
         for (direction, data) in reads
             .iter()
             .map(|d| (Direction::Ingress, d))
             .chain(writes.iter().map(|d| (Direction::Egress, d)))
         {
-            assert_eq!(conn.feed(&chunk(direction, data, 1_000_000), &mut out), 0);
-            conn.take_request_starts(&mut starts);
-            black_box(conn.take_responses_started());
-            black_box(&starts);
-            starts.clear();
+            ProtocolParser::feed(conn, &chunk(direction, data, 1_000_000), &mut out);
+            assert_eq!(out.counts.parse_errors, 0);
             black_box(&out);
-            out.clear();
+            out.request_starts.clear();
+            out.responses_started.clear();
+            out.exchanges.clear();
         }
     };
     for _ in 0..100 {

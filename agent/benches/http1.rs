@@ -15,42 +15,38 @@ use std::hint::black_box;
 
 use common::{PIPELINED, REQUEST, RESPONSE, chunk, repeated};
 use criterion::{Criterion, Throughput};
-use kspan::protocols::{
-    Direction,
-    http::{HttpExchange, RequestStart},
-    http1::Http1Connection,
-};
+use kspan::protocols::{Direction, ParserOutput, ProtocolParser, http1::Http1Connection};
 
-/// A parser plus the buffers the pipeline reuses between chunks.
+/// A parser plus the output the pipeline reuses between chunks.
 struct Parser {
     conn: Http1Connection,
-    out: Vec<HttpExchange>,
-    starts: Vec<RequestStart>,
+    out: ParserOutput,
 }
 
 impl Parser {
     fn new() -> Self {
         Parser {
             conn: Http1Connection::new(),
-            out: Vec::new(),
-            starts: Vec::new(),
+            out: ParserOutput::default(),
         }
     }
 
-    /// Feeds one syscall's bytes and drains what the pipeline drains after each chunk. Returns
-    /// the exchanges completed.
+    /// Feeds one syscall's bytes through the protocol interface, as the pipeline does, and
+    /// drains what it drains after each chunk. Returns the exchanges completed.
     fn feed(&mut self, direction: Direction, data: &[u8]) -> usize {
-        let errors = self
-            .conn
-            .feed(&chunk(direction, data, 1_000_000), &mut self.out);
-        debug_assert_eq!(errors, 0);
-        self.conn.take_request_starts(&mut self.starts);
-        black_box(self.conn.take_responses_started());
-        black_box(&self.starts);
-        self.starts.clear();
-        let done = self.out.len();
-        black_box(&self.out);
-        self.out.clear();
+        ProtocolParser::feed(
+            &mut self.conn,
+            &chunk(direction, data, 1_000_000),
+            &mut self.out,
+        );
+        debug_assert_eq!(self.out.counts.parse_errors, 0);
+        black_box(&self.out.request_starts);
+        black_box(&self.out.responses_started);
+        self.out.request_starts.clear();
+        self.out.responses_started.clear();
+        let done = self.out.exchanges.len();
+        black_box(&self.out.exchanges);
+        self.out.exchanges.clear();
         done
     }
 }

@@ -335,7 +335,7 @@ pub fn run(args: Args) -> Result<()> {
         "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
          spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
          export_failures={} links_ambiguous={} links_mismatched={} links_late={} connections_dropped={} \
-         kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={} \
+         connections_muted={} parse_desynchronised={} parse_limits_hit={} kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={} \
          program_misses={}",
         Stats::get(&stats.events_received),
         Stats::get(&stats.events_lost),
@@ -350,6 +350,9 @@ pub fn run(args: Args) -> Result<()> {
         links.mismatched,
         links.late,
         Stats::get(&stats.connections_dropped),
+        Stats::get(&stats.connections_muted),
+        Stats::get(&stats.parse_desynchronised),
+        Stats::get(&stats.parse_limits_hit),
         kernel.read_errors + kernel.socket_lookup_errors,
         kernel.connections_map_full + kernel.traced_pids_map_full,
         kernel.in_flight_collisions,

@@ -6,10 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use kspan_common::{AF_INET, SocketTuple};
 
-use crate::{linker::ConnectionLinks, protocols::http1::Http1Connection};
+use crate::{
+    linker::ConnectionLinks,
+    protocols::{self, Direction, ProtocolParser, Registration},
+};
 
 /// How many chunks with data a connection gets to look like a known protocol before it is
-/// ignored (a connection joined mid-stream may start inside a body).
+/// muted (a connection joined mid-stream may start inside a body).
 const DETECTION_ATTEMPTS: u8 = 4;
 
 #[derive(Debug)]
@@ -17,22 +20,52 @@ pub enum ProtocolState {
     Undetected {
         attempts: u8,
     },
-    Http1(Box<Http1Connection>),
-    /// Not a protocol kspan parses: its bytes are skipped.
-    Unsupported,
+    Parsing {
+        protocol: &'static Registration,
+        parser: Box<dyn ProtocolParser>,
+    },
+    /// Not a protocol kspan parses, or one its parser gave up on: muted in the kernel (its
+    /// bytes are no longer copied).
+    Muted,
+}
+
+/// What detection decided for a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detection {
+    /// Nothing changed (still undetected and trying, or decided before).
+    Unchanged,
+    /// This chunk started a protocol.
+    Detected(&'static str),
+    /// No protocol claimed the connection's first chunks: mute it.
+    GaveUp,
 }
 
 impl ProtocolState {
     /// Called for a chunk with data while undetected: pick a parser or give up after a few tries.
-    pub fn detect(&mut self, data: &[u8]) {
-        if let ProtocolState::Undetected { attempts } = self {
-            if Http1Connection::looks_like_http1(data) {
-                *self = ProtocolState::Http1(Box::new(Http1Connection::new()));
-            } else if *attempts + 1 >= DETECTION_ATTEMPTS {
-                *self = ProtocolState::Unsupported;
-            } else {
-                *attempts += 1;
-            }
+    pub fn detect(&mut self, data: &[u8], direction: Direction) -> Detection {
+        let ProtocolState::Undetected { attempts } = self else {
+            return Detection::Unchanged;
+        };
+        if let Some(protocol) = protocols::detect(data, direction) {
+            *self = ProtocolState::Parsing {
+                protocol,
+                parser: (protocol.new_parser)(),
+            };
+            Detection::Detected(protocol.name)
+        } else if *attempts + 1 >= DETECTION_ATTEMPTS {
+            *self = ProtocolState::Muted;
+            Detection::GaveUp
+        } else {
+            *attempts += 1;
+            Detection::Unchanged
+        }
+    }
+
+    /// The protocol this connection speaks, once detected.
+    pub fn protocol(&self) -> Option<&'static Registration> {
+        match self {
+            ProtocolState::Parsing { protocol, .. } => Some(protocol),
+            _ => None,
         }
     }
 }
@@ -230,10 +263,27 @@ mod tests {
     fn detection_gives_up_after_a_few_chunks() {
         let mut state = ProtocolState::Undetected { attempts: 0 };
         for _ in 0..DETECTION_ATTEMPTS - 1 {
-            state.detect(b"\x16\x03\x01 binary");
+            let detection = state.detect(b"\x16\x03\x01 binary", Direction::Egress);
+            assert_eq!(detection, Detection::Unchanged);
             assert!(matches!(state, ProtocolState::Undetected { .. }));
         }
-        state.detect(b"\x16\x03\x01 binary");
-        assert!(matches!(state, ProtocolState::Unsupported));
+        let detection = state.detect(b"\x16\x03\x01 binary", Direction::Egress);
+        assert_eq!(detection, Detection::GaveUp);
+        assert!(matches!(state, ProtocolState::Muted));
+    }
+
+    #[test]
+    fn detection_picks_the_protocol_of_the_first_bytes() {
+        let mut state = ProtocolState::Undetected { attempts: 0 };
+        assert_eq!(
+            state.detect(b"GET / HTTP/1.1\r\n", Direction::Ingress),
+            Detection::Detected("http1")
+        );
+        assert_eq!(state.protocol().map(|p| p.name), Some("http1"));
+        let mut state = ProtocolState::Undetected { attempts: 0 };
+        assert_eq!(
+            state.detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Direction::Egress),
+            Detection::Detected("http2")
+        );
     }
 }

@@ -5,7 +5,12 @@
 //!   that request and the start of its response) is a child of that SERVER span. A thread
 //!   serving several requests at once (an event loop) is ambiguous: its calls stay unlinked.
 //! - **Across processes on one host**: when both ends of a connection are traced, the n-th
-//!   request the server reads is a child of the n-th request the client sent.
+//!   request the server reads is a child of the n-th request the client sent (HTTP/1); for
+//!   protocols whose requests carry an id on the wire (HTTP/2 stream ids), the server's request
+//!   is the child of the client's request with the same id, even on connections joined late.
+//! - **Multiplexed servers** (HTTP/2): the thread that read a request is an I/O thread, not the
+//!   handler; a client request sent by a thread that has such requests in flight is ambiguous
+//!   and stays unlinked (counted).
 //! - **An application with its own SDK**: an outgoing request that already carries traceparent
 //!   makes kspan's CLIENT span a child of the header's span id (the SDK's span), and the server
 //!   end parents to the same header span. kspan never reuses the SDK's span id.
@@ -25,7 +30,7 @@ use std::{
 };
 
 use crate::{
-    protocols::{Role, http::RequestStart},
+    protocols::{RequestStart, Role},
     spans::SpanIds,
     tracecontext::{self, Sampler, SpanContext},
 };
@@ -34,8 +39,10 @@ use crate::{
 const MAX_DEPTH: usize = 64;
 /// Requests one thread may have read and not yet answered.
 const MAX_SERVING_PER_THREAD: usize = 64;
-/// Client requests remembered per connection for cross-process pairing.
-const MAX_OUTGOING_PER_CONNECTION: usize = 64;
+/// Client requests remembered per connection for cross-process pairing: as many as an HTTP/2
+/// connection has streams open at once (the parser's bound), so none is forgotten before the
+/// server end reads it.
+const MAX_OUTGOING_PER_CONNECTION: usize = 256;
 /// Connections remembered for cross-process pairing.
 const MAX_PAIRED_CONNECTIONS: usize = 65536;
 
@@ -57,6 +64,8 @@ pub struct Node {
     /// A server request whose client end is traced but whose client request has not arrived
     /// yet: its parent is still to come (see [`Linker::waits_for_parent`]).
     awaiting_client: Cell<bool>,
+    /// A server request read by a multiplexing I/O thread (see [`RequestStart::multiplexed`]).
+    multiplexed: bool,
 }
 
 /// A span's resolved identity and sampling decision.
@@ -69,19 +78,22 @@ pub struct Resolved {
 }
 
 /// Requests of one connection whose spans are not emitted yet, matched to exchanges by the
-/// (thread, start time) pair both carry.
+/// request id both carry.
 #[derive(Debug, Default)]
 pub struct ConnectionLinks {
-    requests_seen: u64,
     in_flight: VecDeque<PendingRequest>,
+    /// Requests the unit tests reported on this connection (their default ids).
+    #[cfg(test)]
+    issued: u64,
 }
 
 /// A request whose span is not emitted yet.
 #[derive(Debug)]
 struct PendingRequest {
+    /// The parser's id of the request on its connection.
+    id: u64,
     /// Thread that read (server) or wrote (client) it.
     tid: u32,
-    start_ns: u64,
     node: Rc<Node>,
     /// Its response has started (server requests).
     answered: bool,
@@ -109,7 +121,8 @@ struct Outgoing {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LinkCounters {
-    /// Client requests left unlinked because their thread was serving several requests.
+    /// Client requests left unlinked because their thread was serving several requests, or
+    /// multiplexed (HTTP/2) ones.
     pub ambiguous: u64,
     /// Cross-process pairs refused because the two ends disagree on the request.
     pub mismatched: u64,
@@ -149,7 +162,9 @@ impl Linker {
         if let Some(outgoing) = self.outgoing.remove(&(end.local, end.remote)) {
             // No client request will come for these any more.
             for (_, server, ..) in outgoing.awaiting {
-                server.awaiting_client.set(false);
+                if server.awaiting_client.replace(false) {
+                    self.counters.late += 1;
+                }
             }
         }
         for mut request in links.in_flight.drain(..) {
@@ -168,8 +183,10 @@ impl Linker {
         start: &RequestStart,
         links: &mut ConnectionLinks,
     ) {
-        let index = links.requests_seen;
-        links.requests_seen += 1;
+        // Ids pair with the other end when they are on the wire, or count requests from the
+        // connection's start.
+        let pairable = end.from_start || start.id_on_wire;
+        let index = start.id;
         let mut listed = false;
         let incoming = tracecontext::extract(&start.context_headers);
         let node = Rc::new(Node {
@@ -184,10 +201,11 @@ impl Linker {
                 },
             }),
             awaiting_client: Cell::new(false),
+            multiplexed: start.multiplexed && start.role == Role::Server,
         });
         match start.role {
             Role::Server => {
-                if incoming.is_none() && end.from_start {
+                if incoming.is_none() && pairable {
                     self.pair_with_client(end, index, start, &node);
                 }
                 let serving = self.serving.entry((end.pid, start.tid)).or_default();
@@ -199,21 +217,21 @@ impl Linker {
             Role::Client => {
                 if incoming.is_none() {
                     match self.serving.get(&(end.pid, start.tid)).map(Vec::as_slice) {
-                        Some([server]) => {
+                        Some([server]) if !server.multiplexed => {
                             *node.parent.borrow_mut() = Parent::Local(server.clone());
                         }
-                        Some([_, _, ..]) => self.counters.ambiguous += 1,
+                        Some([_, ..]) => self.counters.ambiguous += 1,
                         _ => {}
                     }
                 }
-                if end.from_start {
+                if pairable {
                     self.register_client_request(end, index, start, &node);
                 }
             }
         }
         links.in_flight.push_back(PendingRequest {
+            id: start.id,
             tid: start.tid,
-            start_ns: start.start_ns,
             node,
             answered: false,
             listed,
@@ -282,18 +300,23 @@ impl Linker {
         ));
     }
 
-    /// `count` responses began on a server connection: its oldest unanswered requests are no
-    /// longer being served by the threads that read them.
+    /// The responses to these requests began on a server connection: they are no longer being
+    /// served by the threads that read them.
     pub fn on_responses_started(
         &mut self,
         end: &Endpoint,
         links: &mut ConnectionLinks,
-        count: u32,
+        ids: &[u64],
     ) {
-        let unanswered = links.in_flight.iter_mut().filter(|r| !r.answered);
-        for request in unanswered.take(count as usize) {
-            request.answered = true;
-            self.stop_serving(end.pid, request);
+        for id in ids {
+            if let Some(request) = links
+                .in_flight
+                .iter_mut()
+                .find(|r| r.id == *id && !r.answered)
+            {
+                request.answered = true;
+                self.stop_serving(end.pid, request);
+            }
         }
     }
 
@@ -314,30 +337,30 @@ impl Linker {
         }
     }
 
-    /// The exchange that started at (tid, start_ns) on this connection completed: its span's
-    /// node, to [`resolve`](Self::resolve) now or, while [`waits_for_parent`](Self::waits_for_parent),
-    /// a little later. Older pending requests (the parser dropped them) are discarded; server
-    /// requests still listed as served (their response start was not seen) stop being served.
+    /// The exchange of request `id` on this connection completed: its span's node, to
+    /// [`resolve`](Self::resolve) now or, while [`waits_for_parent`](Self::waits_for_parent), a
+    /// little later. With `in_order` (responses come in request order), older pending requests
+    /// (the parser dropped them) are discarded. A server request still listed as served (its
+    /// response start was not seen) stops being served.
     pub fn finish(
         &mut self,
         end: &Endpoint,
         role: Role,
         links: &mut ConnectionLinks,
-        tid: u32,
-        start_ns: u64,
+        id: u64,
+        in_order: bool,
     ) -> Rc<Node> {
-        let Some(position) = links
-            .in_flight
-            .iter()
-            .position(|r| r.tid == tid && r.start_ns == start_ns)
-        else {
+        let Some(position) = links.in_flight.iter().position(|r| r.id == id) else {
             // Should not happen: the parser reports every request it emits.
             return new_root_node();
         };
-        for mut dropped in links.in_flight.drain(..position) {
-            self.stop_serving(end.pid, &mut dropped);
+        if in_order {
+            for mut dropped in links.in_flight.drain(..position) {
+                self.stop_serving(end.pid, &mut dropped);
+            }
         }
-        let Some(mut request) = links.in_flight.pop_front() else {
+        let position = if in_order { 0 } else { position };
+        let Some(mut request) = links.in_flight.remove(position) else {
             return new_root_node();
         };
         self.stop_serving(end.pid, &mut request);
@@ -417,6 +440,7 @@ fn new_root_node() -> Rc<Node> {
             trace_id: tracecontext::new_trace_id(),
         }),
         awaiting_client: Cell::new(false),
+        multiplexed: false,
     })
 }
 
@@ -462,6 +486,10 @@ mod tests {
     fn start(role: Role, tid: u32, t: u64, headers: &[(&str, &str)]) -> RequestStart {
         RequestStart {
             role,
+            // Set by `request` (the request's number on its connection).
+            id: u64::MAX,
+            id_on_wire: false,
+            multiplexed: false,
             tid,
             start_ns: t,
             method: "GET".into(),
@@ -491,12 +519,17 @@ mod tests {
     ];
     const PARENT: [u8; 8] = [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31];
 
+    /// Reports `s` on `links`' connection; unless set, its id is its number on the connection.
     fn request(
         linker: &mut Linker,
         end: &Endpoint,
-        s: RequestStart,
+        mut s: RequestStart,
         links: &mut ConnectionLinks,
     ) -> Rc<Node> {
+        if s.id == u64::MAX {
+            s.id = links.issued;
+        }
+        links.issued += 1;
         linker.on_request(end, &s, links);
         links.in_flight.back().unwrap().node.clone()
     }
@@ -642,6 +675,10 @@ mod tests {
         assert!(linker.waits_for_parent(&after_close));
         linker.on_close(&client_end, &mut client_links);
         assert!(!linker.waits_for_parent(&after_close));
+        assert_eq!(
+            linker.counters.late, 2,
+            "a wait ended by the close is late too"
+        );
     }
 
     #[test]
@@ -671,7 +708,7 @@ mod tests {
         assert_eq!(linker.resolve(&client).ids.parent_span_id, None);
         assert_eq!(linker.counters.ambiguous, 1);
         // Once the first response starts, the thread serves one request: calls link again.
-        linker.on_responses_started(&end(1, 8000, 40001), &mut a, 1);
+        linker.on_responses_started(&end(1, 8000, 40001), &mut a, &[0]);
         let client = request(
             &mut linker,
             &end(1, 41000, 9000),
@@ -692,7 +729,7 @@ mod tests {
             start(Role::Server, 5, 1, &[]),
             &mut links,
         );
-        linker.on_responses_started(&server_end, &mut links, 1);
+        linker.on_responses_started(&server_end, &mut links, &[0]);
         let mut out = ConnectionLinks::default();
         let client = request(
             &mut linker,
@@ -765,7 +802,7 @@ mod tests {
                 linker.resolve(&server).sampled,
                 linker.resolve(&client).sampled
             );
-            linker.on_responses_started(&server_end, &mut links, 1);
+            linker.on_responses_started(&server_end, &mut links, &[0]);
         }
     }
 
@@ -777,15 +814,81 @@ mod tests {
         let first = request(&mut linker, &e, start(Role::Server, 1, 10, &[]), &mut links);
         let second = request(&mut linker, &e, start(Role::Server, 1, 20, &[]), &mut links);
         // The first request never became an exchange: finishing the second discards it.
-        let finished = linker.finish(&e, Role::Server, &mut links, 1, 20);
+        let finished = linker.finish(&e, Role::Server, &mut links, 1, true);
         assert_eq!(linker.resolve(&finished).ids.span_id, second.span_id);
         assert!(links.in_flight.is_empty());
         // Nothing is left for the first: a span of its own, not the dropped node's.
-        let orphan = linker.finish(&e, Role::Server, &mut links, 1, 10);
+        let orphan = linker.finish(&e, Role::Server, &mut links, 0, true);
         let orphan = linker.resolve(&orphan);
         assert_ne!(orphan.ids.span_id, first.span_id);
         assert_eq!(orphan.ids.parent_span_id, None);
         // Neither is still listed as being served by thread 1.
+        assert!(linker.serving.is_empty());
+    }
+
+    /// HTTP/2: streams pair by id however late either end joined, finish in any order, and a
+    /// multiplexing server's I/O thread links nothing by thread.
+    #[test]
+    fn streams_pair_by_wire_id_and_finish_out_of_order() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let late = |pid, local, remote| Endpoint {
+            from_start: false,
+            ..end(pid, local, remote)
+        };
+        let client_end = late(1, 41000, 9000);
+        let server_end = late(2, 9000, 41000);
+        linker.on_client_connect(client_end.local, client_end.remote);
+        let stream = |role, tid, id| RequestStart {
+            id,
+            id_on_wire: true,
+            multiplexed: role == Role::Server,
+            ..start(role, tid, id, &[])
+        };
+        let mut client_links = ConnectionLinks::default();
+        let mut server_links = ConnectionLinks::default();
+        let c1 = request(
+            &mut linker,
+            &client_end,
+            stream(Role::Client, 11, 1),
+            &mut client_links,
+        );
+        let c3 = request(
+            &mut linker,
+            &client_end,
+            stream(Role::Client, 11, 3),
+            &mut client_links,
+        );
+        // The server reads stream 3 first, then 1.
+        let s3 = request(
+            &mut linker,
+            &server_end,
+            stream(Role::Server, 21, 3),
+            &mut server_links,
+        );
+        let s1 = request(
+            &mut linker,
+            &server_end,
+            stream(Role::Server, 21, 1),
+            &mut server_links,
+        );
+        assert_eq!(linker.resolve(&s1).ids.parent_span_id, Some(c1.span_id));
+        assert_eq!(linker.resolve(&s3).ids.parent_span_id, Some(c3.span_id));
+        // Thread 21 (an I/O thread) writes a call of its own: not a child of either stream.
+        let mut out = ConnectionLinks::default();
+        let call = request(
+            &mut linker,
+            &end(2, 42000, 7000),
+            start(Role::Client, 21, 5, &[]),
+            &mut out,
+        );
+        assert_eq!(linker.resolve(&call).ids.parent_span_id, None);
+        assert_eq!(linker.counters.ambiguous, 1);
+        // Stream 3 finishes first; stream 1 is still there for its own exchange.
+        let f3 = linker.finish(&server_end, Role::Server, &mut server_links, 3, false);
+        assert_eq!(f3.span_id, s3.span_id);
+        let f1 = linker.finish(&server_end, Role::Server, &mut server_links, 1, false);
+        assert_eq!(f1.span_id, s1.span_id);
+        assert!(server_links.in_flight.is_empty());
         assert!(linker.serving.is_empty());
     }
 }

@@ -93,6 +93,8 @@ struct ProcessMetrics {
     provider: Provider,
     server_duration: Histogram<f64>,
     client_duration: Histogram<f64>,
+    rpc_server_duration: Histogram<f64>,
+    rpc_client_duration: Histogram<f64>,
     last_used: u64,
 }
 
@@ -117,6 +119,16 @@ impl ProcessMetrics {
             client_duration: histogram(
                 "http.client.request.duration",
                 "Duration of HTTP client requests.",
+            ),
+            // The RPC conventions after v1.37 (seconds, "call" in the name); attributes as the
+            // gRPC spans carry them.
+            rpc_server_duration: histogram(
+                "rpc.server.call.duration",
+                "Duration of incoming RPCs.",
+            ),
+            rpc_client_duration: histogram(
+                "rpc.client.call.duration",
+                "Duration of outgoing RPCs.",
             ),
             provider,
             last_used: 0,
@@ -148,10 +160,16 @@ impl MetricsHub {
         }
     }
 
-    /// Adds one span's duration to its process's http.{server,client}.request.duration.
+    /// Adds one span's duration to its process's http.{server,client}.request.duration, or
+    /// rpc.{server,client}.call.duration for RPC spans.
     pub fn record(&self, span: &Span) {
         let seconds = span.end_unix_nano.saturating_sub(span.start_unix_nano) as f64 / 1e9;
-        let attributes = metric_attributes(span);
+        let rpc = span.attribute("rpc.system").is_some();
+        let attributes = if rpc {
+            rpc_metric_attributes(span)
+        } else {
+            metric_attributes(span)
+        };
         let Ok(mut registry) = self.registry.lock() else {
             return;
         };
@@ -166,10 +184,13 @@ impl MetricsHub {
             .entry(key)
             .or_insert_with(|| ProcessMetrics::new(&span.resource));
         process.last_used = uses;
-        match span.kind {
-            SpanKind::Server => process.server_duration.record(seconds, &attributes),
-            SpanKind::Client => process.client_duration.record(seconds, &attributes),
-        }
+        let histogram = match (span.kind, rpc) {
+            (SpanKind::Server, false) => &process.server_duration,
+            (SpanKind::Client, false) => &process.client_duration,
+            (SpanKind::Server, true) => &process.rpc_server_duration,
+            (SpanKind::Client, true) => &process.rpc_client_duration,
+        };
+        histogram.record(seconds, &attributes);
     }
 
     /// Current cumulative state of every provider: the agent's first, then one per process.
@@ -200,24 +221,48 @@ fn evict_least_recently_used(processes: &mut FxHashMap<usize, ProcessMetrics>) {
 
 /// Attributes of the duration histograms, from the span's own (semantic-convention) attributes.
 fn metric_attributes(span: &Span) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(6);
-    for key in [
-        "http.request.method",
-        "http.response.status_code",
-        "server.address",
-        "server.port",
-        "error.type",
-    ] {
+    let mut attributes = copied_attributes(
+        span,
+        &[
+            "http.request.method",
+            "http.response.status_code",
+            "server.address",
+            "server.port",
+            "error.type",
+        ],
+    );
+    // The span name is "{METHOD} {route}": the route template is already low-cardinality.
+    if let Some((_, route)) = span.name.split_once(' ') {
+        attributes.push(KeyValue::new("http.route", route.to_string()));
+    }
+    attributes
+}
+
+fn rpc_metric_attributes(span: &Span) -> Vec<KeyValue> {
+    copied_attributes(
+        span,
+        &[
+            "rpc.system",
+            "rpc.service",
+            "rpc.method",
+            "rpc.grpc.status_code",
+            "server.address",
+            "server.port",
+            "error.type",
+        ],
+    )
+}
+
+/// The span's values of these attributes, those it has.
+fn copied_attributes(span: &Span, keys: &[&'static str]) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(keys.len() + 1);
+    for &key in keys {
         if let Some(value) = span.attribute(key) {
             attributes.push(match value {
                 AttributeValue::Str(s) => KeyValue::new(key, s.to_string()),
                 AttributeValue::Int(i) => KeyValue::new(key, *i),
             });
         }
-    }
-    // The span name is "{METHOD} {route}": the route template is already low-cardinality.
-    if let Some((_, route)) = span.name.split_once(' ') {
-        attributes.push(KeyValue::new("http.route", route.to_string()));
     }
     attributes
 }
@@ -227,7 +272,7 @@ type HealthCounter = (&'static str, &'static str, &'static str, fn(&Stats) -> u6
 
 fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
     let meter = provider.meter("kspan");
-    let counters: [HealthCounter; 7] = [
+    let counters: [HealthCounter; 10] = [
         (
             "kspan.events.received",
             "{event}",
@@ -252,6 +297,25 @@ fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
             "{error}",
             "Protocol parse errors.",
             |s| Stats::get(&s.parse_errors),
+        ),
+        (
+            "kspan.parse.desynchronised",
+            "{event}",
+            "Times a parser lost protocol state (HPACK entries never seen, uncaptured frames) \
+             and went on without guessing.",
+            |s| Stats::get(&s.parse_desynchronised),
+        ),
+        (
+            "kspan.parse.limits_hit",
+            "{event}",
+            "Times a parser bound was hit (streams per connection, header block size).",
+            |s| Stats::get(&s.parse_limits_hit),
+        ),
+        (
+            "kspan.connections.muted",
+            "{connection}",
+            "Connections muted in the kernel: no known protocol, or the parser gave up.",
+            |s| Stats::get(&s.connections_muted),
         ),
         (
             "kspan.spans.exported",

@@ -15,17 +15,14 @@ use crate::linker::{ConnectionLinks, Endpoint, Linker, Node};
 
 use crate::{
     clock::Clock,
-    conntrack::{self, ConnTable, Connection, ProtocolState},
+    conntrack::{self, ConnTable, Connection, Detection, ProtocolState},
     probes::{
         KernelControl,
         events::{self, Event},
     },
     process::{ExecDecision, Processes, procfs_scan},
-    protocols::{
-        Chunk, Role,
-        http::{HttpExchange, RequestStart},
-    },
-    spans::{Resource, Span, http::http_span},
+    protocols::{Chunk, Exchange, ParserCounts, ParserOutput},
+    spans::{Resource, Span, build_span},
     stats::Stats,
 };
 
@@ -39,7 +36,7 @@ const MAX_WAITING_SPANS: usize = 4096;
 
 /// A finished exchange whose span waits for its parent to be known.
 struct WaitingSpan {
-    exchange: HttpExchange,
+    exchange: Exchange,
     node: Rc<Node>,
     local: SocketAddr,
     remote: SocketAddr,
@@ -126,8 +123,7 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     stats: Arc<Stats>,
     linker: Linker,
     /// Reused between events so a chunk that completes nothing allocates nothing.
-    exchanges: Vec<HttpExchange>,
-    starts: Vec<RequestStart>,
+    output: ParserOutput,
     /// Finished spans waiting for their parent, oldest first.
     waiting: VecDeque<WaitingSpan>,
     /// Events handled since the last flush: a plain count per event, one shared atomic add per
@@ -153,8 +149,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             clock,
             stats,
             linker,
-            exchanges: Vec::new(),
-            starts: Vec::new(),
+            output: ParserOutput::default(),
             waiting: VecDeque::new(),
             events_unflushed: 0,
         }
@@ -368,13 +363,20 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     }
 
     fn on_data(&mut self, pid: u32, fd: i32, conn_id: u64, chunk: &Chunk<'_>) {
+        log::trace!(
+            "data pid {pid} fd {fd} {:?} {} of {} bytes: {}",
+            chunk.direction,
+            chunk.data.len(),
+            chunk.full_len,
+            chunk.data[..chunk.data.len().min(24)].escape_ascii()
+        );
         let known = self
             .connections
             .get_mut(pid, fd)
             .is_some_and(|c| c.conn_id == conn_id);
         if !known {
             // Its Accept/Connect event was lost, or the socket came with a fork: resolve it once
-            // from procfs. An unresolvable socket is remembered as unsupported.
+            // from procfs. An unresolvable socket is muted.
             let socket = procfs_scan::open_tcp_sockets(pid)
                 .into_iter()
                 .find(|s| s.fd == fd);
@@ -389,7 +391,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 None => Connection::new(conn_id, unspecified, unspecified, false),
             };
             if socket.is_none() {
-                connection.protocol = ProtocolState::Unsupported;
+                connection.protocol = ProtocolState::Muted;
+                self.kernel.mute_connection(pid, fd);
+                Stats::add(&self.stats.connections_muted, 1);
             }
             if !self.open_connection(pid, fd, connection) {
                 return;
@@ -399,22 +403,45 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             return;
         };
         if !chunk.data.is_empty() {
-            connection.protocol.detect(chunk.data);
+            match connection.protocol.detect(chunk.data, chunk.direction) {
+                Detection::Unchanged => {}
+                Detection::Detected(name) => {
+                    log::debug!("pid {pid} fd {fd}: {name}");
+                    if let Some(bytes) =
+                        connection.protocol.protocol().and_then(|p| p.capture_bytes)
+                    {
+                        self.kernel.set_capture(pid, fd, bytes);
+                    }
+                }
+                Detection::GaveUp => {
+                    log::debug!(
+                        "pid {pid} fd {fd}: no known protocol, muted: {}",
+                        chunk.data[..chunk.data.len().min(32)].escape_ascii()
+                    );
+                    self.kernel.mute_connection(pid, fd);
+                    Stats::add(&self.stats.connections_muted, 1);
+                }
+            }
         }
-        let ProtocolState::Http1(parser) = &mut connection.protocol else {
+        let ProtocolState::Parsing { protocol, parser } = &mut connection.protocol else {
             return;
         };
-        let errors = parser.feed(chunk, &mut self.exchanges);
-        if errors > 0 {
-            Stats::add(&self.stats.parse_errors, errors);
-            log::debug!(
-                "parse error on pid {pid} fd {fd} ({:?}, {} of {} bytes, tid {}): {}",
-                chunk.direction,
-                chunk.data.len(),
-                chunk.full_len,
-                chunk.tid,
-                chunk.data[..chunk.data.len().min(96)].escape_ascii()
-            );
+        let in_order = protocol.in_order;
+        parser.feed(chunk, &mut self.output);
+        let gave_up = parser.gave_up();
+        let counts = std::mem::take(&mut self.output.counts);
+        if counts != ParserCounts::default() {
+            count_parser(&self.stats, &counts);
+            if counts.parse_errors > 0 {
+                log::debug!(
+                    "parse error on pid {pid} fd {fd} ({:?}, {} of {} bytes, tid {}): {}",
+                    chunk.direction,
+                    chunk.data.len(),
+                    chunk.full_len,
+                    chunk.tid,
+                    chunk.data[..chunk.data.len().min(96)].escape_ascii()
+                );
+            }
         }
         let end = Endpoint {
             pid,
@@ -423,22 +450,39 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             from_start: connection.from_start,
         };
         // Requests parsed by this chunk get their span node now, while they are being served.
-        parser.take_request_starts(&mut self.starts);
-        for start in self.starts.drain(..) {
+        for start in self.output.request_starts.drain(..) {
             self.linker.on_request(&end, &start, &mut connection.links);
         }
-        let responses = parser.take_responses_started();
-        if responses > 0 && parser.role() == Some(Role::Server) {
-            self.linker
-                .on_responses_started(&end, &mut connection.links, responses);
+        if !self.output.responses_started.is_empty() {
+            self.linker.on_responses_started(
+                &end,
+                &mut connection.links,
+                &self.output.responses_started,
+            );
+            self.output.responses_started.clear();
         }
-        if !self.exchanges.is_empty() {
+        if !self.output.exchanges.is_empty() {
             // The links leave the connection while `emit` borrows the pipeline.
             let mut links = std::mem::take(&mut connection.links);
-            self.emit(pid, &end, &mut links);
+            self.emit(pid, &end, &mut links, in_order);
             if let Some(connection) = self.connections.get_mut(pid, fd) {
                 connection.links = links;
             }
+        }
+        if gave_up && let Some(connection) = self.connections.get_mut(pid, fd) {
+            // What it had in flight ends with the connection's close; no more bytes come.
+            log::debug!("pid {pid} fd {fd}: parser gave up, muted");
+            let ProtocolState::Parsing { protocol, parser } =
+                std::mem::replace(&mut connection.protocol, ProtocolState::Muted)
+            else {
+                return;
+            };
+            let mut links = std::mem::take(&mut connection.links);
+            parser_close(parser, chunk.end_ns, &mut self.output);
+            self.emit(pid, &end, &mut links, protocol.in_order);
+            self.linker.on_close(&end, &mut links);
+            self.kernel.mute_connection(pid, fd);
+            Stats::add(&self.stats.connections_muted, 1);
         }
     }
 
@@ -449,27 +493,26 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             remote: connection.remote,
             from_start: connection.from_start,
         };
-        if let ProtocolState::Http1(parser) = &mut connection.protocol {
-            parser.close(end_ns, &mut self.exchanges);
-        }
-        if !self.exchanges.is_empty() {
-            self.emit(pid, &end, &mut connection.links);
+        if let ProtocolState::Parsing { protocol, parser } = connection.protocol {
+            parser_close(parser, end_ns, &mut self.output);
+            let counts = std::mem::take(&mut self.output.counts);
+            count_parser(&self.stats, &counts);
+            self.emit(pid, &end, &mut connection.links, protocol.in_order);
         }
         self.linker.on_close(&end, &mut connection.links);
     }
 
     /// Completed exchanges → spans: identity from the linker, attributes from the builder, out
     /// to the sink; or to the waiting list while the linker still expects their parent.
-    fn emit(&mut self, pid: u32, end: &Endpoint, links: &mut ConnectionLinks) {
+    fn emit(&mut self, pid: u32, end: &Endpoint, links: &mut ConnectionLinks, in_order: bool) {
+        if self.output.exchanges.is_empty() {
+            return;
+        }
         let resource = self.processes.resource(pid);
-        for exchange in self.exchanges.drain(..) {
-            let node = self.linker.finish(
-                end,
-                exchange.role,
-                links,
-                exchange.request_tid,
-                exchange.start_ns,
-            );
+        for exchange in self.output.exchanges.drain(..) {
+            let node = self
+                .linker
+                .finish(end, exchange.role, links, exchange.id, in_order);
             if self.linker.waits_for_parent(&node) && self.waiting.len() < MAX_WAITING_SPANS {
                 self.waiting.push_back(WaitingSpan {
                     exchange,
@@ -494,17 +537,41 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     }
 }
 
+fn count_parser(stats: &Stats, counts: &ParserCounts) {
+    for (counter, n) in [
+        (&stats.parse_errors, counts.parse_errors),
+        (&stats.parse_desynchronised, counts.desynchronised),
+        (&stats.parse_limits_hit, counts.limits_hit),
+    ] {
+        if n > 0 {
+            Stats::add(counter, n);
+        }
+    }
+}
+
+/// Closes a parser that leaves its connection: what it had in flight ends as exchanges.
+fn parser_close(
+    mut parser: Box<dyn crate::protocols::ProtocolParser>,
+    end_ns: u64,
+    output: &mut ParserOutput,
+) {
+    parser.close(end_ns, output);
+    // Starts and response starts of a closing connection have no one left to inform.
+    output.request_starts.clear();
+    output.responses_started.clear();
+}
+
 fn emit_span(
     linker: &Linker,
     sink: &mut impl SpanSink,
     clock: &Clock,
-    exchange: &HttpExchange,
+    exchange: &Exchange,
     node: &Node,
     (local, remote): (SocketAddr, SocketAddr),
     resource: &Arc<Resource>,
 ) {
     let resolved = linker.resolve(node);
-    let mut span = http_span(exchange, resolved.ids, local, remote, resource, clock);
+    let mut span = build_span(exchange, resolved.ids, local, remote, resource, clock);
     span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
     sink.emit(Finished {
         span,

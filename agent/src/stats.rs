@@ -27,6 +27,14 @@ pub struct Stats {
     pub export_failures: AtomicU64,
     /// Connections the agent stopped tracking because its table was full.
     pub connections_dropped: AtomicU64,
+    /// Connections muted in the kernel (no more bytes copied): no known protocol, a parser that
+    /// gave up, or a socket that could not be resolved.
+    pub connections_muted: AtomicU64,
+    /// Times a parser lost its state and knew it (HTTP/2: HPACK entries it never saw, frames
+    /// beyond the captured bytes); what follows is parsed without guessing.
+    pub parse_desynchronised: AtomicU64,
+    /// Times a parser bound was hit (streams per connection, header block size...).
+    pub parse_limits_hit: AtomicU64,
 }
 
 impl Stats {

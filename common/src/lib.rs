@@ -10,8 +10,14 @@
 pub const MAX_CAPTURE: usize = 16384;
 /// Default runtime capture per syscall.
 pub const DEFAULT_CAPTURE: u32 = 4096;
-/// iovec-based calls (readv, writev, sendmsg, recvmsg) walk at most this many segments.
+/// iovec-based calls (readv, writev, sendmsg, recvmsg) copy this many segments per program
+/// run; a call with more continues in the next run of a tail-call chain (see ebpf/src/data.rs).
 pub const MAX_IOV_SEGMENTS: usize = 8;
+/// Segments an iovec call is copied from at most: the first program and 32 tail calls, the
+/// kernel's limit (`MAX_TAIL_CALL_CNT` is 33). gRPC's C core gathers up to 260 per sendmsg.
+pub const MAX_IOV_TOTAL: u32 = 33 * MAX_IOV_SEGMENTS as u32;
+/// Index of the iovec continuation in the kernel's tail-call table.
+pub const IOVEC_CONTINUE: u32 = 0;
 
 /// Capacity of the per-connection map in the kernel: (pid, fd) of every tracked TCP socket.
 pub const MAX_CONNECTIONS: u32 = 65536;
@@ -162,8 +168,16 @@ pub struct ConnectionValue {
     /// 1 when the socket came from accept(2): its writes are responses, whose entry time no span
     /// uses, so their entry skips the clock read. 0 (connect, or found in procfs): unknown.
     pub accepted: u32,
-    pub _pad: u32,
+    /// Bytes to copy per syscall on this connection: [`CAPTURE_DEFAULT`] (the agent's
+    /// `capture_bytes`), [`CAPTURE_MUTED`] (no event at all: a protocol kspan does not parse),
+    /// or a byte count (capped at [`MAX_CAPTURE`]) chosen by the connection's protocol.
+    pub capture: u32,
 }
+
+/// [`ConnectionValue::capture`]: the configured capture size.
+pub const CAPTURE_DEFAULT: u32 = 0;
+/// [`ConnectionValue::capture`]: nothing is copied or reported but the close.
+pub const CAPTURE_MUTED: u32 = u32::MAX;
 
 pub fn connection_key(pid: u32, fd: i32) -> u64 {
     ((pid as u64) << 32) | (fd as u32 as u64)

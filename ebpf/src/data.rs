@@ -14,13 +14,15 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use kspan_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, EVENT_HEADER_LEN, EventHeader, EventKind, MAX_CAPTURE,
-    MAX_IOV_SEGMENTS, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET, connection_key, counter,
+    CAPTURE_DEFAULT, CAPTURE_MUTED, DIRECTION_EGRESS, DIRECTION_INGRESS, EVENT_HEADER_LEN,
+    EventHeader, EventKind, MAX_CAPTURE, MAX_IOV_SEGMENTS, MAX_IOV_TOTAL, USUAL_SYSCALL_ARGS,
+    USUAL_SYSCALL_RET, connection_key, counter,
 };
 
 use crate::maps::{
-    CONNECTIONS, DataRecord, EVENTS, InFlight, Iovec, SCRATCH, SCRATCH_PER_CPU, TRACEPOINT_OFFSETS,
-    capture_bytes, count, may_be_traced, shape, stash, submit_flags, unstash,
+    CONNECTIONS, DataRecord, EVENTS, IOVEC_CONTINUE, InFlight, Iovec, IovecCopy, SCRATCH,
+    SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS, capture_bytes, count, may_be_traced, shape,
+    stash, submit_flags, unstash,
 };
 
 const MSG_PEEK: u64 = 2;
@@ -75,6 +77,10 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
     else {
         return;
     };
+    // A muted connection (no protocol kspan parses) costs the lookup, nothing more.
+    if conn.capture == CAPTURE_MUTED {
+        return;
+    }
     if flags_arg != 0 && syscall_arg(ctx, flags_arg) & MSG_PEEK != 0 {
         return;
     }
@@ -83,7 +89,7 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
         shape,
         direction,
         fd,
-        _pad: 0,
+        capture: conn.capture,
         ptr: syscall_arg(ctx, 1),
         count: syscall_arg(ctx, 2),
         // A read's bytes exist at its exit, which the exit records, and a server's response
@@ -113,7 +119,7 @@ fn exit_data(ctx: &TracePointContext, shape: u32) {
     // A slot stashed by another syscall whose exit was lost is not ours to report.
     if ret > 0 && in_flight.shape == shape {
         let end_ns = unsafe { bpf_ktime_get_ns() };
-        data_exit(pid_tgid, &in_flight, shape, ret as u64, end_ns);
+        data_exit(ctx, pid_tgid, &in_flight, shape, ret as u64, end_ns);
     }
 }
 
@@ -132,8 +138,20 @@ struct MsgHdr {
 /// a 40-byte request took a 256-byte slot and a small iovec response 1 KiB: every record touched
 /// several cold cache lines of the ring. The scratch record stays hot in this CPU's cache.
 #[inline(always)]
-fn data_exit(pid_tgid: u64, in_flight: &InFlight, shape: u32, full_len: u64, end_ns: u64) {
-    let capture = (capture_bytes() as u64).min(MAX_CAPTURE as u64);
+fn data_exit(
+    ctx: &TracePointContext,
+    pid_tgid: u64,
+    in_flight: &InFlight,
+    shape: u32,
+    full_len: u64,
+    end_ns: u64,
+) {
+    let capture = if in_flight.capture == CAPTURE_DEFAULT {
+        capture_bytes()
+    } else {
+        in_flight.capture
+    };
+    let capture = (capture as u64).min(MAX_CAPTURE as u64);
     let want = if shape == shape::NONE {
         0
     } else {
@@ -143,22 +161,6 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, shape: u32, full_len: u64, end
         count(counter::SCRATCH_BUSY);
         return;
     };
-    let mut copied = match shape {
-        shape::BUFFER => copy_buffer(unsafe { (*record).data.as_mut_ptr() }, in_flight.ptr, want),
-        shape::IOVEC => copy_iovec(record, in_flight.ptr, in_flight.count, want),
-        shape::MSGHDR => match unsafe { bpf_probe_read_user(in_flight.ptr as *const MsgHdr) } {
-            Ok(msg) => copy_iovec(record, msg.iov, msg.iovlen, want),
-            Err(_) => 0,
-        },
-        _ => 0,
-    };
-    if copied < want {
-        count(counter::READ_ERRORS);
-    }
-    // Spelled out for the verifier: the record handed to the ring stays inside the scratch value.
-    if copied > MAX_CAPTURE as u32 {
-        copied = MAX_CAPTURE as u32;
-    }
     unsafe {
         (*record).header = EventHeader {
             kind: EventKind::Data as u32,
@@ -173,9 +175,85 @@ fn data_exit(pid_tgid: u64, in_flight: &InFlight, shape: u32, full_len: u64, end
             },
             end_ns,
             full_len,
-            copied_len: copied,
+            copied_len: 0,
             direction: in_flight.direction,
         };
+    }
+    let (array, entries) = match shape {
+        shape::BUFFER => {
+            let copied = copy_buffer(unsafe { (*record).data.as_mut_ptr() }, in_flight.ptr, want);
+            submit_record(record, copied, want);
+            return;
+        }
+        shape::IOVEC => (in_flight.ptr, in_flight.count),
+        shape::MSGHDR => match unsafe { bpf_probe_read_user(in_flight.ptr as *const MsgHdr) } {
+            Ok(msg) => (msg.iov, msg.iovlen),
+            Err(_) => (0, 0),
+        },
+        _ => (0, 0),
+    };
+    unsafe {
+        (*record).iov = IovecCopy {
+            owner: pid_tgid,
+            array,
+            count: entries.min(MAX_IOV_TOTAL as u64) as u32,
+            next: 0,
+            copied: 0,
+            want,
+        };
+    }
+    copy_segments_then_submit(ctx, record);
+}
+
+/// Copies the next batch of iovec segments; if more are wanted, continues in a tail call (a
+/// fresh program run, with a fresh verifier budget: one run copying 260 segments would cost the
+/// verifier 30 times more at every start); otherwise submits the record.
+#[inline(always)]
+fn copy_segments_then_submit(ctx: &TracePointContext, record: *mut DataRecord) {
+    copy_segments(record);
+    let progress = unsafe { &(*record).iov };
+    if progress.next < progress.count && progress.copied < progress.want {
+        // Returns only if the call failed (the chain's limit): what was copied goes out.
+        unsafe { TAIL_CALLS.tail_call(ctx, IOVEC_CONTINUE) };
+    }
+    let (copied, want) = unsafe { ((*record).iov.copied, (*record).iov.want) };
+    submit_record(record, copied, want);
+}
+
+/// The tail-called continuation of an iovec copy: finds this thread's record among this CPU's
+/// (the CPU cannot change within a chain) and copies on. Not attached to any tracepoint.
+#[tracepoint]
+pub fn iovec_continue(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let first = unsafe { bpf_get_smp_processor_id() } * SCRATCH_PER_CPU;
+    let mut k = 0;
+    while k < SCRATCH_PER_CPU {
+        if let Some(record) = SCRATCH.get_ptr_mut(first + k)
+            && unsafe { (*record).busy } != 0
+            && unsafe { (*record).iov.owner } == pid_tgid
+        {
+            copy_segments_then_submit(&ctx, record);
+            return 0;
+        }
+        k += 1;
+    }
+    0
+}
+
+/// Puts the record's header and `copied` bytes into the ring and releases the record.
+#[inline(always)]
+fn submit_record(record: *mut DataRecord, copied: u32, want: u32) {
+    if copied < want {
+        count(counter::READ_ERRORS);
+    }
+    // Spelled out for the verifier: the record handed to the ring stays inside the scratch value.
+    let mut copied = copied;
+    if copied > MAX_CAPTURE as u32 {
+        copied = MAX_CAPTURE as u32;
+    }
+    unsafe {
+        (*record).header.copied_len = copied;
+        (*record).iov.owner = 0;
     }
     let len = EVENT_HEADER_LEN + copied as usize;
     let bytes = unsafe { core::slice::from_raw_parts(record.cast::<u8>(), len) };
@@ -240,33 +318,40 @@ fn copy_buffer(dst: *mut u8, src: u64, want: u32) -> u32 {
     if ret == 0 { len } else { 0 }
 }
 
-/// Copy up to `want` (≤ MAX_CAPTURE) bytes from an iovec array, segment after segment. The
-/// destination offset is masked below MAX_CAPTURE and each copy is at most MAX_CAPTURE long, so
-/// the verifier can prove every write stays inside the scratch record (twice MAX_CAPTURE).
+/// Copy the next batch (up to MAX_IOV_SEGMENTS) of the record's iovec segments, appending to
+/// what earlier batches copied, until `want` bytes are in. The destination offset is masked
+/// below MAX_CAPTURE and each copy is at most MAX_CAPTURE long, so the verifier can prove every
+/// write stays inside the scratch record (twice MAX_CAPTURE). A fault ends the copy.
 #[inline(always)]
-fn copy_iovec(record: *mut DataRecord, iov: u64, iovcnt: u64, want: u32) -> u32 {
+fn copy_segments(record: *mut DataRecord) {
     let half = MAX_CAPTURE as u32;
     let dst = unsafe { (*record).data.as_mut_ptr() };
-    // The whole iovec array (up to MAX_IOV_SEGMENTS) in one user read rather than one per
-    // segment, into the scratch record: on the 512-byte BPF stack it pushed the exit programs
-    // over the limit of kernels before 6.13 (their verifier rounds every frame up to 32 bytes).
-    // Only the `count` entries the read filled are used.
-    let count = iovcnt.min(MAX_IOV_SEGMENTS as u64) as u32;
+    let progress = unsafe { &mut (*record).iov };
+    let next = progress.next;
+    if next >= progress.count || next >= MAX_IOV_TOTAL {
+        return;
+    }
+    // The batch of the iovec array in one user read rather than one per segment, into the
+    // scratch record: on the 512-byte BPF stack it pushed the exit programs over the limit of
+    // kernels before 6.13 (their verifier rounds every frame up to 32 bytes).
+    let batch = (progress.count - next).min(MAX_IOV_SEGMENTS as u32);
     let segments = unsafe { &mut (*record).segments };
     let ret = unsafe {
         generated::bpf_probe_read_user(
             segments.as_mut_ptr().cast(),
-            count * size_of::<Iovec>() as u32,
-            iov as *const _,
+            batch * size_of::<Iovec>() as u32,
+            (progress.array + next as u64 * size_of::<Iovec>() as u64) as *const _,
         )
     };
     if ret != 0 {
-        return 0;
+        progress.next = progress.count;
+        return;
     }
-    let mut copied: u32 = 0;
+    let want = progress.want;
+    let mut copied = progress.copied;
     let mut i: usize = 0;
     while i < MAX_IOV_SEGMENTS {
-        if i as u32 >= count || copied >= want {
+        if i as u32 >= batch || copied >= want {
             break;
         }
         let segment = &segments[i];
@@ -289,13 +374,16 @@ fn copy_iovec(record: *mut DataRecord, iov: u64, iovcnt: u64, want: u32) -> u32 
                 )
             };
             if ret != 0 {
-                break;
+                progress.copied = copied;
+                progress.next = progress.count;
+                return;
             }
         }
         copied += len;
         i += 1;
     }
-    copied
+    progress.copied = copied;
+    progress.next = next + i as u32;
 }
 
 macro_rules! data_syscall {

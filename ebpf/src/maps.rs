@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
@@ -141,12 +141,35 @@ pub struct DataRecord {
     pub header: EventHeader,
     /// Twice the largest capture: iovec copies mask their offset below MAX_CAPTURE (verifier).
     pub data: [u8; 2 * MAX_CAPTURE],
-    /// The caller's iovec array, read in one go (not part of the event).
+    /// A batch of the caller's iovec array, read in one go (not part of the event).
     pub segments: [Iovec; MAX_IOV_SEGMENTS],
+    /// An iovec copy in progress across tail calls (see `data::copy_segments`).
+    pub iov: IovecCopy,
     /// Programs holding or trying to claim this record (0 when free). 64 bits: the BPF target
     /// has atomics of that width only.
     pub busy: u64,
 }
+
+/// Where an iovec copy stands; lives in the scratch record it fills, so the tail-called
+/// continuation finds it.
+#[repr(C)]
+pub struct IovecCopy {
+    /// The thread whose syscall this is: the continuation looks for its record by it.
+    pub owner: u64,
+    /// User address of the iovec array.
+    pub array: u64,
+    /// Entries in the array (capped at `MAX_IOV_TOTAL`), and the next one to copy.
+    pub count: u32,
+    pub next: u32,
+    /// Bytes copied so far, and wanted in all (≤ MAX_CAPTURE).
+    pub copied: u32,
+    pub want: u32,
+}
+
+/// Tail-call targets: [`IOVEC_CONTINUE`] copies the next batch of iovec segments.
+#[map]
+pub static TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub use kspan_common::IOVEC_CONTINUE;
 
 /// `struct iovec` as user space lays it out.
 #[repr(C)]
@@ -183,7 +206,8 @@ pub struct InFlight {
     pub shape: u32,
     pub direction: u32,
     pub fd: i32,
-    pub _pad: u32,
+    /// The connection's capture size ([`ConnectionValue::capture`](kspan_common::ConnectionValue)).
+    pub capture: u32,
     pub ptr: u64,
     pub count: u64,
     pub start_ns: u64,

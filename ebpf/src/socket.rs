@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use kspan_common::{
-    AF_INET, AF_INET6, ConnectionValue, EventHeader, EventKind, SocketEvent, SocketTuple,
-    connection_key, counter,
+    AF_INET, AF_INET6, CAPTURE_DEFAULT, ConnectionValue, EventHeader, EventKind, SocketEvent,
+    SocketTuple, connection_key, counter,
 };
 
 use crate::{
@@ -41,7 +41,7 @@ fn stash_socket_call(ctx: &TracePointContext, shape: u32) {
         shape,
         direction: 0,
         fd: syscall_arg(ctx, 0) as i32,
-        _pad: 0,
+        capture: 0,
         ptr: 0,
         count: 0,
         start_ns: unsafe { bpf_ktime_get_ns() },
@@ -142,7 +142,7 @@ fn track_socket(kind: EventKind, pid_tgid: u64, fd: i32, start_ns: u64, end_ns: 
     let value = ConnectionValue {
         conn_id: end_ns,
         accepted: u32::from(kind == EventKind::Accept),
-        _pad: 0,
+        capture: CAPTURE_DEFAULT,
     };
     if CONNECTIONS
         .insert(&connection_key(pid, fd), &value, 0)

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 pub mod chain;
+pub mod grpc;
 pub mod otlp_receiver;
 pub mod prometheus;
 

@@ -17,13 +17,25 @@ const PACKAGES: &[Package] = &[
     ("zlib1g-dev", None, "linked by bpf-linker"),
     ("curl", Some("curl"), "peer of the end-to-end tests"),
     ("python3", Some("python3"), "peer of the end-to-end tests"),
+    (
+        "nginx",
+        None,
+        "HTTP/2 peer of the end-to-end tests; the application `cargo xtask bench` loads",
+    ),
+    (
+        "nodejs",
+        Some("node"),
+        "runs the @grpc/grpc-js peer of the end-to-end tests",
+    ),
+    (
+        "npm",
+        Some("npm"),
+        "installs tests/node (@grpc/grpc-js) for the end-to-end tests",
+    ),
 ];
 
-/// What `cargo xtask bench` needs on top: the application under load and the load generator.
-pub const BENCH_PACKAGES: &[Package] = &[
-    ("nginx", None, "the application the benchmark loads"),
-    ("wrk", None, "the benchmark's load generator"),
-];
+/// What `cargo xtask bench` needs on top: the load generator (nginx is in `PACKAGES`).
+pub const BENCH_PACKAGES: &[Package] = &[("wrk", None, "the benchmark's load generator")];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -39,36 +51,127 @@ pub fn setup_with(extra: &[Package]) -> Result<()> {
     packages(extra)?;
     bpf_linker()?;
     python_packages()?;
+    node_packages()?;
     tracefs()
 }
 
-/// The trace-context tests run an application instrumented with the OpenTelemetry Python SDK.
+/// Python packages the end-to-end tests import, pinned: (pip requirement, a module it provides,
+/// why it is needed). Present means the module imports and `importlib.metadata` reports the
+/// pinned version; any other version is replaced by the pinned one.
+const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "opentelemetry-api==1.45.2",
+        "opentelemetry.propagate",
+        "the trace-context tests run an app with its own OpenTelemetry SDK",
+    ),
+    (
+        "opentelemetry-sdk==1.45.2",
+        "opentelemetry.sdk",
+        "the trace-context tests run an app with its own OpenTelemetry SDK",
+    ),
+    (
+        "grpcio==1.78.0",
+        "grpc",
+        "the gRPC peers of the end-to-end tests (tests/servers/grpc_*.py)",
+    ),
+];
+
+/// True if python3 imports `module` and the installed distribution has the pinned version.
+fn python_package_present(requirement: &str, module: &str) -> bool {
+    let (dist, version) = requirement
+        .split_once("==")
+        .expect("PYTHON_PACKAGES pins every requirement with ==");
+    let probe = format!(
+        "import importlib.metadata, {module}, sys; \
+         sys.exit(importlib.metadata.version({dist:?}) != {version:?})"
+    );
+    succeeds(command("python3").args(["-c", &probe]))
+}
+
 fn python_packages() -> Result<()> {
-    let importable = || {
-        succeeds(
-            command("python3").args(["-c", "import opentelemetry.sdk, opentelemetry.propagate"]),
-        )
+    let mut missing = Vec::new();
+    for &(requirement, module, reason) in PYTHON_PACKAGES {
+        if python_package_present(requirement, module) {
+            ok(&format!("python {requirement}"));
+        } else {
+            installing(
+                &format!("python {requirement}"),
+                &format!("not importable at that version; {reason}"),
+            );
+            missing.push(requirement);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run_cmd(
+        command("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("--root-user-action=ignore")
+            .args(&missing),
+    )
+    .context("pip could not install the pinned Python packages of the end-to-end tests")?;
+    for &(requirement, module, _) in PYTHON_PACKAGES {
+        if !python_package_present(requirement, module) {
+            bail!(
+                "pip installed {requirement} but python3 still cannot import {module} at that \
+                 version; check `python3 -m pip show {}`",
+                requirement.split_once("==").map_or(requirement, |(d, _)| d)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The Node.js peers of the end-to-end tests (`tests/node`, @grpc/grpc-js) from its
+/// package-lock.json: `npm ci` when `node_modules` is missing, older than the lock file, or
+/// does not satisfy package.json.
+fn node_packages() -> Result<()> {
+    let dir = crate::root().join("tests").join("node");
+    let lock = dir.join("package-lock.json");
+    let installed_lock = dir.join("node_modules").join(".package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = match (modified(&installed_lock), modified(&lock)) {
+        (Some(installed), Some(wanted)) => installed >= wanted,
+        _ => false,
     };
-    if importable() {
-        ok("python opentelemetry-sdk");
+    let what = "node packages of tests/node (@grpc/grpc-js)";
+    if fresh && succeeds(command("npm").args(["ls", "--all", "--prefix"]).arg(&dir)) {
+        ok(what);
         return Ok(());
     }
     installing(
-        "python opentelemetry-api opentelemetry-sdk",
-        "the end-to-end tests run an app with its own OpenTelemetry SDK",
+        what,
+        "tests/node/node_modules is missing, older than package-lock.json or incomplete; the \
+         Node.js peers of the end-to-end tests need it",
     );
-    run_cmd(command("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "opentelemetry-api",
-        "opentelemetry-sdk",
-    ]))?;
-    if !importable() {
-        bail!("pip installed opentelemetry-sdk but python3 still cannot import it");
+    if !succeeds(command("npm").arg("--version")) {
+        bail!("npm does not run (`npm --version` fails); install the Debian package npm");
     }
-    Ok(())
+    run_cmd(
+        command("npm")
+            .args([
+                "ci",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
+            .arg(&dir),
+    )
+    .with_context(|| {
+        format!(
+            "npm ci in {} failed: the npm registry must be reachable, and package-lock.json \
+             match package.json (regenerate it with `npm install --package-lock-only`)",
+            dir.display()
+        )
+    })
 }
 
 fn ok(what: &str) {

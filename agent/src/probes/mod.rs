@@ -15,12 +15,12 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{Program, TracePoint, trace_point::TracePointLinkId},
 };
 use kspan_common::{
-    COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE, TRACED_SLOTS, TracepointOffsets,
-    comm_key, connection_key, counter,
+    CAPTURE_DEFAULT, CAPTURE_MUTED, COMM_LEN, ConnectionValue, KernelOffsets, MAX_CAPTURE,
+    TRACED_SLOTS, TracepointOffsets, comm_key, connection_key, counter,
 };
 
 /// The eBPF object built by build.rs from ebpf/.
@@ -94,6 +94,11 @@ pub trait KernelControl {
     fn untrace_pid(&mut self, pid: u32);
     fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
     fn forget_connection(&mut self, pid: u32, fd: i32);
+    /// Copy up to `bytes` per syscall on this connection (its protocol needs more or less than
+    /// the default).
+    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32);
+    /// Stop copying and reporting this connection's bytes; its close is still reported.
+    fn mute_connection(&mut self, pid: u32, fd: i32);
 }
 
 /// Control maps of the loaded programs.
@@ -126,7 +131,7 @@ impl KernelControl for KernelMaps {
         let value = ConnectionValue {
             conn_id,
             accepted: 0,
-            _pad: 0,
+            capture: CAPTURE_DEFAULT,
         };
         if let Err(e) = self.connections.insert(connection_key(pid, fd), value, 0) {
             log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
@@ -136,9 +141,29 @@ impl KernelControl for KernelMaps {
     fn forget_connection(&mut self, pid: u32, fd: i32) {
         let _ = self.connections.remove(&connection_key(pid, fd));
     }
+
+    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32) {
+        self.update_capture(pid, fd, bytes);
+    }
+
+    fn mute_connection(&mut self, pid: u32, fd: i32) {
+        self.update_capture(pid, fd, CAPTURE_MUTED);
+    }
 }
 
 impl KernelMaps {
+    /// Rewrites the connection's entry with a new capture size, only if it is still there
+    /// (BPF_EXIST): a connection that closed meanwhile is not brought back.
+    fn update_capture(&mut self, pid: u32, fd: i32, capture: u32) {
+        let key = connection_key(pid, fd);
+        let Ok(mut value) = self.connections.get(&key, 0) else {
+            return;
+        };
+        value.capture = capture;
+        // BPF_EXIST: update an existing element only.
+        let _ = self.connections.insert(key, value, 2);
+    }
+
     /// The programs the kernel skipped runs of, with their counts (for the stop report).
     pub fn skipped_programs(&self) -> Vec<(&str, u64)> {
         self.programs
@@ -178,6 +203,8 @@ pub const TRACEPOINT_COUNT: usize = TRACEPOINTS.len();
 pub struct Attached {
     ebpf: Ebpf,
     links: Vec<(&'static str, TracePointLinkId)>,
+    /// The tail-call table: the kernel empties it when its last user-space handle closes.
+    _tail_calls: ProgramArray<MapData>,
 }
 
 impl Attached {
@@ -246,6 +273,7 @@ impl Probes {
             "BTF read, maps created, programs verified in {:?}",
             started.elapsed()
         );
+        let tail_calls = tail_calls(&mut ebpf)?;
         let mut links = Vec::with_capacity(TRACEPOINTS.len());
         for (program, category, name) in TRACEPOINTS {
             links.push((*program, attach(&mut ebpf, program, category, name)?));
@@ -280,7 +308,11 @@ impl Probes {
             counters: PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?,
         };
         Ok(Probes {
-            attached: Attached { ebpf, links },
+            attached: Attached {
+                ebpf,
+                links,
+                _tail_calls: tail_calls,
+            },
             ring,
             maps,
         })
@@ -329,6 +361,23 @@ pub fn wait_for_events(ring: &RingBuf<MapData>, timeout: Duration) {
     }];
     // SAFETY: one valid pollfd; EINTR (a signal) just ends the wait early.
     unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
+}
+
+/// The tail-call table filled: an iovec copy of more segments than one program run copies
+/// continues in `iovec_continue` (loaded, never attached).
+fn tail_calls(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
+    let map = ebpf
+        .take_map("TAIL_CALLS")
+        .context("map TAIL_CALLS missing from the eBPF object")?;
+    let mut tail_calls = ProgramArray::try_from(map)?;
+    let program = ebpf
+        .program("iovec_continue")
+        .context("program iovec_continue missing from the eBPF object")?;
+    let fd = program.fd().context("program iovec_continue not loaded")?;
+    tail_calls
+        .set(kspan_common::IOVEC_CONTINUE, fd, 0)
+        .context("cannot fill the tail-call table")?;
+    Ok(tail_calls)
 }
 
 /// Verify and load every program, on all CPUs: the verifier runs in the loading thread, and its

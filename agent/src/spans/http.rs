@@ -1,5 +1,5 @@
-//! HTTP span builder: one [`HttpExchange`] in, one OpenTelemetry span out (HTTP semantic
-//! conventions, stable attribute names).
+//! HTTP span builder: one HTTP [`Exchange`] in, one OpenTelemetry span out (HTTP semantic
+//! conventions, stable attribute names), for HTTP/1.x and HTTP/2 alike.
 //!
 //! Privacy: the query string and fragment of the request-target never reach a span (not the
 //! name, not `url.path`, not `url.full`); a Host header that could smuggle one (`?`, `#`, `/`,
@@ -13,8 +13,9 @@ use compact_str::{CompactString, ToCompactString, format_compact};
 use super::route::{route_template, target_path};
 use super::{AttributeValue, Attributes, Resource, Span, SpanIds, SpanKind, SpanStatus};
 use crate::clock::Clock;
+use crate::protocols::Exchange;
 use crate::protocols::Role;
-use crate::protocols::http::HttpExchange;
+use crate::protocols::http::HttpPayload;
 
 /// Methods reported as such; any other goes out as `_OTHER` (names are case-sensitive).
 pub const KNOWN_METHODS: [&str; 9] = [
@@ -115,14 +116,15 @@ fn url_host(host: &str) -> CompactString {
 /// Builds the span for one exchange. `local` and `remote` are the traced process's socket
 /// address and its peer's.
 pub fn http_span(
-    exchange: &HttpExchange,
+    exchange: &Exchange,
+    http: &HttpPayload,
     ids: SpanIds,
     local: SocketAddr,
     remote: SocketAddr,
     resource: &Arc<Resource>,
     clock: &Clock,
 ) -> Span {
-    let request = &exchange.request;
+    let request = &http.request;
     let kind = match exchange.role {
         Role::Server => SpanKind::Server,
         Role::Client => SpanKind::Client,
@@ -136,7 +138,8 @@ pub fn http_span(
     name.push_str(&route);
     let path = target_path(&request.target);
 
-    let (status, error_type) = status_of(exchange);
+    let (status, error_type) = status_of(exchange, http);
+    let scheme = request.scheme.as_deref().unwrap_or("http");
 
     let host = request.host.as_deref().and_then(parse_host);
     let remote_address = address_string(remote.ip());
@@ -162,8 +165,8 @@ pub fn http_span(
         }
     }
     put("url.path", str_value(path));
-    put("url.scheme", str_value("http"));
-    if let Some(response) = &exchange.response {
+    put("url.scheme", str_value(scheme));
+    if let Some(response) = &http.response {
         put(
             "http.response.status_code",
             AttributeValue::Int(response.status.into()),
@@ -194,7 +197,7 @@ pub fn http_span(
         };
         put(
             "url.full",
-            AttributeValue::Str(format_compact!("http://{authority}{path}")),
+            AttributeValue::Str(format_compact!("{scheme}://{authority}{path}")),
         );
     }
     if let Some(error_type) = error_type {
@@ -220,8 +223,8 @@ pub fn http_span(
 
 /// Span status and `error.type`. An error status code (≥ 500 for servers, ≥ 400 for clients)
 /// gives the code; otherwise a missing response or an exchange error gives the error's name.
-fn status_of(exchange: &HttpExchange) -> (SpanStatus, Option<CompactString>) {
-    if let Some(response) = &exchange.response {
+fn status_of(exchange: &Exchange, http: &HttpPayload) -> (SpanStatus, Option<CompactString>) {
+    if let Some(response) = &http.response {
         let threshold = match exchange.role {
             Role::Server => 500,
             Role::Client => 400,
@@ -230,7 +233,7 @@ fn status_of(exchange: &HttpExchange) -> (SpanStatus, Option<CompactString>) {
             return (SpanStatus::Error, Some(response.status.to_compact_string()));
         }
     }
-    match (exchange.error, &exchange.response) {
+    match (exchange.error, &http.response) {
         (Some(error), _) => (SpanStatus::Error, Some(error.as_str().into())),
         // No response and no reason: OpenTelemetry's fallback value.
         (None, None) => (SpanStatus::Error, Some("_OTHER".into())),
@@ -241,8 +244,40 @@ fn status_of(exchange: &HttpExchange) -> (SpanStatus, Option<CompactString>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocols::http::{ExchangeError, HttpRequest, HttpResponse};
+    use crate::protocols::http::{HttpRequest, HttpResponse};
+    use crate::protocols::{ExchangeError, Payload};
     use AttributeValue::{Int, Str};
+
+    /// An HTTP exchange with its payload unpacked, as these tests edit it.
+    #[derive(Clone, Debug)]
+    struct HttpExchange {
+        role: Role,
+        request: HttpRequest,
+        response: Option<HttpResponse>,
+        error: Option<ExchangeError>,
+        start_ns: u64,
+        end_ns: u64,
+        request_tid: u32,
+        response_tid: u32,
+    }
+
+    impl HttpExchange {
+        fn generic(&self) -> Exchange {
+            Exchange {
+                role: self.role,
+                id: 0,
+                start_ns: self.start_ns,
+                end_ns: self.end_ns,
+                request_tid: self.request_tid,
+                response_tid: self.response_tid,
+                error: self.error,
+                payload: Payload::Http(HttpPayload {
+                    request: self.request.clone(),
+                    response: self.response.clone(),
+                }),
+            }
+        }
+    }
 
     const OFFSET: i128 = 1_700_000_000_000_000_000;
 
@@ -265,13 +300,13 @@ mod tests {
                 version: "1.1",
                 host: Some("example.com".into()),
                 user_agent: Some("curl/8.5.0".into()),
-                context_headers: vec![],
-                body_len: 0,
+                ..HttpRequest::default()
             },
             response: status.map(|status| HttpResponse {
                 status,
                 version: "1.1",
                 body_len: 5,
+                grpc_status: None,
             }),
             error: if status.is_none() {
                 Some(ExchangeError::ConnectionClosed)
@@ -299,8 +334,11 @@ mod tests {
             span_id: crate::tracecontext::new_span_id(),
             parent_span_id: None,
         };
+        let generic = ex.generic();
+        let Payload::Http(http) = &generic.payload;
         http_span(
-            ex,
+            &generic,
+            http,
             ids,
             local,
             remote,
@@ -658,8 +696,11 @@ mod tests {
             span_id: [8; 8],
             parent_span_id: Some([9; 8]),
         };
+        let generic = ex.generic();
+        let Payload::Http(http) = &generic.payload;
         let span = http_span(
-            &ex,
+            &generic,
+            http,
             ids,
             local(),
             remote(),

@@ -1,11 +1,34 @@
 //! The span model every exporter consumes, and the builders that make spans from exchanges.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use compact_str::CompactString;
 
+use crate::clock::Clock;
+use crate::protocols::{Exchange, Payload};
+
+pub mod grpc;
 pub mod http;
 pub mod route;
+
+/// The span of one exchange, by its protocol's builder. `local` and `remote` are the traced
+/// process's socket address and its peer's.
+pub fn build_span(
+    exchange: &Exchange,
+    ids: SpanIds,
+    local: SocketAddr,
+    remote: SocketAddr,
+    resource: &Arc<Resource>,
+    clock: &Clock,
+) -> Span {
+    match &exchange.payload {
+        Payload::Http(http) if http.request.grpc => {
+            grpc::grpc_span(exchange, http, ids, local, remote, resource, clock)
+        }
+        Payload::Http(http) => http::http_span(exchange, http, ids, local, remote, resource, clock),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {

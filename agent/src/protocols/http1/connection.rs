@@ -8,10 +8,11 @@ use super::message::{
     self, BodyFraming, Class, EndScan, Kind, ParsedRequest, ParsedResponse, check_start_line,
     classify,
 };
-use crate::protocols::http::{
-    ExchangeError, HttpExchange, HttpRequest, HttpResponse, RequestStart,
+use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse};
+use crate::protocols::{
+    Chunk, Direction, Exchange, ExchangeError, ParserOutput, Payload, ProtocolParser, RequestStart,
+    Role,
 };
-use crate::protocols::{Chunk, Direction, Role};
 
 /// Most header bytes buffered per message (start line and terminating empty line included).
 pub(super) const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -45,7 +46,8 @@ impl Http1Connection {
                 upgraded: false,
                 pending: VecDeque::new(),
                 started: Vec::new(),
-                responses_started: 0,
+                responses_started: Vec::new(),
+                next_id: 0,
             },
         }
     }
@@ -67,14 +69,15 @@ impl Http1Connection {
         out.append(&mut self.shared.started);
     }
 
-    /// How many final responses began (their header block was parsed) since the last call.
-    pub fn take_responses_started(&mut self) -> u32 {
-        std::mem::take(&mut self.shared.responses_started)
+    /// Ids of the requests whose final response began (its header block was parsed) since the
+    /// last call.
+    pub fn take_responses_started(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.shared.responses_started);
     }
 
     /// Consumes one syscall's bytes; pushes every exchange they complete to `out`. Returns the
     /// number of parse errors detected.
-    pub fn feed(&mut self, chunk: &Chunk<'_>, out: &mut Vec<HttpExchange>) -> u64 {
+    pub fn feed(&mut self, chunk: &Chunk<'_>, out: &mut Vec<Exchange>) -> u64 {
         if self.shared.upgraded {
             return 0;
         }
@@ -88,7 +91,7 @@ impl Http1Connection {
     /// The connection closed at `end_ns`: completes a response delimited by the close, and
     /// emits every request still waiting for its response with `ConnectionClosed`. The parser is
     /// then reset (ready for a new connection).
-    pub fn close(&mut self, end_ns: u64, out: &mut Vec<HttpExchange>) {
+    pub fn close(&mut self, end_ns: u64, out: &mut Vec<Exchange>) {
         for half in [&mut self.ingress, &mut self.egress] {
             if let Some(in_flight) = half.response.take() {
                 let until_close = matches!(
@@ -119,7 +122,20 @@ impl Http1Connection {
         self.shared.role = None;
         self.shared.upgraded = false;
         self.shared.started.clear();
-        self.shared.responses_started = 0;
+        self.shared.responses_started.clear();
+        self.shared.next_id = 0;
+    }
+}
+
+impl ProtocolParser for Http1Connection {
+    fn feed(&mut self, chunk: &Chunk<'_>, out: &mut ParserOutput) {
+        out.counts.parse_errors += Http1Connection::feed(self, chunk, &mut out.exchanges);
+        self.take_request_starts(&mut out.request_starts);
+        self.take_responses_started(&mut out.responses_started);
+    }
+
+    fn close(&mut self, end_ns: u64, out: &mut ParserOutput) {
+        Http1Connection::close(self, end_ns, &mut out.exchanges);
     }
 }
 
@@ -133,8 +149,11 @@ struct Shared {
     pending: VecDeque<PendingRequest>,
     /// Requests parsed since the last `take_request_starts` (bounded like `pending`).
     started: Vec<RequestStart>,
-    /// Final responses begun since the last `take_responses_started`.
-    responses_started: u32,
+    /// Ids of requests whose final response began since the last `take_responses_started`.
+    responses_started: Vec<u64>,
+    /// Id of the next request: its number on the connection (placeholders included, so the
+    /// numbers follow the wire).
+    next_id: u64,
 }
 
 impl Shared {
@@ -156,12 +175,17 @@ impl Shared {
     }
 
     /// Queues a request; returns 1 (a parse error) when the oldest had to be dropped.
-    fn push_pending(&mut self, pending: PendingRequest) -> u64 {
+    fn push_pending(&mut self, mut pending: PendingRequest) -> u64 {
+        pending.meta.id = self.next_id;
+        self.next_id += 1;
         if let Some(request) = &pending.request
             && self.started.len() < MAX_PENDING
         {
             self.started.push(RequestStart {
                 role: pending.meta.role,
+                id: pending.meta.id,
+                id_on_wire: false,
+                multiplexed: false,
                 tid: pending.meta.tid,
                 start_ns: pending.meta.start_ns,
                 method: request.method.clone(),
@@ -183,6 +207,8 @@ impl Shared {
 #[derive(Clone, Copy, Debug)]
 struct RequestMeta {
     role: Role,
+    /// Set when queued (see `Shared::next_id`).
+    id: u64,
     start_ns: u64,
     tid: u32,
 }
@@ -200,12 +226,7 @@ struct PendingRequest {
 
 impl PendingRequest {
     /// The exchange this request and its response make; None for a dropped placeholder.
-    fn answered(
-        self,
-        response: HttpResponse,
-        end_ns: u64,
-        response_tid: u32,
-    ) -> Option<HttpExchange> {
+    fn answered(self, response: HttpResponse, end_ns: u64, response_tid: u32) -> Option<Exchange> {
         let request = self.request?;
         Some(exchange(
             &self.meta,
@@ -299,7 +320,7 @@ impl HalfStream {
         self.request_body = false;
     }
 
-    fn feed(&mut self, sh: &mut Shared, chunk: &Chunk<'_>, out: &mut Vec<HttpExchange>) -> u64 {
+    fn feed(&mut self, sh: &mut Shared, chunk: &Chunk<'_>, out: &mut Vec<Exchange>) -> u64 {
         let data = chunk.data;
         let cap = data.len() as u64;
         let total = chunk.full_len.max(cap);
@@ -385,7 +406,7 @@ impl HalfStream {
         total: u64,
         pos: &mut u64,
         meta: ChunkMeta,
-        out: &mut Vec<HttpExchange>,
+        out: &mut Vec<Exchange>,
     ) -> u64 {
         let cap = data.len() as u64;
         if *pos >= cap {
@@ -474,6 +495,7 @@ impl HalfStream {
         let role = sh.role.unwrap_or(Role::Server);
         let meta = RequestMeta {
             role,
+            id: 0,
             // A read's bytes exist at its exit, a write's at its entry.
             start_ns: match direction {
                 Direction::Ingress => h.first.end_ns,
@@ -532,7 +554,7 @@ impl HalfStream {
         total: u64,
         pos: &mut u64,
         meta: ChunkMeta,
-        out: &mut Vec<HttpExchange>,
+        out: &mut Vec<Exchange>,
     ) -> u64 {
         let Ok(ParsedResponse {
             mut response,
@@ -562,8 +584,14 @@ impl HalfStream {
             if front.is_none() {
                 // A response nobody asked for: dropped (its body is still skipped).
                 errors += 1;
-            } else {
-                sh.responses_started += 1;
+            } else if let Some(PendingRequest {
+                request: Some(_),
+                meta,
+                ..
+            }) = &front
+                && sh.responses_started.len() < MAX_PENDING
+            {
+                sh.responses_started.push(meta.id);
             }
             front
         };
@@ -632,7 +660,7 @@ impl HalfStream {
         total: u64,
         pos: &mut u64,
         meta: ChunkMeta,
-        out: &mut Vec<HttpExchange>,
+        out: &mut Vec<Exchange>,
     ) -> u64 {
         let cap = data.len() as u64;
         match framing {
@@ -718,7 +746,7 @@ impl HalfStream {
     }
 
     /// The message being received ended with the syscall that ended at `end_ns`.
-    fn finish(&mut self, kind: Kind, end_ns: u64, out: &mut Vec<HttpExchange>) {
+    fn finish(&mut self, kind: Kind, end_ns: u64, out: &mut Vec<Exchange>) {
         match kind {
             Kind::Request => self.request_body = false,
             Kind::Response => {
@@ -754,6 +782,7 @@ impl HalfStream {
                     request: None,
                     meta: RequestMeta {
                         role,
+                        id: 0,
                         start_ns: 0,
                         tid: 0,
                     },
@@ -849,21 +878,21 @@ fn exchange(
     response: Option<HttpResponse>,
     end_ns: u64,
     response_tid: u32,
-) -> HttpExchange {
-    HttpExchange {
+) -> Exchange {
+    Exchange {
         role: meta.role,
-        request,
-        response,
-        error: None,
+        id: meta.id,
         start_ns: meta.start_ns,
         end_ns,
         request_tid: meta.tid,
         response_tid,
+        error: None,
+        payload: Payload::Http(HttpPayload { request, response }),
     }
 }
 
-fn closed(meta: &RequestMeta, request: HttpRequest, end_ns: u64) -> HttpExchange {
-    HttpExchange {
+fn closed(meta: &RequestMeta, request: HttpRequest, end_ns: u64) -> Exchange {
+    Exchange {
         error: Some(ExchangeError::ConnectionClosed),
         ..exchange(meta, request, None, end_ns, 0)
     }

@@ -339,6 +339,7 @@ pub(super) fn parse_response(block: &[u8]) -> Result<ParsedResponse, ()> {
             status,
             version: version_str(res.version),
             body_len: 0,
+            grpc_status: None,
         },
         framing: framing.framing(),
     })

@@ -1,5 +1,5 @@
 //! HTTP/1.x parser: one [`Http1Connection`] per connection turns the bytes of both directions
-//! into [`HttpExchange`](crate::protocols::http::HttpExchange)s.
+//! into [`Exchange`](crate::protocols::Exchange)s.
 //!
 //! Design:
 //! - Each direction is a half-stream with its own state: `Idle` (a start line is expected),
@@ -22,3 +22,21 @@ mod message;
 mod tests;
 
 pub use connection::Http1Connection;
+
+use super::{Direction, ProtocolParser, Registration};
+
+pub const REGISTRATION: Registration = Registration {
+    name: "http1",
+    detect: detect_http1,
+    new_parser,
+    capture_bytes: None,
+    in_order: true,
+};
+
+fn detect_http1(data: &[u8], _direction: Direction) -> bool {
+    Http1Connection::looks_like_http1(data)
+}
+
+fn new_parser() -> Box<dyn ProtocolParser> {
+    Box::new(Http1Connection::new())
+}

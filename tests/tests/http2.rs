@@ -1,0 +1,416 @@
+//! End-to-end tests of kspan's HTTP/2 tracing (cleartext, prior knowledge) with Debian's nginx
+//! as the server, curl (`--http2-prior-knowledge`, one request per connection: curl 7.88 cannot
+//! reuse such a connection) and `node/h2_client.js` (Node's http2: several streams on one
+//! connection) as clients.
+//!
+//! An HTTP/2 exchange gives the same spans as an HTTP/1.1 one (see `tests/http1.rs`) with
+//! `network.protocol.version` "2": `{METHOD} {route}` names, the HTTP attributes, SERVER spans
+//! errors on 5xx and CLIENT spans on 4xx and 5xx, and each SERVER span the child of the CLIENT
+//! span of its stream when both ends are traced.
+//!
+//! Needs root, BTF and tracefs (see `kspan_e2e::preflight`), the kspan binary (or KSPAN_BIN),
+//! curl, and what `cargo xtask setup` installs: nginx, Node.js.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kspan_e2e::grpc::{H2Client, H2Result, Nginx};
+use kspan_e2e::*;
+use serde_json::Value;
+
+fn trace_id(span: &Value) -> &str {
+    span["trace_id"].as_str().unwrap_or("")
+}
+
+fn span_id(span: &Value) -> &str {
+    span["span_id"].as_str().unwrap_or("")
+}
+
+fn parent_id(span: &Value) -> Option<&str> {
+    span["parent_span_id"].as_str()
+}
+
+fn counter(run: &Run, key: &str) -> u64 {
+    let c = run.counters();
+    *c.get(key).unwrap_or_else(|| {
+        panic!(
+            "kspan's counters line has no `{key}=`: {c:?}\n--- kspan stderr ---\n{}",
+            run.stderr
+        )
+    })
+}
+
+/// No event lost, nothing kspan could not parse, no connection pair refused.
+fn assert_clean_run(run: &Run) {
+    run.assert_no_lost_events();
+    for key in ["parse_errors", "links_mismatched"] {
+        assert_eq!(counter(run, key), 0, "{key} must be 0\n{}", run.dump());
+    }
+}
+
+/// One HTTP/2 exchange, to build the expected attributes.
+struct Req<'a> {
+    path: &'a str,
+    status: i64,
+    /// nginx's port.
+    port: u16,
+    /// The client's ephemeral port.
+    client_port: u16,
+    /// `user_agent.original`, None when the client sends no user-agent.
+    user_agent: Option<Expect>,
+}
+
+impl Req<'_> {
+    fn name(&self) -> String {
+        format!("GET {}", self.path)
+    }
+
+    fn server_attrs(&self) -> Vec<(&'static str, Expect)> {
+        let mut v = vec![
+            ("http.request.method", s("GET")),
+            ("url.path", s(self.path)),
+            ("url.scheme", s("http")),
+            ("http.response.status_code", int(self.status)),
+            ("network.protocol.version", s("2")),
+            ("server.address", s("127.0.0.1")),
+            ("server.port", int(self.port)),
+            ("client.address", s("127.0.0.1")),
+            ("client.port", int(self.client_port)),
+            ("network.peer.address", s("127.0.0.1")),
+            ("network.peer.port", int(self.client_port)),
+        ];
+        if let Some(ua) = &self.user_agent {
+            v.push(("user_agent.original", ua.clone()));
+        }
+        if self.status >= 500 {
+            v.push(("error.type", s(self.status.to_string())));
+        }
+        v
+    }
+
+    fn client_attrs(&self) -> Vec<(&'static str, Expect)> {
+        let mut v = vec![
+            ("http.request.method", s("GET")),
+            ("url.path", s(self.path)),
+            ("url.scheme", s("http")),
+            ("http.response.status_code", int(self.status)),
+            ("network.protocol.version", s("2")),
+            ("server.address", s("127.0.0.1")),
+            ("server.port", int(self.port)),
+            ("network.peer.address", s("127.0.0.1")),
+            ("network.peer.port", int(self.port)),
+            (
+                "url.full",
+                s(format!("http://127.0.0.1:{}{}", self.port, self.path)),
+            ),
+        ];
+        if let Some(ua) = &self.user_agent {
+            v.push(("user_agent.original", ua.clone()));
+        }
+        if self.status >= 400 {
+            v.push(("error.type", s(self.status.to_string())));
+        }
+        v
+    }
+
+    fn check_server(&self, span: &Value) {
+        assert_eq!(name(span), self.name(), "span name:\n{}", pretty(span));
+        assert_eq!(span["kind"], "SERVER", "span kind:\n{}", pretty(span));
+        let want = if self.status >= 500 { "ERROR" } else { "UNSET" };
+        assert_eq!(
+            status(span),
+            want,
+            "SERVER status for {}:\n{}",
+            self.status,
+            pretty(span)
+        );
+        assert_attributes(span, &self.server_attrs());
+    }
+
+    fn check_client(&self, span: &Value) {
+        assert_eq!(name(span), self.name(), "span name:\n{}", pretty(span));
+        assert_eq!(span["kind"], "CLIENT", "span kind:\n{}", pretty(span));
+        let want = if self.status >= 400 { "ERROR" } else { "UNSET" };
+        assert_eq!(
+            status(span),
+            want,
+            "CLIENT status for {}:\n{}",
+            self.status,
+            pretty(span)
+        );
+        assert_attributes(span, &self.client_attrs());
+    }
+}
+
+fn assert_child_of(server: &Value, client: &Value, run: &Run) {
+    assert_eq!(
+        (trace_id(server), parent_id(server)),
+        (trace_id(client), Some(span_id(client))),
+        "the SERVER span must be a child of the CLIENT span of its stream\nserver:\n{}\nclient:\n{}\n\n{}",
+        pretty(server),
+        pretty(client),
+        run.dump()
+    );
+}
+
+/// See `tests/http1.rs`: the client can read the last bytes before the server's write returns.
+fn assert_client_encloses_server(client: &Value, server: &Value) {
+    let slack = 5_000_000 * time_scale();
+    assert!(
+        start_ns(client) <= start_ns(server) && end_ns(client) + slack >= end_ns(server),
+        "CLIENT span [{}, {}] must enclose SERVER span [{}, {}]\nclient:\n{}\nserver:\n{}",
+        start_ns(client),
+        end_ns(client),
+        start_ns(server),
+        end_ns(server),
+        pretty(client),
+        pretty(server)
+    );
+}
+
+fn assert_service(span: &Value, service: &str, pid: u32) {
+    assert_eq!(
+        (res_str(span, "service.name"), res_i64(span, "process.pid")),
+        (Some(service), Some(i64::from(pid))),
+        "resource:\n{}",
+        pretty(span)
+    );
+}
+
+/// The spans of `kind` in process `pid`, by start time; exactly `n` of them.
+fn spans_of<'a>(run: &'a Run, pid: u32, kind: &str, n: usize, what: &str) -> Vec<&'a Value> {
+    let spans: Vec<&Value> = by_pid(&run.spans, pid)
+        .into_iter()
+        .filter(|s| s["kind"] == kind)
+        .collect();
+    assert_eq!(
+        spans.len(),
+        n,
+        "expected exactly {n} {kind} span(s) in {what} (pid {pid}), found {}\n{}",
+        spans.len(),
+        run.dump()
+    );
+    sorted_by_start(spans)
+}
+
+fn expected_status(path: &str) -> i64 {
+    match path {
+        "/ok" => 200,
+        "/missing" => 404,
+        other => panic!("no expectation for {other}"),
+    }
+}
+
+fn assert_responses(res: &H2Result, paths: &[&str]) {
+    let want: Vec<(String, u16)> = paths
+        .iter()
+        .map(|p| (p.to_string(), expected_status(p) as u16))
+        .collect();
+    assert_eq!(res.responses, want, "h2_client.js output:\n{}", res.stdout);
+}
+
+// ---------------------------------------------------------------------------
+
+/// curl → nginx over cleartext HTTP/2, `/ok` (200) and `/missing` (404), one curl each, both
+/// ends traced: a SERVER span in nginx and a CLIENT span in each curl, every attribute checked,
+/// the SERVER span the child of curl's.
+#[test]
+fn curl_to_nginx_both_sides() {
+    let _env = preflight();
+    let nginx = Nginx::start();
+    let kspan = Kspan::start(&["--pid", &nginx.pid.to_string(), "--exe", "curl"]);
+    let ok = curl(&["--http2-prior-knowledge", &nginx.url("/ok")]);
+    let missing = curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        &nginx.url("/missing"),
+    ]);
+    let run = kspan.stop();
+    assert_eq!(ok.stdout, "ok\n", "nginx error log:\n{}", nginx.error_log());
+    assert_clean_run(&run);
+
+    assert_eq!(
+        run.spans.len(),
+        4,
+        "expected exactly 2 + 2 spans\n{}",
+        run.dump()
+    );
+    let servers = spans_of(&run, nginx.pid, "SERVER", 2, "nginx");
+    for (out, path, srv) in [(&ok, "/ok", servers[0]), (&missing, "/missing", servers[1])] {
+        let client_port = out
+            .local_port
+            .unwrap_or_else(|| panic!("curl did not report its local port: {out:?}"));
+        let req = Req {
+            path,
+            status: expected_status(path),
+            port: nginx.port,
+            client_port,
+            user_agent: Some(prefix("curl/")),
+        };
+        let cli = spans_of(&run, out.pid, "CLIENT", 1, "curl")[0];
+        req.check_server(srv);
+        req.check_client(cli);
+        assert_service(srv, "nginx", nginx.pid);
+        assert_service(cli, "curl", out.pid);
+        assert_child_of(srv, cli, &run);
+        assert_client_encloses_server(cli, srv);
+    }
+}
+
+/// Several requests, one after the other, on one HTTP/2 connection (streams 1, 3, 5, 7) from
+/// Node's http2 client: one span per stream on each side, in order, each SERVER span the child
+/// of its stream's CLIENT span.
+#[test]
+fn sequential_streams_on_one_connection() {
+    let paths = ["/ok", "/missing", "/ok", "/ok"];
+    let _env = preflight();
+    let nginx = Nginx::start();
+    let client = H2Client::start(nginx.port, &paths, false);
+    let client_pid = client.pid;
+    let kspan = Kspan::start(&[
+        "--pid",
+        &nginx.pid.to_string(),
+        "--pid",
+        &client_pid.to_string(),
+    ]);
+    let res = client.go();
+    let run = kspan.stop();
+    assert_responses(&res, &paths);
+    assert_clean_run(&run);
+
+    let n = paths.len();
+    assert_eq!(
+        run.spans.len(),
+        2 * n,
+        "expected exactly {n} + {n} spans\n{}",
+        run.dump()
+    );
+    let servers = spans_of(&run, nginx.pid, "SERVER", n, "nginx");
+    let clients = spans_of(&run, client_pid, "CLIENT", n, "h2_client.js");
+    for ((srv, cli), path) in servers.iter().zip(&clients).zip(paths) {
+        let req = Req {
+            path,
+            status: expected_status(path),
+            port: nginx.port,
+            client_port: res.local_port,
+            // Node's http2 client sends no user-agent.
+            user_agent: None,
+        };
+        req.check_server(srv);
+        req.check_client(cli);
+        assert_service(cli, "node", client_pid);
+        assert_child_of(srv, cli, &run);
+        assert_client_encloses_server(cli, srv);
+    }
+    for spans in [&servers, &clients] {
+        for w in spans.windows(2) {
+            assert!(
+                end_ns(w[0]) <= start_ns(w[1]),
+                "sequential requests' spans overlap:\n{}\n{}",
+                pretty(w[0]),
+                pretty(w[1])
+            );
+        }
+    }
+}
+
+/// Eight requests in flight at once on one connection: eight spans per side, each SERVER span
+/// the child of a different CLIENT span with the same path.
+#[test]
+fn concurrent_streams_on_one_connection() {
+    let paths = [
+        "/ok", "/missing", "/ok", "/ok", "/missing", "/ok", "/ok", "/ok",
+    ];
+    let _env = preflight();
+    let nginx = Nginx::start();
+    let client = H2Client::start(nginx.port, &paths, true);
+    let client_pid = client.pid;
+    let kspan = Kspan::start(&[
+        "--pid",
+        &nginx.pid.to_string(),
+        "--pid",
+        &client_pid.to_string(),
+    ]);
+    let res = client.go();
+    let run = kspan.stop();
+    assert_responses(&res, &paths);
+    assert_clean_run(&run);
+
+    let n = paths.len();
+    assert_eq!(
+        run.spans.len(),
+        2 * n,
+        "expected exactly {n} + {n} spans\n{}",
+        run.dump()
+    );
+    let servers = spans_of(&run, nginx.pid, "SERVER", n, "nginx");
+    let clients = spans_of(&run, client_pid, "CLIENT", n, "h2_client.js");
+    let req = |path: &'static str| Req {
+        path,
+        status: expected_status(path),
+        port: nginx.port,
+        client_port: res.local_port,
+        user_agent: None,
+    };
+    let mut by_id: BTreeMap<&str, &Value> = BTreeMap::new();
+    for cli in &clients {
+        let path = if must_str(cli, "url.path") == "/ok" {
+            "/ok"
+        } else {
+            "/missing"
+        };
+        req(path).check_client(cli);
+        by_id.insert(span_id(cli), cli);
+    }
+    let mut parents = BTreeSet::new();
+    for srv in &servers {
+        let path = if must_str(srv, "url.path") == "/ok" {
+            "/ok"
+        } else {
+            "/missing"
+        };
+        req(path).check_server(srv);
+        let cli = parent_id(srv)
+            .and_then(|p| by_id.get(p))
+            .unwrap_or_else(|| {
+                panic!(
+                    "SERVER span whose parent is none of the client's CLIENT spans:\n{}\n\n{}",
+                    pretty(srv),
+                    run.dump()
+                )
+            });
+        assert_eq!(
+            must_str(cli, "url.path"),
+            path,
+            "a SERVER span's parent must be the CLIENT span of the same stream\n{}",
+            run.dump()
+        );
+        assert_child_of(srv, cli, &run);
+        assert!(
+            parents.insert(span_id(cli)),
+            "two SERVER spans share a parent\n{}",
+            run.dump()
+        );
+    }
+    let count = |spans: &[&Value], path: &str| {
+        spans
+            .iter()
+            .filter(|s| must_str(s, "url.path") == path)
+            .count()
+    };
+    for path in ["/ok", "/missing"] {
+        let sent = paths.iter().filter(|p| **p == path).count();
+        assert_eq!(
+            count(&servers, path),
+            sent,
+            "SERVER spans for {path}\n{}",
+            run.dump()
+        );
+        assert_eq!(
+            count(&clients, path),
+            sent,
+            "CLIENT spans for {path}\n{}",
+            run.dump()
+        );
+    }
+}
