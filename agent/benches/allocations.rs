@@ -1,5 +1,6 @@
 //! Heap allocations per span on the whole userspace path, and per request in the HTTP/1 parser
-//! alone, counted by a global allocator that wraps the system one. Not a criterion benchmark:
+//! and per gRPC call in the HTTP/2 parser alone, counted by a global allocator that wraps the
+//! system one. Not a criterion benchmark:
 //! a plain `harness = false` binary that prints figures.
 //!
 //! `cargo bench -p kspan --bench allocations`. An "allocation" is a call to alloc, alloc_zeroed
@@ -15,10 +16,13 @@ use std::{
 };
 
 use common::{
-    PIPELINED, REQUEST, RESPONSE, chunk, fresh_connection_records, keepalive_records, repeated,
-    warm_keepalive_pipeline,
+    GrpcCalls, PIPELINED, REQUEST, RESPONSE, Side, chunk, fresh_connection_records,
+    grpc_conversation, keepalive_records, repeated, warm_grpc_pipeline, warm_keepalive_pipeline,
 };
-use kspan::protocols::{Direction, ParserOutput, ProtocolParser, http1::Http1Connection};
+use kspan::protocols::{
+    Direction, ParserCounts, ParserOutput, ProtocolParser, http1::Http1Connection,
+    http2::Http2Connection,
+};
 
 struct Counting;
 
@@ -125,6 +129,64 @@ fn parser(reads: &[&[u8]], writes: &[&[u8]], requests_per_round: usize) -> (f64,
     (allocs as f64 / requests, bytes as f64 / requests)
 }
 
+/// Steady gRPC unary calls on one HTTP/2 connection through the whole path, seen from `side`.
+fn pipeline_grpc(side: Side) -> (f64, f64) {
+    // Warm: resource, HPACK tables, stream table and reusable buffers.
+    let (mut p, mut calls) = warm_grpc_pipeline(side, 200);
+    let before = p.sink().spans;
+    let (allocs, bytes) = count(|| {
+        for _ in 0..REQUESTS {
+            let (_, request, response) = calls.next();
+            p.handle_record(black_box(request));
+            p.handle_record(black_box(response));
+        }
+    });
+    let spans = p.sink().spans - before;
+    assert_eq!(spans, REQUESTS as u64);
+    (allocs as f64 / spans as f64, bytes as f64 / spans as f64)
+}
+
+/// The HTTP/2 parser alone, seen from `side`: grpcio's warm-up, then one call (the client's
+/// write, the server's write) per round, draining what the pipeline drains.
+fn parser_grpc(side: Side) -> (f64, f64) {
+    let conversation = grpc_conversation();
+    let mut conn = Http2Connection::new();
+    let mut out = ParserOutput::default();
+    let mut feed = |conn: &mut Http2Connection, client: bool, data: &[u8]| {
+        ProtocolParser::feed(
+            conn,
+            &chunk(side.direction(client), data, 1_000_000),
+            &mut out,
+        );
+        assert_eq!(out.counts, ParserCounts::default());
+        black_box(&out);
+        out.request_starts.clear();
+        out.responses_started.clear();
+        let done = out.exchanges.len();
+        out.exchanges.clear();
+        done
+    };
+    for (client, bytes) in &conversation.warm_up {
+        feed(&mut conn, *client, bytes);
+    }
+    let mut calls = GrpcCalls::bytes(&conversation);
+    let mut round = |conn: &mut Http2Connection| {
+        let (_, request, response) = calls.next();
+        feed(conn, true, request) + feed(conn, false, response)
+    };
+    for _ in 0..100 {
+        round(&mut conn);
+    }
+    let mut done = 0;
+    let (allocs, bytes) = count(|| {
+        for _ in 0..REQUESTS {
+            done += round(&mut conn);
+        }
+    });
+    assert_eq!(done, REQUESTS, "one exchange per call");
+    (allocs as f64 / done as f64, bytes as f64 / done as f64)
+}
+
 fn main() {
     if common::list_mode() {
         return;
@@ -164,6 +226,20 @@ fn main() {
         "allocations per request (parser only): {b_allocs:.1} ({b_bytes:.0} bytes per request), {PIPELINED} pipelined"
     );
 
+    let mut grpc = Vec::new();
+    for side in [Side::Server, Side::Client] {
+        let name = side.name();
+        let (allocs, bytes) = pipeline_grpc(side);
+        println!(
+            "allocations per span: {allocs:.1} ({bytes:.0} bytes per span), HTTP/2 gRPC {name} side, one connection, {REQUESTS} calls"
+        );
+        let (p_allocs, p_bytes) = parser_grpc(side);
+        println!(
+            "allocations per call (HTTP/2 parser only): {p_allocs:.1} ({p_bytes:.0} bytes per call), gRPC {name} side"
+        );
+        grpc.push((name, allocs, bytes, p_allocs, p_bytes));
+    }
+
     if bench {
         common::report("pipeline_keepalive_allocs_per_span", allocs, "allocs/span");
         common::report("pipeline_keepalive_bytes_per_span", bytes, "bytes/span");
@@ -183,5 +259,27 @@ fn main() {
             "allocs/request",
         );
         common::report("http1_parser_bytes_per_request", p_bytes, "bytes/request");
+        for (name, allocs, bytes, p_allocs, p_bytes) in grpc {
+            common::report(
+                &format!("pipeline_http2_{name}_allocs_per_span"),
+                allocs,
+                "allocs/span",
+            );
+            common::report(
+                &format!("pipeline_http2_{name}_bytes_per_span"),
+                bytes,
+                "bytes/span",
+            );
+            common::report(
+                &format!("http2_parser_{name}_allocs_per_call"),
+                p_allocs,
+                "allocs/call",
+            );
+            common::report(
+                &format!("http2_parser_{name}_bytes_per_call"),
+                p_bytes,
+                "bytes/call",
+            );
+        }
     }
 }

@@ -167,6 +167,11 @@ impl Linker {
                 }
             }
         }
+        self.forget_requests(end, links);
+    }
+
+    /// The connection's requests still in flight will not finish (their parser left it).
+    pub fn forget_requests(&mut self, end: &Endpoint, links: &mut ConnectionLinks) {
         for mut request in links.in_flight.drain(..) {
             self.stop_serving(end.pid, &mut request);
         }

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, mpsc::SyncSender},
 };
 
-use kspan_common::EventKind;
+use kspan_common::{CAPTURE_DEFAULT, EventKind};
 
 use crate::linker::{ConnectionLinks, Endpoint, Linker, Node};
 
@@ -257,10 +257,12 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 header,
                 direction,
                 data,
+                tail,
             } => {
                 let chunk = Chunk {
                     direction,
                     data,
+                    tail,
                     full_len: header.full_len,
                     start_ns: header.start_ns,
                     end_ns: header.end_ns,
@@ -407,10 +409,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 Detection::Unchanged => {}
                 Detection::Detected(name) => {
                     log::debug!("pid {pid} fd {fd}: {name}");
-                    if let Some(bytes) =
-                        connection.protocol.protocol().and_then(|p| p.capture_bytes)
+                    if let Some(p) = connection.protocol.protocol()
+                        && let Some(bytes) = p.capture_bytes
                     {
-                        self.kernel.set_capture(pid, fd, bytes);
+                        self.kernel.set_capture(pid, fd, bytes, p.capture_tail);
                     }
                 }
                 Detection::GaveUp => {
@@ -429,6 +431,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let in_order = protocol.in_order;
         parser.feed(chunk, &mut self.output);
         let gave_up = parser.gave_up();
+        let switched = parser.switched();
         let counts = std::mem::take(&mut self.output.counts);
         if counts != ParserCounts::default() {
             count_parser(&self.stats, &counts);
@@ -469,20 +472,36 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 connection.links = links;
             }
         }
-        if gave_up && let Some(connection) = self.connections.get_mut(pid, fd) {
-            // What it had in flight ends with the connection's close; no more bytes come.
-            log::debug!("pid {pid} fd {fd}: parser gave up, muted");
+        if (gave_up || switched)
+            && let Some(connection) = self.connections.get_mut(pid, fd)
+        {
+            // The parser leaves the connection: what it had in flight ends now. A parser that
+            // gave up mutes the connection; after a protocol switch the next bytes are detected
+            // afresh, with the default capture until then.
+            let next = if gave_up {
+                log::debug!("pid {pid} fd {fd}: parser gave up, muted");
+                ProtocolState::Muted
+            } else {
+                log::debug!("pid {pid} fd {fd}: protocol switched, detecting again");
+                ProtocolState::Undetected { attempts: 0 }
+            };
             let ProtocolState::Parsing { protocol, parser } =
-                std::mem::replace(&mut connection.protocol, ProtocolState::Muted)
+                std::mem::replace(&mut connection.protocol, next)
             else {
                 return;
             };
             let mut links = std::mem::take(&mut connection.links);
             parser_close(parser, chunk.end_ns, &mut self.output);
             self.emit(pid, &end, &mut links, protocol.in_order);
-            self.linker.on_close(&end, &mut links);
-            self.kernel.mute_connection(pid, fd);
-            Stats::add(&self.stats.connections_muted, 1);
+            if gave_up {
+                self.linker.on_close(&end, &mut links);
+                self.kernel.mute_connection(pid, fd);
+                Stats::add(&self.stats.connections_muted, 1);
+            } else {
+                // The connection goes on (pairing with its other end included).
+                self.linker.forget_requests(&end, &mut links);
+                self.kernel.set_capture(pid, fd, CAPTURE_DEFAULT, 0);
+            }
         }
     }
 

@@ -121,6 +121,11 @@ pub struct EventHeader {
     pub copied_len: u32,
     /// [`DIRECTION_INGRESS`] or [`DIRECTION_EGRESS`] for data events.
     pub direction: u32,
+    /// The last `tail_len` of the copied bytes are the syscall's *last* bytes, not the ones
+    /// following the first `copied_len - tail_len` (connections whose protocol asks for its
+    /// tail: see [`ConnectionValue::tail`]); 0 otherwise.
+    pub tail_len: u32,
+    pub _pad: u32,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -172,7 +177,22 @@ pub struct ConnectionValue {
     /// `capture_bytes`), [`CAPTURE_MUTED`] (no event at all: a protocol kspan does not parse),
     /// or a byte count (capped at [`MAX_CAPTURE`]) chosen by the connection's protocol.
     pub capture: u32,
+    /// Of the capture, how many bytes go to the syscall's last bytes when it moved more than
+    /// the capture (0: a prefix only). HTTP/2 trailers follow large DATA frames.
+    pub tail: u32,
+    pub _pad: u32,
 }
+
+/// Capture of HTTP/2 connections: the most the kernel copies per syscall, of which
+/// [`HTTP2_CAPTURE_TAIL`] go to the syscall's last bytes when it moved more (trailers after large
+/// DATA frames). Set by the kernel itself when a connection starts with the client preface (the
+/// agent learns the protocol some milliseconds later: a connection's first large response would
+/// be cut to the default prefix), and by the agent on detection otherwise.
+pub const HTTP2_CAPTURE: u32 = MAX_CAPTURE as u32;
+pub const HTTP2_CAPTURE_TAIL: u32 = 4096;
+/// The first 8 bytes of the HTTP/2 client preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, as a
+/// little-endian u64.
+pub const HTTP2_PREFACE_START: u64 = u64::from_le_bytes(*b"PRI * HT");
 
 /// [`ConnectionValue::capture`]: the configured capture size.
 pub const CAPTURE_DEFAULT: u32 = 0;

@@ -15,8 +15,9 @@ use aya_ebpf::{
 };
 use kspan_common::{
     CAPTURE_DEFAULT, CAPTURE_MUTED, DIRECTION_EGRESS, DIRECTION_INGRESS, EVENT_HEADER_LEN,
-    EventHeader, EventKind, MAX_CAPTURE, MAX_IOV_SEGMENTS, MAX_IOV_TOTAL, USUAL_SYSCALL_ARGS,
-    USUAL_SYSCALL_RET, connection_key, counter,
+    EventHeader, EventKind, HTTP2_CAPTURE, HTTP2_CAPTURE_TAIL, HTTP2_PREFACE_START, MAX_CAPTURE,
+    MAX_IOV_SEGMENTS, MAX_IOV_TOTAL, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET, connection_key,
+    counter,
 };
 
 use crate::maps::{
@@ -90,6 +91,8 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
         direction,
         fd,
         capture: conn.capture,
+        tail: conn.tail,
+        _pad: 0,
         ptr: syscall_arg(ctx, 1),
         count: syscall_arg(ctx, 2),
         // A read's bytes exist at its exit, which the exit records, and a server's response
@@ -137,6 +140,9 @@ struct MsgHdr {
 /// ring with one `bpf_ringbuf_output`. Reserving in the ring directly needs a constant size, so
 /// a 40-byte request took a 256-byte slot and a small iovec response 1 KiB: every record touched
 /// several cold cache lines of the ring. The scratch record stays hot in this CPU's cache.
+///
+/// A syscall larger than the capture gives its first bytes; on connections that ask for it
+/// (HTTP/2), part of the capture goes to its last bytes instead: trailers after large DATA.
 #[inline(always)]
 fn data_exit(
     ctx: &TracePointContext,
@@ -157,6 +163,12 @@ fn data_exit(
     } else {
         full_len.min(capture) as u32
     };
+    let tail = if full_len > capture {
+        in_flight.tail.min(want / 2)
+    } else {
+        0
+    };
+    let head = want - tail;
     let Some(record) = claim_scratch() else {
         count(counter::SCRATCH_BUSY);
         return;
@@ -177,12 +189,25 @@ fn data_exit(
             full_len,
             copied_len: 0,
             direction: in_flight.direction,
+            tail_len: 0,
+            _pad: 0,
         };
     }
     let (array, entries) = match shape {
         shape::BUFFER => {
-            let copied = copy_buffer(unsafe { (*record).data.as_mut_ptr() }, in_flight.ptr, want);
-            submit_record(record, copied, want);
+            let dst = unsafe { (*record).data.as_mut_ptr() };
+            let copied = copy_buffer(dst, in_flight.ptr, head);
+            let mut tail_copied = 0;
+            if copied == head && tail > 0 {
+                // Below MAX_CAPTURE (head < capture), masked for the verifier.
+                let offset = head & (MAX_CAPTURE as u32 - 1);
+                tail_copied = copy_buffer(
+                    unsafe { dst.add(offset as usize) },
+                    in_flight.ptr + full_len - tail as u64,
+                    tail,
+                );
+            }
+            submit_record(record, copied, tail_copied, want);
             return;
         }
         shape::IOVEC => (in_flight.ptr, in_flight.count),
@@ -196,10 +221,16 @@ fn data_exit(
         (*record).iov = IovecCopy {
             owner: pid_tgid,
             array,
+            pos: 0,
+            full: full_len,
             count: entries.min(MAX_IOV_TOTAL as u64) as u32,
             next: 0,
-            copied: 0,
-            want,
+            head,
+            tail,
+            head_copied: 0,
+            tail_copied: 0,
+            failed: 0,
+            _pad: 0,
         };
     }
     copy_segments_then_submit(ctx, record);
@@ -211,13 +242,17 @@ fn data_exit(
 #[inline(always)]
 fn copy_segments_then_submit(ctx: &TracePointContext, record: *mut DataRecord) {
     copy_segments(record);
-    let progress = unsafe { &(*record).iov };
-    if progress.next < progress.count && progress.copied < progress.want {
+    let p = unsafe { &(*record).iov };
+    let wanted = p.pos < p.head as u64 || (p.tail > 0 && p.pos < p.full);
+    if p.failed == 0 && p.next < p.count && wanted {
         // Returns only if the call failed (the chain's limit): what was copied goes out.
         unsafe { TAIL_CALLS.tail_call(ctx, IOVEC_CONTINUE) };
     }
-    let (copied, want) = unsafe { ((*record).iov.copied, (*record).iov.want) };
-    submit_record(record, copied, want);
+    let (head_copied, tail_copied, want) = unsafe {
+        let p = &(*record).iov;
+        (p.head_copied, p.tail_copied, p.head + p.tail)
+    };
+    submit_record(record, head_copied, tail_copied, want);
 }
 
 /// The tail-called continuation of an iovec copy: finds this thread's record among this CPU's
@@ -240,20 +275,29 @@ pub fn iovec_continue(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Puts the record's header and `copied` bytes into the ring and releases the record.
+/// Puts the record's header and copied bytes into the ring and releases the record. The tail
+/// goes only behind a complete head (it sits at the head's end); `want` is what both should
+/// have been.
 #[inline(always)]
-fn submit_record(record: *mut DataRecord, copied: u32, want: u32) {
+fn submit_record(record: *mut DataRecord, head_copied: u32, tail_copied: u32, want: u32) {
+    let mut copied = head_copied + tail_copied;
+    let mut tail_len = tail_copied;
     if copied < want {
         count(counter::READ_ERRORS);
+        copied = head_copied;
+        tail_len = 0;
     }
     // Spelled out for the verifier: the record handed to the ring stays inside the scratch value.
-    let mut copied = copied;
     if copied > MAX_CAPTURE as u32 {
         copied = MAX_CAPTURE as u32;
     }
     unsafe {
         (*record).header.copied_len = copied;
+        (*record).header.tail_len = tail_len;
         (*record).iov.owner = 0;
+    }
+    if copied >= 8 {
+        capture_http2_from_its_preface(record);
     }
     let len = EVENT_HEADER_LEN + copied as usize;
     let bytes = unsafe { core::slice::from_raw_parts(record.cast::<u8>(), len) };
@@ -261,6 +305,33 @@ fn submit_record(record: *mut DataRecord, copied: u32, want: u32) {
         count(counter::EVENTS_LOST);
     }
     release_scratch(record);
+}
+
+/// A connection whose bytes start with the HTTP/2 client preface gets HTTP/2's capture now,
+/// not when the agent has read the event: a connection's first large response comes within
+/// milliseconds. The one protocol fact the kernel knows; detection proper is the agent's.
+#[inline(always)]
+fn capture_http2_from_its_preface(record: *mut DataRecord) {
+    let (start, pid, fd, conn_id) = unsafe {
+        let r = &*record;
+        (
+            core::ptr::read_unaligned(r.data.as_ptr().cast::<u64>()),
+            r.header.pid,
+            r.header.fd,
+            r.header.conn_id,
+        )
+    };
+    if start != HTTP2_PREFACE_START {
+        return;
+    }
+    if let Some(conn) = CONNECTIONS.get_ptr_mut(&connection_key(pid, fd)) {
+        unsafe {
+            if (*conn).conn_id == conn_id && (*conn).capture == CAPTURE_DEFAULT {
+                (*conn).capture = HTTP2_CAPTURE;
+                (*conn).tail = HTTP2_CAPTURE_TAIL;
+            }
+        }
+    }
 }
 
 /// Claim one of this CPU's scratch records. A program on a syscall tracepoint can be preempted
@@ -310,7 +381,9 @@ fn atomic_add(counter: *mut u64, delta: u64) {
 /// fault).
 #[inline(always)]
 fn copy_buffer(dst: *mut u8, src: u64, want: u32) -> u32 {
-    let len = want;
+    // Masked through the stack (a no-op: want ≤ MAX_CAPTURE) so that the bound checked below is
+    // the register's own: 5.10's verifier lost a bound checked on a 32-bit copy of it.
+    let len = unsafe { core::ptr::read_volatile(&want) } & (2 * MAX_CAPTURE as u32 - 1);
     if len == 0 || len > MAX_CAPTURE as u32 {
         return 0;
     }
@@ -318,72 +391,101 @@ fn copy_buffer(dst: *mut u8, src: u64, want: u32) -> u32 {
     if ret == 0 { len } else { 0 }
 }
 
-/// Copy the next batch (up to MAX_IOV_SEGMENTS) of the record's iovec segments, appending to
-/// what earlier batches copied, until `want` bytes are in. The destination offset is masked
-/// below MAX_CAPTURE and each copy is at most MAX_CAPTURE long, so the verifier can prove every
-/// write stays inside the scratch record (twice MAX_CAPTURE). A fault ends the copy.
+/// Copy from the next batch (up to MAX_IOV_SEGMENTS) of the record's iovec segments the parts
+/// that fall in the head (the first `head` bytes, copied at their offset) or the tail (the last
+/// `tail` bytes, copied after the head). Destination offsets are masked below MAX_CAPTURE and
+/// each copy is at most MAX_CAPTURE long, so the verifier can prove every write stays inside the
+/// scratch record (twice MAX_CAPTURE). A fault ends the copy.
 #[inline(always)]
 fn copy_segments(record: *mut DataRecord) {
     let half = MAX_CAPTURE as u32;
     let dst = unsafe { (*record).data.as_mut_ptr() };
-    let progress = unsafe { &mut (*record).iov };
-    let next = progress.next;
-    if next >= progress.count || next >= MAX_IOV_TOTAL {
+    let p = unsafe { &mut (*record).iov };
+    let next = p.next;
+    if next >= p.count || next >= MAX_IOV_TOTAL {
         return;
     }
     // The batch of the iovec array in one user read rather than one per segment, into the
     // scratch record: on the 512-byte BPF stack it pushed the exit programs over the limit of
     // kernels before 6.13 (their verifier rounds every frame up to 32 bytes).
-    let batch = (progress.count - next).min(MAX_IOV_SEGMENTS as u32);
+    let batch = (p.count - next).min(MAX_IOV_SEGMENTS as u32);
     let segments = unsafe { &mut (*record).segments };
     let ret = unsafe {
         generated::bpf_probe_read_user(
             segments.as_mut_ptr().cast(),
             batch * size_of::<Iovec>() as u32,
-            (progress.array + next as u64 * size_of::<Iovec>() as u64) as *const _,
+            (p.array + next as u64 * size_of::<Iovec>() as u64) as *const _,
         )
     };
     if ret != 0 {
-        progress.next = progress.count;
+        p.failed = 1;
         return;
     }
-    let want = progress.want;
-    let mut copied = progress.copied;
+    let full = p.full;
+    let head = p.head as u64;
+    let tail = p.tail as u64;
+    let tail_start = full - tail;
+    let mut pos = p.pos;
+    let mut head_copied = p.head_copied;
+    let mut tail_copied = p.tail_copied;
     let mut i: usize = 0;
     while i < MAX_IOV_SEGMENTS {
-        if i as u32 >= batch || copied >= want {
+        if i as u32 >= batch || pos >= full {
             break;
         }
         let segment = &segments[i];
-        let mut len = want - copied;
-        if segment.len < len as u64 {
-            len = segment.len as u32;
+        let len = segment.len.min(full - pos);
+        if pos < head {
+            let mut n = len.min(head - pos) as u32;
+            if n > half {
+                n = half;
+            }
+            // Through the stack so the compiler cannot drop the mask it proves redundant: the
+            // verifier cannot see that proof, only the mask.
+            let offset = unsafe { core::ptr::read_volatile(&pos) } as u32 & (half - 1);
+            if n > 0 {
+                let ret = unsafe {
+                    generated::bpf_probe_read_user(
+                        dst.add(offset as usize).cast(),
+                        n,
+                        segment.base as *const _,
+                    )
+                };
+                if ret != 0 {
+                    p.failed = 1;
+                    break;
+                }
+            }
+            head_copied += n;
         }
-        if len > half {
-            len = half;
-        }
-        // Through the stack so the compiler cannot drop the mask it proves redundant: the
-        // verifier cannot see that proof, only the mask.
-        let offset = unsafe { core::ptr::read_volatile(&copied) } & (half - 1);
-        if len > 0 {
+        if tail > 0 && pos + len > tail_start {
+            let from = if pos > tail_start { pos } else { tail_start };
+            let mut n = (pos + len - from) as u32;
+            if n > half {
+                n = half;
+            }
+            let at = head + (from - tail_start);
+            let offset = unsafe { core::ptr::read_volatile(&at) } as u32 & (half - 1);
             let ret = unsafe {
                 generated::bpf_probe_read_user(
                     dst.add(offset as usize).cast(),
-                    len,
-                    segment.base as *const _,
+                    n,
+                    (segment.base + (from - pos)) as *const _,
                 )
             };
             if ret != 0 {
-                progress.copied = copied;
-                progress.next = progress.count;
-                return;
+                p.failed = 1;
+                break;
             }
+            tail_copied += n;
         }
-        copied += len;
+        pos += len;
         i += 1;
     }
-    progress.copied = copied;
-    progress.next = next + i as u32;
+    p.pos = pos;
+    p.head_copied = head_copied;
+    p.tail_copied = tail_copied;
+    p.next = next + i as u32;
 }
 
 macro_rules! data_syscall {

@@ -158,12 +158,22 @@ pub struct IovecCopy {
     pub owner: u64,
     /// User address of the iovec array.
     pub array: u64,
+    /// Offset of segment `next` in the syscall's bytes.
+    pub pos: u64,
+    /// The syscall's byte count (its return value).
+    pub full: u64,
     /// Entries in the array (capped at `MAX_IOV_TOTAL`), and the next one to copy.
     pub count: u32,
     pub next: u32,
-    /// Bytes copied so far, and wanted in all (≤ MAX_CAPTURE).
-    pub copied: u32,
-    pub want: u32,
+    /// Bytes wanted from the start, and from the end (copied after the head's bytes).
+    pub head: u32,
+    pub tail: u32,
+    /// Bytes copied of each.
+    pub head_copied: u32,
+    pub tail_copied: u32,
+    /// A user-memory fault ended the copy.
+    pub failed: u32,
+    pub _pad: u32,
 }
 
 /// Tail-call targets: [`IOVEC_CONTINUE`] copies the next batch of iovec segments.
@@ -206,8 +216,10 @@ pub struct InFlight {
     pub shape: u32,
     pub direction: u32,
     pub fd: i32,
-    /// The connection's capture size ([`ConnectionValue::capture`](kspan_common::ConnectionValue)).
+    /// The connection's capture size and tail share ([`ConnectionValue`](kspan_common::ConnectionValue)).
     pub capture: u32,
+    pub tail: u32,
+    pub _pad: u32,
     pub ptr: u64,
     pub count: u64,
     pub start_ns: u64,

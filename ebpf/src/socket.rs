@@ -42,6 +42,8 @@ fn stash_socket_call(ctx: &TracePointContext, shape: u32) {
         direction: 0,
         fd: syscall_arg(ctx, 0) as i32,
         capture: 0,
+        tail: 0,
+        _pad: 0,
         ptr: 0,
         count: 0,
         start_ns: unsafe { bpf_ktime_get_ns() },
@@ -143,6 +145,8 @@ fn track_socket(kind: EventKind, pid_tgid: u64, fd: i32, start_ns: u64, end_ns: 
         conn_id: end_ns,
         accepted: u32::from(kind == EventKind::Accept),
         capture: CAPTURE_DEFAULT,
+        tail: 0,
+        _pad: 0,
     };
     if CONNECTIONS
         .insert(&connection_key(pid, fd), &value, 0)
@@ -198,6 +202,8 @@ pub fn header(
         full_len: 0,
         copied_len: 0,
         direction: 0,
+        tail_len: 0,
+        _pad: 0,
     }
 }
 

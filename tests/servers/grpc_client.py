@@ -10,6 +10,7 @@ HTTP/2 connection), with raw bytes as messages. SPEC is one of
   unary:internal  GetItem(b"internal"), expects INTERNAL
   unary:notfound  GetItem(b"notfound"), expects NOT_FOUND
   unary:slow      GetItem(b"slow") (0.2 s handler), expects OK
+  unary:big       GetItem(b"big"): a 256 KiB reply, expects OK
   unary:deadline  GetItem(b"sleep") (2 s handler) with a 0.3 s deadline, expects DEADLINE_EXCEEDED
   server_stream   ListItems(b"list"), expects OK and 3 messages
   client_stream   PutItems of 3 messages, expects OK and b"3"
@@ -40,8 +41,11 @@ UNARY_REQUESTS = {
     "internal": (b"internal", None, grpc.StatusCode.INTERNAL),
     "notfound": (b"notfound", None, grpc.StatusCode.NOT_FOUND),
     "slow": (b"slow", None, grpc.StatusCode.OK),
+    "big": (b"big", None, grpc.StatusCode.OK),
     "deadline": (b"sleep", 0.3, grpc.StatusCode.DEADLINE_EXCEEDED),
 }
+# Size of the `big` reply (grpc_server.py's BIG_BYTES).
+BIG_BYTES = 256 * 1024
 # Deadline of every call but `unary:deadline` (seconds): a hung server fails the run.
 CALL_TIMEOUT = 30.0
 
@@ -95,7 +99,11 @@ class Client:
             reply = self.get_item(
                 request, timeout=timeout or CALL_TIMEOUT, metadata=self.metadata
             )
-            problem = None if reply == b"item" else "reply %r, expected b'item'" % reply
+            want = b"x" * BIG_BYTES if request == b"big" else b"item"
+            problem = None if reply == want else "reply of %d bytes, expected %d" % (
+                len(reply),
+                len(want),
+            )
             self.record(spec, grpc.StatusCode.OK, expected, started, problem)
         except grpc.RpcError as e:
             self.record(spec, e.code(), expected, started)

@@ -9,6 +9,7 @@ Serves the service `acc.Shop` on 127.0.0.1 with raw bytes as messages (no protob
   - b"notfound" -> status NOT_FOUND
   - b"slow"     -> b"item" after 0.2 s
   - b"sleep"    -> b"item" after 2 s (the client's deadline expires first)
+  - b"big"      -> 256 KiB of b"x" (DATA frames, then trailers, in one write)
   - anything else -> status INVALID_ARGUMENT
 * `ListItems` (server streaming): b"item-0", b"item-1", b"item-2"
 * `PutItems` (client streaming): consumes every message, returns their count as ASCII
@@ -32,6 +33,8 @@ SERVICE = "acc.Shop"
 # How long `slow` and `sleep` take (seconds).
 SLOW_SECS = 0.2
 SLEEP_SECS = 2.0
+# Size of the `big` reply.
+BIG_BYTES = 256 * 1024
 
 
 def get_item(request, context):
@@ -44,6 +47,8 @@ def get_item(request, context):
     if request == b"slow":
         time.sleep(SLOW_SECS)
         return b"item"
+    if request == b"big":
+        return b"x" * BIG_BYTES
     if request == b"sleep":
         # Wake up early when the client gives up (deadline: the call is cancelled).
         deadline = time.monotonic() + SLEEP_SECS

@@ -327,6 +327,55 @@ fn unary_calls_both_sides() {
     assert_one_connection(&servers);
 }
 
+/// Replies of 256 KiB: the server writes the HEADERS, sixteen 16 KiB DATA frames and the trailers
+/// in one sendmsg, far past what the kernel copies. The trailers come from the copy of the
+/// syscall's last bytes, so every call gets its span on both sides. The first call's
+/// `grpc-status` is a literal and is decoded; after the first lossy syscall the server's HPACK
+/// table is partly unknown to kspan, so a later status sent as a table reference is unknown
+/// (no code, not an error) rather than guessed.
+#[test]
+fn large_replies_both_sides() {
+    let _env = preflight();
+    let mut server = GrpcServer::start(Some(SERVER_SERVICE));
+    let calls = ["unary:big", "unary:ok", "unary:big"];
+    let client = GrpcClient::python(server.port, &calls, None);
+    let client_pid = client.pid;
+    let kspan = Kspan::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client_pid.to_string(),
+    ]);
+    let result = client.go();
+    let run = kspan.stop();
+    server.assert_alive();
+    assert_statuses(&result, &["OK", "OK", "OK"]);
+    assert_clean_run(&run);
+
+    assert_eq!(
+        run.spans.len(),
+        6,
+        "expected exactly 3 + 3 spans\n{}",
+        run.dump()
+    );
+    let servers = spans_of(&run, server.pid, "SERVER", 3, "gRPC server");
+    let clients = spans_of(&run, client_pid, "CLIENT", 3, "gRPC client");
+    for (i, (srv, cli)) in servers.iter().zip(&clients).enumerate() {
+        let want = Expected {
+            code_optional: i > 0,
+            ..Expected::call("GetItem", OK, server.port)
+        };
+        want.check_server(srv);
+        want.check_client(cli);
+        assert_child_of(srv, cli, &run);
+        assert_client_encloses_server(cli, srv);
+        for span in [srv, cli] {
+            assert_duration_between(span, Duration::ZERO, Duration::from_secs(2));
+        }
+    }
+    assert_one_connection(&servers);
+}
+
 /// A unary call whose 0.3 s deadline expires while the handler sleeps (2 s). The server's gRPC
 /// core ends the stream with DEADLINE_EXCEEDED trailers and RST_STREAM, or the client resets it
 /// when its own timer fires first: whichever the wire shows, one span per side, both lasting

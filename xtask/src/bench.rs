@@ -1165,13 +1165,30 @@ fn check_interrupted() -> Result<()> {
 /// Minimum pipeline throughput on one core, spans per second.
 const PIPELINE_TARGET: f64 = 300_000.0;
 
+/// kspan's bench targets (agent/benches/), all run: the HTTP/1 parser, the HTTP/2 parser and
+/// whole path (gRPC), the whole path (HTTP/1), heap allocations.
+const BENCHES: &[&str] = &["http1", "http2", "pipeline", "allocations"];
+
 /// `cargo bench -p kspan`: criterion's report, then the `BENCH <name> <value> <unit>` summary
-/// lines each bench prints, added to the table and to target/bench/results.json.
+/// lines each bench prints, added to the table and to target/bench/results.json, with the
+/// per-protocol comparison (HTTP/1 keep-alive, HTTP/2 gRPC server and client sides).
 fn criterion() -> Result<()> {
-    if !has_bench_targets("kspan")? {
-        bail!("kspan has no bench targets (agent/benches/)");
+    let targets = bench_targets("kspan")?;
+    let missing: Vec<&str> = BENCHES
+        .iter()
+        .copied()
+        .filter(|b| !targets.iter().any(|t| t == b))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "kspan lacks the bench targets {} (agent/benches/, [[bench]] in agent/Cargo.toml)",
+            missing.join(", ")
+        );
     }
-    let mut cmd = cargo(&["bench", "-p", "kspan", "--bench", "*"]);
+    let mut cmd = cargo(&["bench", "-p", "kspan"]);
+    for bench in BENCHES {
+        cmd.args(["--bench", bench]);
+    }
     println!("$ {}", display(&cmd));
     let out = cmd
         .stderr(std::process::Stdio::inherit())
@@ -1204,6 +1221,9 @@ fn criterion() -> Result<()> {
             }
         );
     }
+    let protocols = protocol_rows(&figures);
+    println!();
+    print!("{}", protocol_table(&protocols));
     let path = target_dir().join("bench").join("results.json");
     let mut results: Value = fs::read_to_string(&path)
         .ok()
@@ -1220,11 +1240,188 @@ fn criterion() -> Result<()> {
         .collect::<serde_json::Map<_, _>>()
         .into();
     results["pipeline_target_met"] = serde_json::json!(pipeline.map(|s| s >= PIPELINE_TARGET));
+    results["protocols"] = protocols_json(&protocols);
     fs::create_dir_all(path.parent().expect("results.json has a parent"))?;
     fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
+    let unmeasured = unmeasured(&protocols);
+    if !unmeasured.is_empty() {
+        bail!(
+            "the benchmarks printed no `BENCH` line for {}",
+            unmeasured.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// The columns of the per-protocol comparison: JSON key and heading.
+const PROTOCOLS: [(&str, &str); 3] = [
+    ("http1_keepalive_server", "HTTP/1 server"),
+    ("http2_grpc_server", "gRPC server"),
+    ("http2_grpc_client", "gRPC client"),
+];
+
+/// One figure per protocol column (HTTP/1 keep-alive as the server sees it; gRPC unary calls
+/// on one HTTP/2 connection, server side and client side), from the `BENCH` lines.
+struct ProtocolRow {
+    /// JSON key.
+    key: &'static str,
+    metric: &'static str,
+    unit: &'static str,
+    decimals: usize,
+    /// `BENCH` names of the columns' figures.
+    sources: [&'static str; 3],
+    /// Per column; None when its line is missing.
+    values: [Option<f64>; 3],
+}
+
+fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
+    let get = |name: &str| {
+        figures
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, value, _)| *value)
+    };
+    // `http1_factor`: the HTTP/1 parser's figure is messages per second, two per exchange.
+    let row = |key, metric, unit, decimals, sources: [&'static str; 3], http1_factor: f64| {
+        let factors = [http1_factor, 1.0, 1.0];
+        ProtocolRow {
+            key,
+            metric,
+            unit,
+            decimals,
+            sources,
+            values: std::array::from_fn(|i| get(sources[i]).map(|v| v * factors[i])),
+        }
+    };
+    vec![
+        row(
+            "parser_exchanges_per_sec",
+            "parser, one core",
+            "exchanges/s",
+            0,
+            [
+                "http1_keepalive_msgs_per_sec",
+                "http2_grpc_server_calls_per_sec",
+                "http2_grpc_client_calls_per_sec",
+            ],
+            0.5,
+        ),
+        row(
+            "parser_allocs_per_exchange",
+            "parser allocations",
+            "allocs/exchange",
+            2,
+            [
+                "http1_parser_allocs_per_request",
+                "http2_parser_server_allocs_per_call",
+                "http2_parser_client_allocs_per_call",
+            ],
+            1.0,
+        ),
+        row(
+            "parser_bytes_per_exchange",
+            "parser heap bytes",
+            "bytes/exchange",
+            0,
+            [
+                "http1_parser_bytes_per_request",
+                "http2_parser_server_bytes_per_call",
+                "http2_parser_client_bytes_per_call",
+            ],
+            1.0,
+        ),
+        row(
+            "pipeline_spans_per_sec",
+            "whole path, one core",
+            "spans/s",
+            0,
+            [
+                "pipeline_keepalive_spans_per_sec",
+                "pipeline_http2_server_spans_per_sec",
+                "pipeline_http2_client_spans_per_sec",
+            ],
+            1.0,
+        ),
+        row(
+            "pipeline_allocs_per_span",
+            "whole path allocations",
+            "allocs/span",
+            2,
+            [
+                "pipeline_keepalive_allocs_per_span",
+                "pipeline_http2_server_allocs_per_span",
+                "pipeline_http2_client_allocs_per_span",
+            ],
+            1.0,
+        ),
+        row(
+            "pipeline_bytes_per_span",
+            "whole path heap bytes",
+            "bytes/span",
+            0,
+            [
+                "pipeline_keepalive_bytes_per_span",
+                "pipeline_http2_server_bytes_per_span",
+                "pipeline_http2_client_bytes_per_span",
+            ],
+            1.0,
+        ),
+    ]
+}
+
+fn protocol_table(rows: &[ProtocolRow]) -> String {
+    let mut out = format!("{:<40}", "per protocol");
+    for (_, heading) in PROTOCOLS {
+        let _ = write!(out, " {heading:>14}");
+    }
+    out.push_str("  unit\n");
+    for row in rows {
+        let _ = write!(out, "{:<40}", row.metric);
+        for value in row.values {
+            match value {
+                Some(v) => {
+                    let _ = write!(out, " {v:>14.*}", row.decimals);
+                }
+                None => {
+                    let _ = write!(out, " {:>14}", "-");
+                }
+            }
+        }
+        let _ = writeln!(out, "  {}", row.unit);
+    }
+    out
+}
+
+/// `{"http1_keepalive_server": {"parser_exchanges_per_sec": …, …}, "http2_grpc_server": …}`;
+/// null for a figure that was not printed.
+fn protocols_json(rows: &[ProtocolRow]) -> Value {
+    PROTOCOLS
+        .iter()
+        .enumerate()
+        .map(|(i, (protocol, _))| {
+            let figures = rows
+                .iter()
+                .map(|row| (row.key.to_string(), json!(row.values[i])))
+                .collect::<serde_json::Map<_, _>>();
+            (protocol.to_string(), Value::Object(figures))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// `BENCH` names the per-protocol comparison needs and did not get.
+fn unmeasured(rows: &[ProtocolRow]) -> Vec<&'static str> {
+    rows.iter()
+        .flat_map(|row| {
+            row.sources
+                .iter()
+                .zip(row.values)
+                .filter(|(_, value)| value.is_none())
+                .map(|(source, _)| *source)
+        })
+        .collect()
 }
 
 /// `BENCH <name> <value> <unit>` lines.
@@ -1240,7 +1437,8 @@ fn bench_lines(text: &str) -> Vec<(String, f64, String)> {
         .collect()
 }
 
-fn has_bench_targets(package: &str) -> Result<bool> {
+/// Names of the package's bench targets.
+fn bench_targets(package: &str) -> Result<Vec<String>> {
     let metadata = output(&mut cargo(&[
         "metadata",
         "--no-deps",
@@ -1260,7 +1458,9 @@ fn has_bench_targets(package: &str) -> Result<bool> {
         .flatten()
         .filter(|p| p["name"] == package)
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
-        .any(is_bench))
+        .filter(|t| is_bench(t))
+        .filter_map(|t| t["name"].as_str().map(str::to_string))
+        .collect())
 }
 
 #[cfg(test)]
@@ -1475,5 +1675,98 @@ mod bench_line_tests {
                 ("x".to_string(), 1.5, "allocs/span".to_string()),
             ]
         );
+    }
+
+    /// What http1, http2, pipeline and allocations print, but the gRPC client side's
+    /// whole-path lines.
+    const FIGURES: &str = "\
+BENCH http1_keepalive_msgs_per_sec 4000000 msgs/s
+BENCH http1_keepalive_bytes_per_sec 1000000000 bytes/s
+BENCH http2_grpc_server_calls_per_sec 1500000 calls/s
+BENCH http2_grpc_server_ns_per_call 667 ns/call
+BENCH http2_grpc_client_calls_per_sec 1400000 calls/s
+BENCH http2_grpc_client_ns_per_call 714 ns/call
+BENCH pipeline_keepalive_spans_per_sec 361121 spans/s
+BENCH pipeline_http2_server_spans_per_sec 300000 spans/s
+BENCH pipeline_keepalive_allocs_per_span 9.50 allocs/span
+BENCH pipeline_keepalive_bytes_per_span 1500 bytes/span
+BENCH pipeline_http2_server_allocs_per_span 11.25 allocs/span
+BENCH pipeline_http2_server_bytes_per_span 1800 bytes/span
+BENCH http1_parser_allocs_per_request 2.00 allocs/request
+BENCH http1_parser_bytes_per_request 300 bytes/request
+BENCH http2_parser_server_allocs_per_call 3.00 allocs/call
+BENCH http2_parser_server_bytes_per_call 400 bytes/call
+BENCH http2_parser_client_allocs_per_call 3.00 allocs/call
+BENCH http2_parser_client_bytes_per_call 410 bytes/call
+";
+
+    #[test]
+    fn per_protocol_figures() {
+        let rows = protocol_rows(&bench_lines(FIGURES));
+        let row = |key: &str| rows.iter().find(|r| r.key == key).unwrap().values;
+        // Two HTTP/1 messages per exchange.
+        assert_eq!(
+            row("parser_exchanges_per_sec"),
+            [Some(2e6), Some(1.5e6), Some(1.4e6)]
+        );
+        assert_eq!(
+            row("pipeline_spans_per_sec"),
+            [Some(361121.0), Some(300000.0), None]
+        );
+        assert_eq!(
+            row("parser_allocs_per_exchange"),
+            [Some(2.0), Some(3.0), Some(3.0)]
+        );
+        assert_eq!(
+            unmeasured(&rows),
+            [
+                "pipeline_http2_client_spans_per_sec",
+                "pipeline_http2_client_allocs_per_span",
+                "pipeline_http2_client_bytes_per_span"
+            ]
+        );
+
+        let json = protocols_json(&rows);
+        assert_eq!(
+            json["http1_keepalive_server"]["parser_exchanges_per_sec"],
+            2e6
+        );
+        assert_eq!(json["http2_grpc_server"]["pipeline_allocs_per_span"], 11.25);
+        assert!(json["http2_grpc_client"]["pipeline_spans_per_sec"].is_null());
+        assert_eq!(json.as_object().unwrap().len(), 3);
+        assert_eq!(
+            json["http2_grpc_client"].as_object().unwrap().len(),
+            rows.len()
+        );
+
+        let table = protocol_table(&rows);
+        let line = |metric: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(metric))
+                .unwrap()
+                .split_whitespace()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            line("whole path, one core"),
+            ["spans/s", "-", "300000", "361121"]
+        );
+        assert_eq!(
+            line("parser allocations"),
+            ["allocs/exchange", "3.00", "3.00", "2.00"]
+        );
+        assert!(table.lines().next().unwrap().contains("gRPC client"));
+    }
+
+    #[test]
+    fn every_protocol_figure_has_a_bench_line() {
+        let all: String = FIGURES.to_string()
+            + "BENCH pipeline_http2_client_spans_per_sec 1 spans/s\n\
+               BENCH pipeline_http2_client_allocs_per_span 1 allocs/span\n\
+               BENCH pipeline_http2_client_bytes_per_span 1 bytes/span\n";
+        assert!(unmeasured(&protocol_rows(&bench_lines(&all))).is_empty());
     }
 }

@@ -1,5 +1,6 @@
-//! Fixtures shared by the bench binaries: a realistic keep-alive HTTP/1.1 exchange, ring-buffer
-//! records built exactly as the kernel writes them, a no-op kernel and a counting span sink.
+//! Fixtures shared by the bench binaries: a realistic keep-alive HTTP/1.1 exchange, steady gRPC
+//! unary calls on one HTTP/2 connection (from grpcio's recording), ring-buffer records built
+//! exactly as the kernel writes them, a no-op kernel and a counting span sink.
 //! Each bench binary includes this module with `mod common;` and uses a part of it.
 #![allow(dead_code)]
 
@@ -51,6 +52,7 @@ pub fn chunk(direction: Direction, data: &[u8], t: u64) -> Chunk<'_> {
     Chunk {
         direction,
         data,
+        tail: &[],
         full_len: data.len() as u64,
         start_ns: t,
         end_ns: t + 2_000,
@@ -120,7 +122,7 @@ impl KernelControl for NoKernel {
     fn untrace_pid(&mut self, _pid: u32) {}
     fn track_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
     fn forget_connection(&mut self, _pid: u32, _fd: i32) {}
-    fn set_capture(&mut self, _pid: u32, _fd: i32, _bytes: u32) {}
+    fn set_capture(&mut self, _pid: u32, _fd: i32, _bytes: u32, _tail: u32) {}
     fn mute_connection(&mut self, _pid: u32, _fd: i32) {}
 }
 
@@ -169,20 +171,31 @@ fn header(kind: EventKind, conn_id: u64, t: u64) -> EventHeader {
 
 /// An Accept record: 127.0.0.1:8080 (local) ← 127.0.0.1:`remote_port`.
 pub fn accept_record(conn_id: u64, remote_port: u16, t: u64) -> Vec<u8> {
+    socket_record(EventKind::Accept, conn_id, LOCAL_PORT, remote_port, t)
+}
+
+/// A socket record (Accept, Connect) between two 127.0.0.1 ports.
+fn socket_record(
+    kind: EventKind,
+    conn_id: u64,
+    local_port: u16,
+    remote_port: u16,
+    t: u64,
+) -> Vec<u8> {
     let mut loopback = [0u8; 16];
     loopback[..4].copy_from_slice(&[127, 0, 0, 1]);
     let event = SocketEvent {
-        header: header(EventKind::Accept, conn_id, t),
+        header: header(kind, conn_id, t),
         tuple: SocketTuple {
             family: AF_INET,
-            local_port: LOCAL_PORT,
+            local_port,
             remote_port,
             _pad: 0,
             local_addr: loopback,
             remote_addr: loopback,
         },
     };
-    // SAFETY: SocketEvent is #[repr(C)] plain data without padding (56 + 40 bytes).
+    // SAFETY: SocketEvent is #[repr(C)] plain data without padding (64 + 40 bytes).
     unsafe {
         std::slice::from_raw_parts(
             (&event as *const SocketEvent).cast::<u8>(),
@@ -254,4 +267,289 @@ pub fn warm_keepalive_pipeline(records: &[Vec<u8>], accept: &[u8]) -> BenchPipel
         "the fixture must give one span per request"
     );
     p
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2: gRPC unary calls on one connection, from grpcio's recording
+
+/// grpcio 1.78.0 unary calls recorded through a relay: one line per recv(), `C <hex>` for bytes
+/// the client wrote, `S <hex>` for bytes the server wrote (the parser tests' fixture).
+const GRPCIO_UNARY: &str = include_str!("../../src/protocols/http2/fixtures/grpcio_unary.txt");
+
+/// The gRPC method every benchmark call is.
+pub const GRPC_PATH: &str = "/acc.Shop/GetItem";
+
+/// The client's header block of grpcio's second call (stream 3), once the first call filled the
+/// client's HPACK table (62 user-agent, 63 grpc-timeout: 10S, 64 grpc-accept-encoding, 65 te,
+/// 66 content-type, 67 :authority, 68 :path): indexed c4 :path, c3 :authority, 83 :method POST,
+/// 86 :scheme http, c2 content-type, c1 te, c0 grpc-accept-encoding; then grpc-timeout: 10100m
+/// as a literal with incremental indexing, which shifts the table by one; then bf user-agent.
+const GRPCIO_SECOND_REQUEST_BLOCK: &str =
+    "c4c38386c2c1c0400c677270632d74696d656f75740631303130306dbf";
+
+/// That block without grpc-timeout (grpc-c sends one only for calls with a deadline, each a new
+/// literal with indexing): only indexed fields, so every call's block is the same and leaves the
+/// table as it is. user-agent stays at 62: be.
+const STEADY_REQUEST_BLOCK: &[u8] = &[0xc4, 0xc3, 0x83, 0x86, 0xc2, 0xc1, 0xc0, 0xbe];
+
+/// The stream of grpcio's second call.
+const SECOND_CALL_STREAM: u32 = 3;
+
+const FRAME_HEADER_LEN: usize = 9;
+const FRAME_HEADERS: u8 = 0x1;
+
+fn hex(text: &str) -> Vec<u8> {
+    assert!(text.len().is_multiple_of(2), "odd hex length");
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// (client wrote it, bytes) per recorded recv().
+fn grpcio_fixture() -> Vec<(bool, Vec<u8>)> {
+    GRPCIO_UNARY
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (side, bytes) = l.split_once(' ').expect("`C <hex>` or `S <hex>`");
+            assert!(side == "C" || side == "S", "bad fixture line {l}");
+            (side == "C", hex(bytes))
+        })
+        .collect()
+}
+
+/// One HTTP/2 frame of a byte string that holds whole frames.
+struct Frame {
+    /// Offset of its 9-byte header.
+    at: usize,
+    kind: u8,
+    stream: u32,
+    len: usize,
+}
+
+fn frames(bytes: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let h = &bytes[at..at + FRAME_HEADER_LEN];
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        frames.push(Frame {
+            at,
+            kind: h[3],
+            stream,
+            len,
+        });
+        at += FRAME_HEADER_LEN + len;
+    }
+    assert_eq!(at, bytes.len(), "the bytes end inside a frame");
+    frames
+}
+
+/// grpcio's conversation, cut for a steady benchmark.
+pub struct GrpcConversation {
+    /// Everything before the second call, as recorded: the preface and SETTINGS, the first call
+    /// (whose headers fill both directions' HPACK tables) and BDP PINGs.
+    pub warm_up: Vec<(bool, Vec<u8>)>,
+    /// One warm call on stream 3, as the client wrote it: HEADERS ([`STEADY_REQUEST_BLOCK`]),
+    /// WINDOW_UPDATE, DATA (a 1-byte message, END_STREAM), connection WINDOW_UPDATE (51 bytes).
+    pub request: Vec<u8>,
+    /// Its answer as the server wrote it, unchanged from the recording: HEADERS (:status 200,
+    /// content-type, grpc-accept-encoding: all indexed), DATA ("item"), trailers (grpc-status 0
+    /// indexed, an empty grpc-message literal; END_STREAM), connection WINDOW_UPDATE (68 bytes).
+    pub response: Vec<u8>,
+}
+
+pub fn grpc_conversation() -> GrpcConversation {
+    let fixture = grpcio_fixture();
+    // The client's write that starts with HEADERS on stream 3 (the first one starts with the
+    // preface: not frames).
+    let opens_stream = |(client, bytes): &(bool, Vec<u8>)| {
+        *client
+            && bytes.len() >= FRAME_HEADER_LEN
+            && bytes[3] == FRAME_HEADERS
+            && bytes[5..9] == SECOND_CALL_STREAM.to_be_bytes()
+    };
+    let second = fixture
+        .iter()
+        .position(opens_stream)
+        .expect("grpcio's second call");
+    let (client, response) = &fixture[second + 1];
+    assert!(!client, "the server's answer follows the second request");
+    assert!(
+        frames(response)
+            .iter()
+            .all(|f| f.stream == 0 || f.stream == SECOND_CALL_STREAM),
+        "the recv after the second request is its answer"
+    );
+
+    // The request, its header block replaced by the all-indexed one.
+    let recorded = &fixture[second].1;
+    let mut request = Vec::with_capacity(recorded.len());
+    for frame in frames(recorded) {
+        let header = &recorded[frame.at..frame.at + FRAME_HEADER_LEN];
+        let payload =
+            &recorded[frame.at + FRAME_HEADER_LEN..frame.at + FRAME_HEADER_LEN + frame.len];
+        if frame.kind == FRAME_HEADERS {
+            assert_eq!(
+                payload,
+                hex(GRPCIO_SECOND_REQUEST_BLOCK),
+                "the fixture changed"
+            );
+            request.extend_from_slice(&(STEADY_REQUEST_BLOCK.len() as u32).to_be_bytes()[1..]);
+            request.extend_from_slice(&header[3..]);
+            request.extend_from_slice(STEADY_REQUEST_BLOCK);
+        } else {
+            request.extend_from_slice(header);
+            request.extend_from_slice(payload);
+        }
+    }
+    GrpcConversation {
+        warm_up: fixture[..second].to_vec(),
+        request,
+        response: response.clone(),
+    }
+}
+
+/// The traced process's end of the gRPC connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// It reads the requests (accepted connection).
+    Server,
+    /// It writes the requests (connected socket).
+    Client,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Server => "server",
+            Side::Client => "client",
+        }
+    }
+
+    /// How the traced process moves bytes the client wrote (`client`) or the server wrote.
+    pub fn direction(self, client: bool) -> Direction {
+        if (self == Side::Server) == client {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        }
+    }
+}
+
+/// Bytes holding frames whose stream id is rewritten in place for each call.
+pub struct Restream {
+    pub bytes: Vec<u8>,
+    /// Offsets of the stream-id fields to rewrite.
+    ids: Vec<usize>,
+}
+
+impl Restream {
+    /// `bytes[frames_at..]` are whole frames; those on `stream` get the ids of [`set_stream`].
+    ///
+    /// [`set_stream`]: Restream::set_stream
+    fn new(bytes: Vec<u8>, frames_at: usize, stream: u32) -> Self {
+        let ids = frames(&bytes[frames_at..])
+            .iter()
+            .filter(|f| f.stream == stream)
+            .map(|f| frames_at + f.at + 5)
+            .collect();
+        Restream { bytes, ids }
+    }
+
+    fn set_stream(&mut self, id: u32) {
+        for &at in &self.ids {
+            self.bytes[at..at + 4].copy_from_slice(&id.to_be_bytes());
+        }
+    }
+}
+
+/// Steady gRPC unary calls on one connection: each [`next`] is the following call, stream id
+/// + 2, as bytes (for the parser) or as ring-buffer records (for the pipeline).
+///
+/// [`next`]: GrpcCalls::next
+pub struct GrpcCalls {
+    request: Restream,
+    response: Restream,
+    next_stream: u32,
+}
+
+impl GrpcCalls {
+    /// The calls after the warm-up, as raw bytes.
+    pub fn bytes(conversation: &GrpcConversation) -> Self {
+        GrpcCalls {
+            request: Restream::new(conversation.request.clone(), 0, SECOND_CALL_STREAM),
+            response: Restream::new(conversation.response.clone(), 0, SECOND_CALL_STREAM),
+            next_stream: SECOND_CALL_STREAM,
+        }
+    }
+
+    /// The calls after the warm-up, as Data records of connection `conn_id` seen from `side`:
+    /// the request at 2 ms, the response 50 µs later (every call has the same times, as in the
+    /// HTTP/1 keep-alive records).
+    pub fn records(conversation: &GrpcConversation, side: Side, conn_id: u64) -> Self {
+        let t = 2_000_000;
+        let record = |client: bool, bytes: &[u8], t: u64| {
+            let ingress = side.direction(client) == Direction::Ingress;
+            let record = data_record(conn_id, ingress, bytes, t);
+            Restream::new(record, kspan_common::EVENT_HEADER_LEN, SECOND_CALL_STREAM)
+        };
+        GrpcCalls {
+            request: record(true, &conversation.request, t),
+            response: record(false, &conversation.response, t + 50_000),
+            next_stream: SECOND_CALL_STREAM,
+        }
+    }
+
+    /// The next call: (stream id, request, response).
+    pub fn next(&mut self) -> (u32, &[u8], &[u8]) {
+        let id = self.next_stream;
+        assert!(id < 1 << 31, "stream ids exhausted on the connection");
+        self.next_stream += 2;
+        self.request.set_stream(id);
+        self.response.set_stream(id);
+        (id, &self.request.bytes, &self.response.bytes)
+    }
+}
+
+/// A Connect record: 127.0.0.1:`local_port` (local) → 127.0.0.1:8080.
+pub fn connect_record(conn_id: u64, local_port: u16, t: u64) -> Vec<u8> {
+    socket_record(EventKind::Connect, conn_id, local_port, LOCAL_PORT, t)
+}
+
+/// A pipeline that saw connection 1 opened (Accept for the server side, Connect for the client
+/// side), grpcio's warm-up and `warm_calls` calls (resource cache, HPACK tables, reusable buffers
+/// warm); and the calls that follow.
+pub fn warm_grpc_pipeline(side: Side, warm_calls: usize) -> (BenchPipeline, GrpcCalls) {
+    let conversation = grpc_conversation();
+    let mut p = pipeline();
+    p.handle_record(&match side {
+        Side::Server => accept_record(1, REMOTE_PORT, 1_000_000),
+        Side::Client => connect_record(1, REMOTE_PORT, 1_000_000),
+    });
+    for (i, (client, bytes)) in conversation.warm_up.iter().enumerate() {
+        let ingress = side.direction(*client) == Direction::Ingress;
+        p.handle_record(&data_record(
+            1,
+            ingress,
+            bytes,
+            1_100_000 + i as u64 * 10_000,
+        ));
+    }
+    assert_eq!(p.sink().spans, 1, "grpcio's first call is one span");
+    let mut calls = GrpcCalls::records(&conversation, side, 1);
+    for _ in 0..warm_calls {
+        let (_, request, response) = calls.next();
+        p.handle_record(request);
+        p.handle_record(response);
+    }
+    assert_eq!(
+        p.sink().spans,
+        1 + warm_calls as u64,
+        "one span per gRPC call ({} side)",
+        side.name()
+    );
+    (p, calls)
 }

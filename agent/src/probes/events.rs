@@ -12,7 +12,10 @@ pub enum Event<'a> {
     Data {
         header: EventHeader,
         direction: Direction,
+        /// The captured prefix.
         data: &'a [u8],
+        /// The syscall's last bytes, if captured (see `EventHeader::tail_len`).
+        tail: &'a [u8],
     },
     /// A socket started being tracked (Connect, Accept) or went to LISTEN (Listen).
     Socket {
@@ -43,11 +46,12 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
     let kind = EventKind::from_u32(header.kind)?;
     Some(match kind {
         EventKind::Data => {
-            let data =
+            let copied =
                 record.get(EVENT_HEADER_LEN..EVENT_HEADER_LEN + header.copied_len as usize)?;
-            if header.copied_len as u64 > header.full_len {
+            if header.copied_len as u64 > header.full_len || header.tail_len > header.copied_len {
                 return None;
             }
+            let (data, tail) = copied.split_at((header.copied_len - header.tail_len) as usize);
             let direction = match header.direction {
                 kspan_common::DIRECTION_INGRESS => Direction::Ingress,
                 kspan_common::DIRECTION_EGRESS => Direction::Egress,
@@ -57,6 +61,7 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
                 header,
                 direction,
                 data,
+                tail,
             }
         }
         EventKind::Connect | EventKind::Accept | EventKind::Listen => {

@@ -96,7 +96,7 @@ pub trait KernelControl {
     fn forget_connection(&mut self, pid: u32, fd: i32);
     /// Copy up to `bytes` per syscall on this connection (its protocol needs more or less than
     /// the default).
-    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32);
+    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32, tail: u32);
     /// Stop copying and reporting this connection's bytes; its close is still reported.
     fn mute_connection(&mut self, pid: u32, fd: i32);
 }
@@ -132,6 +132,8 @@ impl KernelControl for KernelMaps {
             conn_id,
             accepted: 0,
             capture: CAPTURE_DEFAULT,
+            tail: 0,
+            _pad: 0,
         };
         if let Err(e) = self.connections.insert(connection_key(pid, fd), value, 0) {
             log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
@@ -142,24 +144,25 @@ impl KernelControl for KernelMaps {
         let _ = self.connections.remove(&connection_key(pid, fd));
     }
 
-    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32) {
-        self.update_capture(pid, fd, bytes);
+    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32, tail: u32) {
+        self.update_capture(pid, fd, bytes, tail);
     }
 
     fn mute_connection(&mut self, pid: u32, fd: i32) {
-        self.update_capture(pid, fd, CAPTURE_MUTED);
+        self.update_capture(pid, fd, CAPTURE_MUTED, 0);
     }
 }
 
 impl KernelMaps {
     /// Rewrites the connection's entry with a new capture size, only if it is still there
     /// (BPF_EXIST): a connection that closed meanwhile is not brought back.
-    fn update_capture(&mut self, pid: u32, fd: i32, capture: u32) {
+    fn update_capture(&mut self, pid: u32, fd: i32, capture: u32, tail: u32) {
         let key = connection_key(pid, fd);
         let Ok(mut value) = self.connections.get(&key, 0) else {
             return;
         };
         value.capture = capture;
+        value.tail = tail;
         // BPF_EXIST: update an existing element only.
         let _ = self.connections.insert(key, value, 2);
     }

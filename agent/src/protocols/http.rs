@@ -29,11 +29,15 @@ pub struct HttpRequest {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpResponse {
+    /// 0 when unknown (see `fields_lost`).
     pub status: u16,
     pub version: &'static str,
     pub body_len: u64,
     /// `grpc-status` from the trailers, or from the headers of a Trailers-Only response.
     pub grpc_status: Option<u32>,
+    /// Some of the response's header fields could not be decoded (HTTP/2 whose HPACK table
+    /// was partly unknown): a value missing here is unknown, not absent.
+    pub fields_lost: bool,
 }
 
 /// An HTTP exchange's protocol part.

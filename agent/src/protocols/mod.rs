@@ -27,8 +27,12 @@ pub struct Chunk<'a> {
     pub direction: Direction,
     /// The captured prefix of the bytes the syscall transferred.
     pub data: &'a [u8],
-    /// How many bytes the syscall really transferred (`>= data.len()`). Bytes past `data` were
-    /// not captured: the parser knows their count, not their content.
+    /// The syscall's last bytes, when its connection's protocol asked for them
+    /// ([`Registration::capture_tail`]) and the syscall moved more than the capture; else empty.
+    pub tail: &'a [u8],
+    /// How many bytes the syscall really transferred (`>= data.len() + tail.len()`). The
+    /// `full_len - data.len() - tail.len()` bytes between `data` and `tail` were not captured:
+    /// the parser knows their count, not their content.
     pub full_len: u64,
     /// Kernel monotonic time at syscall entry and exit, in ns.
     pub start_ns: u64,
@@ -155,6 +159,11 @@ pub trait ProtocolParser: std::fmt::Debug {
     fn gave_up(&self) -> bool {
         false
     }
+    /// The connection left this protocol (HTTP/1's 101 Switching Protocols, a CONNECT tunnel):
+    /// what follows is detected afresh (`Upgrade: h2c` continues as HTTP/2).
+    fn switched(&self) -> bool {
+        false
+    }
 }
 
 /// A protocol kspan parses, for detection.
@@ -168,6 +177,9 @@ pub struct Registration {
     /// Bytes the kernel copies per syscall on connections of this protocol (None: the agent's
     /// `--capture-bytes`).
     pub capture_bytes: Option<u32>,
+    /// Of those, bytes given to the *end* of a syscall that moved more than the capture (0: the
+    /// capture is a prefix only).
+    pub capture_tail: u32,
     /// Responses come in request order (HTTP/1, Kafka): a finished request retires the older
     /// ones still open, which the parser dropped. HTTP/2 streams finish in any order.
     pub in_order: bool,

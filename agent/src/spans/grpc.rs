@@ -5,7 +5,9 @@
 //! Trailers-Only response. SERVER spans are errors only for the codes that mean the server
 //! failed (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS); CLIENT
 //! spans for any code but OK. Without a status (stream reset, connection closed) the span is an
-//! error with the exchange's error as `error.type`.
+//! error with the exchange's error as `error.type`. A status kspan could not decode (the HPACK
+//! entry it refers to was sent before kspan saw the connection, or was lost) is unknown: no
+//! code, no error, status unset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -155,6 +157,12 @@ fn status_of(
         return (SpanStatus::Error, Some(error.as_str().into()));
     }
     match &http.response {
+        // The status is among the fields that could not be decoded: unknown, not an error.
+        Some(response)
+            if response.fields_lost && (response.status == 0 || response.status == 200) =>
+        {
+            (SpanStatus::Unset, None)
+        }
         // A response without grpc-status: the call did not complete as gRPC (an HTTP error
         // from a proxy, or a stream ended without trailers).
         Some(response) if response.status != 200 => {
@@ -196,6 +204,7 @@ mod tests {
                     version: "2",
                     body_len: 5,
                     grpc_status: code,
+                    fields_lost: false,
                 }),
             }),
         }
@@ -282,6 +291,23 @@ mod tests {
         assert_eq!(reset.attribute("rpc.grpc.status_code"), None);
         let missing = build(&call(Role::Server, "/a.B/C", None, None));
         assert_eq!(missing.status, SpanStatus::Error);
+        assert_eq!(
+            missing.attribute("error.type"),
+            Some(&Str("missing_grpc_status".into()))
+        );
+    }
+
+    #[test]
+    fn a_status_that_could_not_be_decoded_is_unknown_not_an_error() {
+        let mut ex = call(Role::Client, "/a.B/C", None, None);
+        let Payload::Http(http) = &mut ex.payload;
+        if let Some(response) = &mut http.response {
+            response.fields_lost = true;
+        }
+        let span = build(&ex);
+        assert_eq!(span.status, SpanStatus::Unset);
+        assert_eq!(span.attribute("rpc.grpc.status_code"), None);
+        assert_eq!(span.attribute("error.type"), None);
     }
 
     #[test]

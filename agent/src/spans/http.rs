@@ -166,7 +166,9 @@ pub fn http_span(
     }
     put("url.path", str_value(path));
     put("url.scheme", str_value(scheme));
-    if let Some(response) = &http.response {
+    if let Some(response) = &http.response
+        && response.status != 0
+    {
         put(
             "http.response.status_code",
             AttributeValue::Int(response.status.into()),
@@ -307,6 +309,7 @@ mod tests {
                 version: "1.1",
                 body_len: 5,
                 grpc_status: None,
+                fields_lost: false,
             }),
             error: if status.is_none() {
                 Some(ExchangeError::ConnectionClosed)

@@ -137,6 +137,10 @@ impl ProtocolParser for Http1Connection {
     fn close(&mut self, end_ns: u64, out: &mut ParserOutput) {
         Http1Connection::close(self, end_ns, &mut out.exchanges);
     }
+
+    fn switched(&self) -> bool {
+        self.shared.upgraded
+    }
 }
 
 /// Connection-wide state shared by both directions.

@@ -340,6 +340,7 @@ pub(super) fn parse_response(block: &[u8]) -> Result<ParsedResponse, ()> {
             version: version_str(res.version),
             body_len: 0,
             grpc_status: None,
+            fields_lost: false,
         },
         framing: framing.framing(),
     })

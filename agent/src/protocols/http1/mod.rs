@@ -30,6 +30,7 @@ pub const REGISTRATION: Registration = Registration {
     detect: detect_http1,
     new_parser,
     capture_bytes: None,
+    capture_tail: 0,
     in_order: true,
 };
 

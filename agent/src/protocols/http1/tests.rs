@@ -67,6 +67,7 @@ impl Harness {
         let chunk = Chunk {
             direction,
             data,
+            tail: &[],
             full_len,
             start_ns: start(k),
             end_ns: end(k),
@@ -127,6 +128,7 @@ fn resp(status: u16, body_len: u64) -> HttpResponse {
         version: "1.1",
         body_len,
         grpc_status: None,
+        fields_lost: false,
     }
 }
 
@@ -243,6 +245,7 @@ fn exact_times_and_tids() {
     let chunk = |direction, data: &'static [u8], start_ns, end_ns, tid| Chunk {
         direction,
         data,
+        tail: &[],
         full_len: data.len() as u64,
         start_ns,
         end_ns,
@@ -1376,6 +1379,7 @@ fn random_garbage_never_makes_exchanges() {
                     Direction::Egress
                 },
                 data: &buf[..len],
+                tail: &[],
                 full_len: len as u64 + rng.below(3) * rng.below(10_000),
                 start_ns: i,
                 end_ns: i,
@@ -1432,6 +1436,7 @@ fn mutated_streams_never_panic() {
                     Direction::Egress
                 },
                 data: &data[..captured],
+                tail: &[],
                 full_len: n as u64,
                 start_ns: t,
                 end_ns: t,
@@ -1452,6 +1457,7 @@ fn request_starts_and_response_starts_are_reported_once() {
     let ingress = |data: &'static [u8], t: u64| Chunk {
         direction: Direction::Ingress,
         data,
+        tail: &[],
         full_len: data.len() as u64,
         start_ns: t,
         end_ns: t + 1,
@@ -1483,6 +1489,7 @@ fn request_starts_and_response_starts_are_reported_once() {
     let response = Chunk {
         direction: Direction::Egress,
         data: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        tail: &[],
         full_len: 63,
         start_ns: 20,
         end_ns: 21,

@@ -197,6 +197,9 @@ struct Stream {
     /// Its `:status`; None when it could not be known (an unknown dynamic-table entry).
     status: Option<u16>,
     grpc_status: Option<u32>,
+    /// A response header field could not be decoded (unknown HPACK entry), or a whole response
+    /// block: absent values (`:status`, `grpc-status`) are unknown, not missing.
+    fields_lost: bool,
     response_body: u64,
     /// Thread of the chunk holding the first byte of the first response HEADERS frame.
     response_tid: Option<u32>,
@@ -209,15 +212,14 @@ struct Stream {
 
 impl Stream {
     fn into_exchange(self, role: Role, end_ns: u64, error: Option<ExchangeError>) -> Exchange {
-        let response = match (self.response_seen, self.status) {
-            (true, Some(status)) => Some(HttpResponse {
-                status,
-                version: "2",
-                body_len: self.response_body,
-                grpc_status: self.grpc_status,
-            }),
-            _ => None,
-        };
+        let response = self.response_seen.then(|| HttpResponse {
+            // Unknown: a field the table could not resolve.
+            status: self.status.unwrap_or(0),
+            version: "2",
+            body_len: self.response_body,
+            grpc_status: self.grpc_status,
+            fields_lost: self.fields_lost || self.status.is_none(),
+        });
         Exchange {
             role,
             id: u64::from(self.id),
@@ -336,6 +338,10 @@ impl Shared {
         let Some(fields) = fields else {
             // Only its END_STREAM flag is known.
             if block.end_stream && self.is_response_direction(direction) {
+                if let Some(stream) = self.streams.get_mut(id) {
+                    stream.fields_lost = true;
+                    stream.response_seen = true;
+                }
                 self.finish(id, end_ns, None, out);
             }
             return false;
@@ -437,6 +443,7 @@ impl Shared {
             response_seen: false,
             status: None,
             grpc_status: None,
+            fields_lost: false,
             response_body: 0,
             response_tid: None,
             maybe_lost: false,
@@ -459,6 +466,7 @@ impl Shared {
             return;
         };
         stream.maybe_lost = false;
+        stream.fields_lost |= fields.unknown > 0;
         stream.response_tid.get_or_insert(block.first.tid);
         if !stream.response_seen {
             match fields.status {
@@ -692,13 +700,18 @@ impl Half {
         }
     }
 
+    /// One syscall's bytes: `data`, then the uncaptured gap (skipped by length while it lies
+    /// inside a frame's payload; a frame header in it loses framing), then `tail`, the syscall's
+    /// last bytes: the continuation of the bytes when framing held across the gap, else where
+    /// framing may resume ([`resync_in_tail`](Self::resync_in_tail)).
     fn feed(&mut self, sh: &mut Shared, chunk: &Chunk<'_>, out: &mut ParserOutput) {
-        let data = chunk.data;
-        let cap = data.len();
-        let total = chunk.full_len.max(cap as u64);
+        let (data, tail) = (chunk.data, chunk.tail);
+        let captured = data.len() as u64 + tail.len() as u64;
+        let total = chunk.full_len.max(captured);
         if total == 0 {
             return;
         }
+        let gap = total - captured;
         let meta = ChunkMeta {
             start_ns: chunk.start_ns,
             end_ns: chunk.end_ns,
@@ -709,24 +722,63 @@ impl Half {
         }
         if let State::Resync { after_error } = self.state {
             // Writers write whole frames per syscall: a chunk that starts with a frame header
-            // is where framing resumes.
+            // is where framing resumes; failing that, the syscall's end, if captured (its tail,
+            // or all of it), when it ends with whole frames.
             if !frame::frames_plausible(data, sh.max_frame[index(self.direction)]) {
-                if after_error {
+                let end = match (tail.is_empty(), gap) {
+                    (false, _) => tail,
+                    (true, 0) => data,
+                    (true, _) => &[],
+                };
+                if !self.resync_in_tail(sh, end, meta, out) && after_error {
                     sh.bad_chunk();
                 }
                 return;
             }
             self.state = State::Header(0);
         }
+        if !self.frames(sh, data, meta, out) {
+            return;
+        }
+        // A chunk framed without error: the connection is HTTP/2.
+        sh.bad_chunks = 0;
+        if gap > 0 {
+            self.uncaptured(sh, gap, meta, out);
+        }
+        match self.state {
+            // Framing was lost in the gap.
+            State::Resync { after_error: false } => {
+                self.resync_in_tail(sh, tail, meta, out);
+            }
+            // A frame that ended in the gap broke the rules.
+            State::Resync { after_error: true } => {}
+            // The gap lay inside one frame's payload (or there was none): the tail continues
+            // the bytes.
+            _ => {
+                self.frames(sh, tail, meta, out);
+            }
+        }
+    }
+
+    /// Frames `bytes`, the continuation of this direction's bytes (split anywhere). False: a
+    /// parse error stopped it (the direction resynchronises).
+    fn frames(
+        &mut self,
+        sh: &mut Shared,
+        bytes: &[u8],
+        meta: ChunkMeta,
+        out: &mut ParserOutput,
+    ) -> bool {
+        let len = bytes.len();
         let mut pos = 0;
-        while pos < cap {
+        while pos < len {
             match self.state {
                 State::Preface(matched) => {
                     let want = &PREFACE[usize::from(matched)..];
-                    let take = want.len().min(cap - pos);
-                    if data[pos..pos + take] != want[..take] {
+                    let take = want.len().min(len - pos);
+                    if bytes[pos..pos + take] != want[..take] {
                         self.parse_error(sh, out);
-                        return;
+                        return false;
                     }
                     pos += take;
                     self.preface_bytes(sh, take);
@@ -736,34 +788,52 @@ impl Half {
                     if have == 0 {
                         self.frame_first = meta;
                     }
-                    let take = (HEADER_LEN - have).min(cap - pos);
-                    self.header[have..have + take].copy_from_slice(&data[pos..pos + take]);
+                    let take = (HEADER_LEN - have).min(len - pos);
+                    self.header[have..have + take].copy_from_slice(&bytes[pos..pos + take]);
                     pos += take;
                     if have + take < HEADER_LEN {
                         self.state = State::Header((have + take) as u8);
                     } else if !self.begin_frame(sh, FrameHeader::parse(&self.header), meta, out) {
-                        return;
+                        return false;
                     }
                 }
                 State::Payload => {
-                    let take = (self.remaining as usize).min(cap - pos);
-                    if !self.payload(sh, &data[pos..pos + take], out) {
-                        return;
+                    let take = (self.remaining as usize).min(len - pos);
+                    if !self.payload(sh, &bytes[pos..pos + take], out) {
+                        return false;
                     }
                     pos += take;
                     self.remaining -= take as u32;
                     if self.remaining == 0 && !self.end_frame(sh, meta, out) {
-                        return;
+                        return false;
                     }
                 }
-                State::Start | State::Resync { .. } => return,
+                State::Start | State::Resync { .. } => return false,
             }
         }
-        // A chunk framed without error: the connection is HTTP/2.
-        sh.bad_chunks = 0;
-        if total > cap as u64 {
-            self.uncaptured(sh, total - cap as u64, meta, out);
+        true
+    }
+
+    /// Framing was lost before `tail`, a syscall's last bytes (its captured tail, or all of a
+    /// syscall captured whole): it resumes at the first frame of the chain of whole, plausible
+    /// frames that ends exactly at the syscall's end, if there is one (see
+    /// `frame::resync_offset` for the rule). The loss was counted already; the HPACK table was
+    /// marked unknown then. True if framing resumed.
+    fn resync_in_tail(
+        &mut self,
+        sh: &mut Shared,
+        tail: &[u8],
+        meta: ChunkMeta,
+        out: &mut ParserOutput,
+    ) -> bool {
+        let Some(start) = frame::resync_offset(tail, sh.max_frame[index(self.direction)]) else {
+            return false;
+        };
+        self.state = State::Header(0);
+        if self.frames(sh, &tail[start..], meta, out) {
+            sh.bad_chunks = 0;
         }
+        true
     }
 
     /// The first bytes of this direction: the client preface, or frames (the direction was
@@ -1024,8 +1094,10 @@ impl Half {
         }
     }
 
-    /// `lost` bytes past the captured ones: skipped by length inside the current frame's
-    /// payload; a frame header among them loses framing.
+    /// `lost` bytes between the captured ones (a syscall's head and tail) or past them:
+    /// skipped by length inside the current frame's payload (nothing is lost inside a DATA
+    /// payload; inside a header block, the block and the HPACK table are); a frame header among
+    /// them loses framing.
     fn uncaptured(
         &mut self,
         sh: &mut Shared,
@@ -1036,7 +1108,7 @@ impl Half {
         match self.state {
             State::Payload => {
                 let in_frame = lost.min(u64::from(self.remaining)) as u32;
-                self.skip_payload(out);
+                self.skip_payload(sh, out);
                 self.remaining -= in_frame;
                 lost -= u64::from(in_frame);
                 if self.remaining == 0 && !self.end_frame(sh, meta, out) {
@@ -1056,9 +1128,15 @@ impl Half {
         }
     }
 
-    /// Payload bytes of the current frame were not captured.
-    fn skip_payload(&mut self, out: &mut ParserOutput) {
+    /// Payload bytes of the current frame were not captured (from its next byte on).
+    fn skip_payload(&mut self, sh: &mut Shared, out: &mut ParserOutput) {
         match self.frame.kind {
+            DATA if self.pad_pending => {
+                // The pad length was not captured (the rest of the frame may be, in the tail):
+                // count the rest as body.
+                self.pad_pending = false;
+                sh.add_body(self.direction, self.frame.stream, self.frame.len - 1);
+            }
             HEADERS | PUSH_PROMISE | CONTINUATION => {
                 if let Some(block) = &mut self.block
                     && !block.unusable
@@ -1076,7 +1154,9 @@ impl Half {
     }
 
     /// A frame header was not captured: the frames that follow can't be found, and what they
-    /// held (header blocks, stream ends) is unknown.
+    /// held is unknown: stream ends, and header blocks, whose insertions shift the HPACK
+    /// table's indices (the table becomes unknown: a later reference to an entry not seen since
+    /// is a missing header, never a guess).
     fn lose_framing(&mut self, sh: &mut Shared, out: &mut ParserOutput) {
         out.counts.desynchronised += 1;
         self.forget(sh);

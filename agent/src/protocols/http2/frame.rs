@@ -147,6 +147,76 @@ pub(super) fn frames_plausible(data: &[u8], max_len: u32) -> bool {
     true
 }
 
+/// Most bytes of a syscall's tail searched by [`resync_offset`]: the tail the kernel gives
+/// HTTP/2 connections (`capture_tail`). A longer tail is searched in its last bytes only.
+const RESYNC_WINDOW: usize = super::CAPTURE_TAIL as usize;
+
+/// Where framing resumes in `tail`, the last bytes of a syscall in which framing was lost: the
+/// smallest offset `o` such that, reading frame headers from `o`, every frame is plausible
+/// ([`FrameHeader::is_plausible`] with `max_len`, and [`payload_plausible`] on its whole
+/// payload), follows its predecessor in sequence (a header block not ended by END_HEADERS is
+/// followed by a CONTINUATION of its stream, and only then is one), and the last frame ends
+/// exactly at the end of `tail` (the syscall's last byte: writers write whole frames, and a
+/// reader's last read of a burst usually ends where the writer's write did). The frame at `o`
+/// is not a CONTINUATION (its HEADERS would be lost). None if there is no such offset (or
+/// `tail` is shorter than a frame header).
+///
+/// Linear time: a bitmap of the offsets from which such a chain runs is filled from the end
+/// (whether a chain runs from `p` depends only on the frame at `p`, the one after it, and
+/// whether a chain runs from there). No allocation.
+pub(super) fn resync_offset(tail: &[u8], max_len: u32) -> Option<usize> {
+    let skip = tail.len().saturating_sub(RESYNC_WINDOW);
+    let window = &tail[skip..];
+    let n = window.len();
+    if n < HEADER_LEN {
+        return None;
+    }
+    let header_at = |p: usize| {
+        window
+            .get(p..p + HEADER_LEN)
+            .and_then(|b| <&[u8; HEADER_LEN]>::try_from(b).ok())
+            .map(FrameHeader::parse)
+    };
+    let mut chains = [0u64; RESYNC_WINDOW.div_ceil(64)];
+    let mut found = None;
+    for p in (0..=n - HEADER_LEN).rev() {
+        // Most offsets of arbitrary bytes fail here, on the frame type.
+        if window[p + 3] > CONTINUATION {
+            continue;
+        }
+        let Some(h) = header_at(p) else {
+            continue;
+        };
+        if !h.is_plausible(max_len) {
+            continue;
+        }
+        let end = p + HEADER_LEN + h.len as usize;
+        let chained = end == n
+            || (end < n
+                && chains[end / 64] & (1 << (end % 64)) != 0
+                && header_at(end).is_some_and(|next| in_sequence(&h, &next)));
+        if !chained || !payload_plausible(&h, &window[p + HEADER_LEN..end]) {
+            continue;
+        }
+        chains[p / 64] |= 1 << (p % 64);
+        if h.kind != CONTINUATION {
+            found = Some(skip + p);
+        }
+    }
+    found
+}
+
+/// May frame `next` follow frame `prev`? A header block still open (no END_HEADERS) admits only
+/// its own CONTINUATION, and a CONTINUATION only follows an open block (RFC 9113 §6.10).
+fn in_sequence(prev: &FrameHeader, next: &FrameHeader) -> bool {
+    let open = matches!(prev.kind, HEADERS | PUSH_PROMISE | CONTINUATION) && !prev.has(END_HEADERS);
+    if open {
+        next.kind == CONTINUATION && next.stream == prev.stream
+    } else {
+        next.kind != CONTINUATION
+    }
+}
+
 /// Checks of a frame's payload, on its captured prefix `payload`.
 fn payload_plausible(header: &FrameHeader, payload: &[u8]) -> bool {
     // Padding must fit in the payload after the other fields.

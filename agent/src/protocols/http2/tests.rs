@@ -2,8 +2,8 @@
 
 use super::connection::{GIVE_UP_AFTER, MAX_HEADER_BLOCK, MAX_STREAMS};
 use super::frame::{
-    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PADDED, PING, PREFACE, PRIORITY,
-    PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, WINDOW_UPDATE,
+    CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADER_LEN, HEADERS, PADDED, PING,
+    PREFACE, PRIORITY, PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, WINDOW_UPDATE,
 };
 use super::{Http2Connection, REGISTRATION, detect, huffman};
 use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse};
@@ -42,9 +42,22 @@ impl Harness {
 
     /// Feeds `data` as call number `k` (its times) without advancing the call count.
     fn feed_as(&mut self, k: u64, direction: Direction, data: &[u8], full_len: u64) {
+        self.feed_chunk(k, direction, data, &[], full_len);
+    }
+
+    /// Feeds call number `k`: its first bytes `data`, its last bytes `tail`, `full_len` in all.
+    fn feed_chunk(
+        &mut self,
+        k: u64,
+        direction: Direction,
+        data: &[u8],
+        tail: &[u8],
+        full_len: u64,
+    ) {
         let chunk = Chunk {
             direction,
             data,
+            tail,
             full_len,
             start_ns: start(k),
             end_ns: end(k),
@@ -59,6 +72,14 @@ impl Harness {
     fn feed(&mut self, direction: Direction, data: &[u8], full_len: u64) {
         self.calls += 1;
         self.feed_as(self.calls, direction, data, full_len);
+    }
+
+    /// A syscall that moved `bytes`, given as the kernel gives HTTP/2 connections: whole up to
+    /// the capture, else its first 12 KiB and its last 4 KiB.
+    fn syscall(&mut self, direction: Direction, bytes: &[u8]) {
+        self.calls += 1;
+        let (data, tail) = kernel_capture(bytes);
+        self.feed_chunk(self.calls, direction, data, tail, bytes.len() as u64);
     }
 
     /// The process reads `data`.
@@ -92,6 +113,18 @@ impl Harness {
 
     fn counts(&self) -> ParserCounts {
         self.out.counts
+    }
+}
+
+/// What the kernel copies of a syscall that moved `bytes` on an HTTP/2 connection: (data,
+/// tail).
+fn kernel_capture(bytes: &[u8]) -> (&[u8], &[u8]) {
+    let capture = REGISTRATION.capture_bytes.unwrap() as usize;
+    let tail = REGISTRATION.capture_tail as usize;
+    if bytes.len() <= capture {
+        (bytes, &[])
+    } else {
+        (&bytes[..capture - tail], &bytes[bytes.len() - tail..])
     }
 }
 
@@ -196,6 +229,15 @@ fn response(status: u16, body_len: u64, grpc_status: Option<u32>) -> HttpRespons
         version: "2",
         body_len,
         grpc_status,
+        fields_lost: false,
+    }
+}
+
+/// `r` with some of its fields undecodable (unknown HPACK entries).
+fn lost(r: HttpResponse) -> HttpResponse {
+    HttpResponse {
+        fields_lost: true,
+        ..r
     }
 }
 
@@ -829,7 +871,7 @@ fn joined_mid_connection() {
     // Responses: :status 200 static; a dynamic reference (say grpc-status) unknown.
     h.rx(&frame(HEADERS, END_HEADERS | END_STREAM, 43, &[0x88, 0xbe]));
     let done = h.exchanges();
-    assert_eq!(http(&done[0]).response, Some(response(200, 0, None)));
+    assert_eq!(http(&done[0]).response, Some(lost(response(200, 0, None))));
     // Each direction's loss counted once (the dropped request 41 was the first).
     assert_eq!(
         h.counts(),
@@ -908,8 +950,8 @@ fn uncaptured_frame_header_loses_framing() {
     let done = h.exchanges();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].id, 3);
-    // Its response headers were in the lost bytes: no status.
-    assert_eq!(http(&done[0]).response, None);
+    // Its response headers were in the lost bytes: a response of unknown status.
+    assert_eq!(http(&done[0]).response, Some(lost(response(0, 3, None))));
     assert_eq!(done[0].error, None);
     assert_eq!(h.counts().parse_errors, 0);
     // Stream 1 may have ended in the lost bytes: not reported at close.
@@ -1383,7 +1425,15 @@ fn no_panic_on_random_input() {
             } else {
                 Direction::Egress
             };
-            h.feed(direction, &data[..cut], full_len);
+            // A tail: the end of the bytes, after a gap (some of them, and maybe more).
+            let tail_start = cut + rng.below((data.len() - cut) as u64 + 1) as usize;
+            let tail = if rng.below(3) == 0 {
+                &data[tail_start..]
+            } else {
+                &[]
+            };
+            h.calls += 1;
+            h.feed_chunk(h.calls, direction, &data[..cut], tail, full_len);
         }
         h.close();
         assert!(h.out.request_starts.len() <= 1000);
@@ -1527,6 +1577,7 @@ fn registration() {
         &Chunk {
             direction: Direction::Egress,
             data: PREFACE,
+            tail: &[],
             full_len: 24,
             start_ns: 1,
             end_ns: 2,
@@ -1535,4 +1586,513 @@ fn registration() {
         &mut out,
     );
     assert!(!parser.gave_up());
+}
+
+// Syscalls larger than the capture: the kernel gives their first 12 KiB and their last 4 KiB.
+
+/// A gRPC message of `frames` × 16384 bytes (prefix included) in DATA frames of 16384 bytes
+/// on `stream`, its bytes from `fill` (the 5-byte prefix first).
+fn message_frames(stream: u32, frames: usize, mut fill: impl FnMut() -> u8) -> Vec<u8> {
+    let mut message = grpc_message(frames * 16384 - 5);
+    for b in &mut message[5..] {
+        *b = fill();
+    }
+    message
+        .chunks(16384)
+        .flat_map(|payload| frame(DATA, 0, stream, payload))
+        .collect()
+}
+
+/// A gRPC server's answer to a call with a large response, as it writes it in one syscall:
+/// HEADERS, 20 DATA frames of 16384 bytes, trailers (literal fields on a fresh encoder).
+fn big_response(s: &mut Enc, stream: u32) -> Vec<u8> {
+    let mut bytes = s.headers(
+        stream,
+        0,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+    );
+    bytes.extend(message_frames(stream, 20, || b'x'));
+    bytes.extend(s.headers(
+        stream,
+        END_STREAM,
+        &[("grpc-status", "0"), ("grpc-message", "")],
+    ));
+    bytes
+}
+
+/// The calls before the big response, from a connection's start: preface and SETTINGS both
+/// ways, and a unary request on stream 1, as (writer, bytes).
+fn big_call_setup(c: &mut Enc) -> Vec<(char, Vec<u8>)> {
+    let mut request = c.headers(1, 0, &grpc_request_fields("/big/Get"));
+    request.extend(frame(DATA, END_STREAM, 1, &grpc_message(4)));
+    vec![
+        ('C', [PREFACE.to_vec(), settings(&[(4, 65535)])].concat()),
+        ('S', [settings(&[]), settings_ack()].concat()),
+        ('C', [settings_ack(), request].concat()),
+    ]
+}
+
+/// The server writes HEADERS, 20 × 16 KiB of DATA and the trailers in one sendmsg: the second
+/// DATA frame's header is in the gap, framing resumes in the tail at the trailers.
+#[test]
+fn big_response_in_one_write_server_side() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    for (writer, bytes) in big_call_setup(&mut c) {
+        h.feed(
+            direction_of(writer, Role::Server),
+            &bytes,
+            bytes.len() as u64,
+        );
+    }
+    assert_eq!(h.starts().len(), 1);
+    let bytes = big_response(&mut s, 1);
+    assert!(bytes.len() > 20 * 16384);
+    h.syscall(Direction::Egress, &bytes);
+    assert_eq!(h.responses_started(), vec![1]);
+    let done = h.exchanges();
+    assert_eq!(done.len(), 1);
+    let e = &done[0];
+    assert_eq!(
+        (e.role, e.id, e.end_ns, e.response_tid, e.error),
+        (Role::Server, 1, end(4), TX_TID, None)
+    );
+    // The DATA frames in the gap are not counted: the body length is a lower bound (the first
+    // frame's).
+    assert_eq!(http(e).response, Some(response(200, 16384, Some(0))));
+    assert_eq!(
+        h.counts(),
+        ParserCounts {
+            desynchronised: 1,
+            ..ParserCounts::default()
+        }
+    );
+    h.close();
+    assert!(h.exchanges().is_empty());
+}
+
+/// `bytes` cut in reads of `size` bytes, from its start (the last read is the remainder) or
+/// from its end (the first one is).
+fn reads(bytes: &[u8], size: usize, from_end: bool) -> Vec<&[u8]> {
+    if !from_end {
+        return bytes.chunks(size).collect();
+    }
+    let mut out: Vec<&[u8]> = bytes.rchunks(size).collect();
+    out.reverse();
+    out
+}
+
+/// The client reads the same bytes in reads of 64 KiB: framing is lost in the first large
+/// read's gap, and resumes at the end of the last read (its tail, or the whole read when it
+/// is small enough to be captured whole and starts inside a DATA payload).
+#[test]
+fn big_response_read_in_large_reads_client_side() {
+    for from_end in [false, true] {
+        let mut c = Enc::new();
+        let mut s = Enc::new();
+        let mut h = Harness::new();
+        for (writer, bytes) in big_call_setup(&mut c) {
+            h.feed(
+                direction_of(writer, Role::Client),
+                &bytes,
+                bytes.len() as u64,
+            );
+        }
+        assert_eq!(h.starts().len(), 1);
+        let bytes = big_response(&mut s, 1);
+        let pieces = reads(&bytes, 65536, from_end);
+        if from_end {
+            assert!(pieces[1..].iter().all(|r| r.len() == 65536));
+        } else {
+            assert!(pieces.last().unwrap().len() < 16384);
+        }
+        for piece in &pieces {
+            h.syscall(Direction::Ingress, piece);
+        }
+        let last_call = h.calls;
+        let done = h.exchanges();
+        assert_eq!(done.len(), 1, "from_end {from_end}");
+        let e = &done[0];
+        assert_eq!(
+            (e.role, e.id, e.start_ns, e.end_ns, e.response_tid, e.error),
+            (Role::Client, 1, start(3), end(last_call), RX_TID, None)
+        );
+        let response = http(e).response.clone().unwrap();
+        assert_eq!((response.status, response.grpc_status), (200, Some(0)));
+        assert!(response.body_len >= 16384 && response.body_len < 20 * 16384);
+        assert_eq!(
+            h.counts(),
+            ParserCounts {
+                desynchronised: 1,
+                ..ParserCounts::default()
+            },
+            "from_end {from_end}"
+        );
+    }
+}
+
+/// Case 1: the gap lies inside one DATA payload (the client accepts frames of 1 MiB): the
+/// tail continues the bytes; nothing is lost, the HPACK table included.
+#[test]
+fn gap_inside_one_data_payload_loses_nothing() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    h.tx(&[PREFACE.to_vec(), settings(&[(5, 1 << 20)])].concat());
+    h.tx(&c.headers(1, END_STREAM, &grpc_request_fields("/big/One")));
+    let headers = s.headers(
+        1,
+        0,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+    );
+    let data = frame(DATA, 0, 1, &grpc_message(29_995));
+    let trailers = s.headers(1, END_STREAM, &[("grpc-status", "0")]);
+    let bytes = [headers.clone(), data.clone(), trailers].concat();
+    // The gap starts and ends inside the DATA payload.
+    let (captured, tail) = kernel_capture(&bytes);
+    assert!(headers.len() + HEADER_LEN < captured.len());
+    assert!(bytes.len() - tail.len() < headers.len() + data.len());
+    h.syscall(Direction::Ingress, &bytes);
+    let done = h.exchanges();
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        http(&done[0]).response,
+        Some(response(200, 30_000, Some(0)))
+    );
+    assert_eq!(done[0].end_ns, end(3));
+    // The next call's response refers to entries inserted by the first one: they decode.
+    h.tx(&c.headers(3, END_STREAM, &grpc_request_fields("/big/Two")));
+    let mut next = s.headers(
+        3,
+        0,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+    );
+    next.extend(frame(DATA, 0, 3, &grpc_message(2)));
+    let trailers = s.headers(3, END_STREAM, &[("grpc-status", "0")]);
+    assert_eq!(trailers.len(), HEADER_LEN + 1, "an indexed field");
+    next.extend(trailers);
+    h.rx(&next);
+    let done = h.exchanges();
+    assert_eq!(http(&done[0]).response, Some(response(200, 7, Some(0))));
+    assert!(http(&done[0]).request.grpc);
+    assert_eq!(h.counts(), ParserCounts::default());
+}
+
+/// The gap ends inside a header block: the block and the HPACK table are lost, framing holds
+/// and the tail continues the bytes.
+#[test]
+fn gap_ending_inside_a_header_block_loses_the_block_only() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    h.tx(&[PREFACE.to_vec(), settings(&[(5, 1 << 20)])].concat());
+    h.tx(&c.headers(1, END_STREAM, &grpc_request_fields("/big/Headers")));
+    let long = "v".repeat(20_000);
+    let headers = s.headers(1, 0, &[(":status", "200"), ("x-long", &long)]);
+    let mut bytes = headers.clone();
+    bytes.extend(frame(DATA, 0, 1, &grpc_message(10)));
+    bytes.extend(s.headers(1, END_STREAM, &[("grpc-status", "0")]));
+    let (_, tail) = kernel_capture(&bytes);
+    assert!(bytes.len() - tail.len() < headers.len());
+    h.syscall(Direction::Ingress, &bytes);
+    let done = h.exchanges();
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].error, done[0].end_ns), (None, end(3)));
+    // The response headers were lost (status unknown); the trailers' literal grpc-status
+    // decodes.
+    assert_eq!(
+        http(&done[0]).response,
+        Some(lost(response(0, 15, Some(0))))
+    );
+    assert_eq!(
+        h.counts(),
+        ParserCounts {
+            desynchronised: 1,
+            ..ParserCounts::default()
+        }
+    );
+}
+
+/// A padded DATA frame whose pad length byte falls in the gap, the rest of it in the tail: the
+/// tail's first byte is payload, not a pad length.
+#[test]
+fn padded_data_whose_pad_length_is_in_the_gap() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    h.tx(&[PREFACE.to_vec(), settings(&[(5, 1 << 20)])].concat());
+    h.tx(&c.headers(1, END_STREAM, &grpc_request_fields("/big/Padded")));
+    let mut payload = vec![10];
+    payload.extend(vec![b'x'; 20_000]);
+    payload.extend([0; 10]);
+    let mut bytes = s.headers(1, 0, &[(":status", "200")]);
+    let data_header_end = bytes.len() + HEADER_LEN;
+    bytes.extend(frame(DATA, PADDED, 1, &payload));
+    bytes.extend(s.headers(1, END_STREAM, &[("grpc-status", "0")]));
+    let tail = &bytes[bytes.len() - 4096..];
+    h.feed_chunk(
+        3,
+        Direction::Ingress,
+        &bytes[..data_header_end],
+        tail,
+        bytes.len() as u64,
+    );
+    let done = h.exchanges();
+    // The padding's length is unknown: all of the payload but the pad length counts.
+    assert_eq!(
+        http(&done[0]).response,
+        Some(response(200, 20_010, Some(0)))
+    );
+    assert_eq!(h.counts(), ParserCounts::default());
+}
+
+/// Tails that don't end with a chain of whole frames resynchronise nothing: no frame is
+/// invented, the loss counts once, and framing resumes at the next chunk that starts with a
+/// frame.
+#[test]
+fn tail_that_does_not_chain_resynchronises_nothing() {
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    // The write ends inside a DATA payload of random bytes (the response goes on in the next
+    // write); or with the trailers followed by a few bytes that are not a frame.
+    let random_data = message_frames(1, 20, || rng.next() as u8);
+    for case in 0..2 {
+        let mut c = Enc::new();
+        let mut s = Enc::new();
+        let mut h = Harness::new();
+        for (writer, bytes) in big_call_setup(&mut c) {
+            h.feed(
+                direction_of(writer, Role::Server),
+                &bytes,
+                bytes.len() as u64,
+            );
+        }
+        assert_eq!(h.starts().len(), 1);
+        let mut bytes = s.headers(1, 0, &[(":status", "200")]);
+        bytes.extend(&random_data);
+        let trailers = s.headers(1, END_STREAM, &[("grpc-status", "0")]);
+        if case == 1 {
+            bytes.extend(&trailers);
+            bytes.extend([0xff, 0, 0, 0, 4]);
+        }
+        let (_, tail) = kernel_capture(&bytes);
+        assert_eq!(super::frame::resync_offset(tail, 16384), None);
+        h.syscall(Direction::Egress, &bytes);
+        assert_eq!(h.responses_started(), vec![1]);
+        assert!(h.exchanges().is_empty(), "case {case}");
+        assert!(h.starts().is_empty());
+        assert_eq!(
+            h.counts(),
+            ParserCounts {
+                desynchronised: 1,
+                ..ParserCounts::default()
+            },
+            "case {case}"
+        );
+        // Still waiting: a chunk in the middle of something changes nothing.
+        h.syscall(Direction::Egress, &random_data[100..30_000]);
+        assert!(h.exchanges().is_empty());
+        // A write that starts with a frame resumes framing.
+        h.tx(&s.headers(1, END_STREAM, &[("grpc-status", "0")]));
+        let done = h.exchanges();
+        assert_eq!(done.len(), 1, "case {case}");
+        assert_eq!(h.counts().desynchronised, 1);
+        assert_eq!(h.counts().parse_errors, 0);
+    }
+}
+
+/// The trailers' block is a HEADERS frame larger than the tail and a CONTINUATION: the only
+/// chain in the tail starts with the CONTINUATION, whose HEADERS is lost: refused.
+#[test]
+fn tail_chain_starting_with_continuation_is_refused() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    for (writer, bytes) in big_call_setup(&mut c) {
+        h.feed(
+            direction_of(writer, Role::Server),
+            &bytes,
+            bytes.len() as u64,
+        );
+    }
+    let long = "v".repeat(6000);
+    let block = s.block(&[("grpc-status", "0"), ("x-long", &long)]);
+    let (first, rest) = block.split_at(block.len() - 50);
+    let mut bytes = s.headers(1, 0, &[(":status", "200")]);
+    bytes.extend(message_frames(1, 20, || b'x'));
+    bytes.extend(frame(HEADERS, END_STREAM, 1, first));
+    let continuation = frame(CONTINUATION, END_HEADERS, 1, rest);
+    bytes.extend(&continuation);
+    let (_, tail) = kernel_capture(&bytes);
+    assert_eq!(super::frame::resync_offset(tail, 16384), None);
+    // The CONTINUATION alone would chain to the end.
+    assert!(tail.ends_with(&continuation));
+    h.syscall(Direction::Egress, &bytes);
+    assert!(h.exchanges().is_empty());
+    assert_eq!(
+        h.counts(),
+        ParserCounts {
+            desynchronised: 1,
+            ..ParserCounts::default()
+        }
+    );
+}
+
+/// After a gap that lost framing, the trailers found in the tail refer to `grpc-status: 0` by
+/// its dynamic-table index, and header blocks of another stream were in the gap (an insertion
+/// shifted the indices): the exchange ends with grpc-status unknown, never a wrong value.
+#[test]
+fn unknown_grpc_status_after_a_lossy_gap() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    for (writer, bytes) in big_call_setup(&mut c) {
+        h.feed(
+            direction_of(writer, Role::Server),
+            &bytes,
+            bytes.len() as u64,
+        );
+    }
+    assert_eq!(h.starts().len(), 1);
+    // A first small call inserts the response fields in the encoder's table.
+    let mut small = s.headers(
+        1,
+        0,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+    );
+    small.extend(frame(DATA, 0, 1, &grpc_message(3)));
+    small.extend(s.headers(1, END_STREAM, &[("grpc-status", "0"), ("grpc-message", "")]));
+    h.tx(&small);
+    assert_eq!(
+        http(&h.exchanges()[0]).response,
+        Some(response(200, 8, Some(0)))
+    );
+    for id in [3, 5] {
+        h.rx(&c.headers(id, END_STREAM, &grpc_request_fields("/big/Get")));
+    }
+    assert_eq!(h.starts().len(), 2);
+    // Stream 3's large response; stream 5's headers (an insertion) between its DATA frames.
+    let fields = [(":status", "200"), ("content-type", "application/grpc")];
+    let mut bytes = s.headers(3, 0, &fields);
+    bytes.extend(message_frames(3, 10, || b'x'));
+    bytes.extend(s.headers(5, 0, &[(":status", "200"), ("x-inserted", "1")]));
+    bytes.extend(message_frames(3, 10, || b'x'));
+    let trailers = s.headers(3, END_STREAM, &[("grpc-status", "0"), ("grpc-message", "")]);
+    // Two indexed fields, past the static table.
+    assert!(trailers[HEADER_LEN..].iter().all(|&b| b > 0x80 + 61));
+    assert_eq!(trailers.len(), HEADER_LEN + 2);
+    bytes.extend(trailers);
+    h.syscall(Direction::Egress, &bytes);
+    let done = h.exchanges();
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].id, done[0].error), (3, None));
+    assert_eq!(
+        http(&done[0]).response,
+        Some(lost(response(200, 16384, None)))
+    );
+    // The loss counted once (the unknown reference is part of it).
+    assert_eq!(
+        h.counts(),
+        ParserCounts {
+            desynchronised: 1,
+            ..ParserCounts::default()
+        }
+    );
+    // The table stays unknown: a later small call whose trailers refer to the entries
+    // inserted before the loss has no grpc-status either (a literal one would decode).
+    h.rx(&c.headers(7, END_STREAM, &grpc_request_fields("/big/Get")));
+    let mut small = s.headers(7, 0, &fields);
+    small.extend(frame(DATA, 0, 7, &grpc_message(3)));
+    small.extend(s.headers(7, END_STREAM, &[("grpc-status", "0"), ("grpc-message", "")]));
+    h.tx(&small);
+    let done = h.exchanges();
+    assert_eq!(done[0].id, 7);
+    assert_eq!(http(&done[0]).response, Some(lost(response(200, 8, None))));
+    h.rx(&c.headers(9, END_STREAM, &grpc_request_fields("/big/Get")));
+    // Trailers-Only: :status 200 (static), grpc-status 5 (literal name and value, not indexed).
+    let mut block = vec![0x88, 0x00, 11];
+    block.extend(b"grpc-status");
+    block.extend([1, b'5']);
+    h.tx(&frame(HEADERS, END_HEADERS | END_STREAM, 9, &block));
+    let done = h.exchanges();
+    assert_eq!(http(&done[0]).response, Some(response(200, 0, Some(5))));
+    assert_eq!(h.counts().desynchronised, 1);
+    assert_eq!(h.counts().parse_errors, 0);
+    // Stream 5's response was in the gap: it may have ended unseen, dropped at close.
+    h.close();
+    assert!(h.exchanges().is_empty());
+}
+
+/// The resynchronisation rule on its own.
+#[test]
+fn resync_offset_rule() {
+    use super::frame::resync_offset;
+    let ping = frame(PING, 0, 0, &[0; 8]);
+    let trailers = frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x88]);
+    // Frames that chain to the end, after bytes that are not frames.
+    assert_eq!(resync_offset(&ping, 16384), Some(0));
+    let tail = [vec![0x78; 100], trailers.clone()].concat();
+    assert_eq!(resync_offset(&tail, 16384), Some(100));
+    let tail = [vec![0x78; 3], frame(DATA, 0, 1, b"abc"), trailers.clone()].concat();
+    assert_eq!(resync_offset(&tail, 16384), Some(3));
+    // The smallest offset: a DATA frame whose payload is itself a frame.
+    let nested = frame(DATA, 0, 1, &ping);
+    assert_eq!(resync_offset(&nested, 16384), Some(0));
+    // Not to the end exactly: a frame cut at the end, bytes after the last frame.
+    assert_eq!(resync_offset(&trailers[..trailers.len() - 1], 16384), None);
+    assert_eq!(
+        resync_offset(&[ping.clone(), vec![0]].concat(), 16384),
+        None
+    );
+    assert_eq!(resync_offset(&ping[..8], 16384), None);
+    assert_eq!(resync_offset(&[], 16384), None);
+    // A CONTINUATION first is refused; after its HEADERS it chains.
+    let cont = frame(CONTINUATION, END_HEADERS, 1, b"c");
+    assert_eq!(resync_offset(&cont, 16384), None);
+    assert_eq!(
+        resync_offset(&[vec![0x78; 20], cont.clone()].concat(), 16384),
+        None
+    );
+    let block = [frame(HEADERS, END_STREAM, 1, b"ab"), cont.clone()].concat();
+    assert_eq!(resync_offset(&block, 16384), Some(0));
+    // Out of sequence: a CONTINUATION of another stream, another frame inside a block.
+    let other = [
+        frame(HEADERS, END_STREAM, 1, b"ab"),
+        frame(CONTINUATION, END_HEADERS, 3, b"c"),
+    ]
+    .concat();
+    assert_eq!(resync_offset(&other, 16384), None);
+    let interleaved = [frame(HEADERS, 0, 1, b"ab"), ping.clone()].concat();
+    assert_eq!(resync_offset(&interleaved, 16384), Some(11));
+    // Implausible frames break the chain: undefined flags, a payload over the max frame size,
+    // padding larger than the payload, a SETTINGS value out of range.
+    let bad = [
+        frame(PING, 0x2, 0, &[0; 8]),
+        frame(DATA, 0, 1, &[0; 100]),
+        frame(DATA, PADDED, 1, &[9, 0]),
+        frame(SETTINGS, 0, 0, &[0, 5, 0, 0, 0, 1]),
+    ];
+    for b in &bad {
+        assert_eq!(
+            resync_offset(&[b.clone(), ping.clone()].concat(), 64),
+            Some(b.len())
+        );
+    }
+    // Only the last RESYNC_WINDOW bytes are searched.
+    let long = [frame(DATA, 0, 1, &[0; 5000]), trailers.clone()].concat();
+    assert_eq!(
+        resync_offset(&long, 16384),
+        Some(long.len() - trailers.len())
+    );
+    assert_eq!(
+        resync_offset(&long, 1 << 20),
+        Some(long.len() - trailers.len())
+    );
+    // Random bytes, and random DATA payloads, never chain.
+    let mut rng = Rng(0x0bad_5eed_0000_0001);
+    for _ in 0..300 {
+        let tail: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+        assert_eq!(resync_offset(&tail, 16384), None);
+        assert_eq!(resync_offset(&tail, 1 << 20), None);
+    }
 }
