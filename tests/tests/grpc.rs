@@ -17,7 +17,7 @@
 //! packages.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kspan_e2e::chain::random_hex;
 use kspan_e2e::grpc::*;
@@ -771,11 +771,14 @@ fn assert_rpc_histogram(
 }
 
 /// `rpc.server.call.duration` and `rpc.client.call.duration` (OpenTelemetry RPC metrics,
-/// seconds) over OTLP/gRPC: one count per call, per status code, on each side.
+/// seconds) over OTLP/gRPC and on the Prometheus endpoint: one count per call, per status code,
+/// on each side.
 #[test]
-fn rpc_duration_metrics_over_otlp() {
+fn rpc_duration_metrics_over_otlp_and_prometheus() {
     let _env = preflight();
     let rx = OtlpReceiver::start_grpc(0);
+    let prom_port = free_port();
+    let prom_arg = prom_port.to_string();
     let mut server = GrpcServer::start(Some(SERVER_SERVICE));
     let calls = [
         "unary:ok",
@@ -797,10 +800,14 @@ fn rpc_duration_metrics_over_otlp() {
             &endpoint,
             "--otlp-protocol",
             "grpc",
+            "--prometheus-port",
+            &prom_arg,
         ],
         &[],
     );
     let result = client.go();
+    let client_exe = python_exe_name();
+    let prom = scrape_rpc_counts(prom_port, &client_exe, 5);
     let run = kspan.stop(); // final metrics flush
     server.assert_alive();
     assert_statuses(&result, &["OK", "OK", "OK", "INTERNAL", "NOT_FOUND"]);
@@ -836,6 +843,19 @@ fn rpc_duration_metrics_over_otlp() {
         server.port,
         &want,
     );
+    // The same counts on the Prometheus endpoint, per side and status code.
+    let want_prom: BTreeMap<String, f64> = [("0", 3.0), ("13", 1.0), ("5", 1.0)]
+        .into_iter()
+        .map(|(code, n)| (code.to_string(), n))
+        .collect();
+    assert_eq!(
+        prom.server, want_prom,
+        "Prometheus rpc_server_call_duration_seconds_count by code"
+    );
+    assert_eq!(
+        prom.client, want_prom,
+        "Prometheus rpc_client_call_duration_seconds_count by code"
+    );
     // gRPC calls are not HTTP requests in the metrics.
     for name in [
         "http.server.request.duration",
@@ -845,5 +865,62 @@ fn rpc_duration_metrics_over_otlp() {
             histogram_points(&latest, name).is_empty(),
             "gRPC calls must not be counted in {name}"
         );
+    }
+}
+
+/// `rpc_{server,client}_call_duration_seconds_count` per `rpc_grpc_status_code` label, from the
+/// Prometheus endpoint.
+struct PromRpcCounts {
+    server: BTreeMap<String, f64>,
+    client: BTreeMap<String, f64>,
+}
+
+/// Scrapes `/metrics` until both sides count `calls` calls (the export thread records spans a
+/// little after they are parsed), then returns the counts by status code.
+fn scrape_rpc_counts(port: u16, client_service: &str, calls: u64) -> PromRpcCounts {
+    let by_code = |samples: &[prometheus::Sample], name: &str, service: &str| {
+        let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+        for s in samples
+            .iter()
+            .filter(|s| s.name == name && s.label("service_name") == Some(service))
+        {
+            assert_eq!(s.label("rpc_system"), Some("grpc"), "{s:?}");
+            assert_eq!(s.label("rpc_service"), Some(GRPC_SERVICE), "{s:?}");
+            assert_eq!(s.label("rpc_method"), Some("GetItem"), "{s:?}");
+            let code = s
+                .label("rpc_grpc_status_code")
+                .unwrap_or("none")
+                .to_string();
+            *counts.entry(code).or_default() += s.value;
+        }
+        counts
+    };
+    let deadline = Instant::now() + scaled(10);
+    loop {
+        if let Ok((200, _, body)) = prometheus::http_get(port, "/metrics") {
+            let samples = prometheus::parse_text(&body);
+            let counts = PromRpcCounts {
+                server: by_code(
+                    &samples,
+                    "rpc_server_call_duration_seconds_count",
+                    SERVER_SERVICE,
+                ),
+                client: by_code(
+                    &samples,
+                    "rpc_client_call_duration_seconds_count",
+                    client_service,
+                ),
+            };
+            let total = |m: &BTreeMap<String, f64>| m.values().sum::<f64>();
+            if total(&counts.server) >= calls as f64 && total(&counts.client) >= calls as f64 {
+                return counts;
+            }
+            if Instant::now() >= deadline {
+                panic!("Prometheus did not count {calls} calls per side in time:\n{body}");
+            }
+        } else if Instant::now() >= deadline {
+            panic!("Prometheus endpoint on port {port} did not answer");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

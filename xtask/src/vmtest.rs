@@ -411,8 +411,10 @@ pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usi
 fn guest_seconds(stem: &str) -> u32 {
     match stem {
         "context" => 175,
+        "grpc" => 150,
         "http1" => 135,
         "otlp" => 60,
+        "http2" => 45,
         _ => 10,
     }
 }
