@@ -602,8 +602,11 @@ fn emit_span(
 mod tests {
     use std::sync::mpsc;
 
+    use kspan_common::EventHeader;
+
     use super::*;
-    use crate::spans::{Resource, SpanKind, SpanStatus};
+    use crate::protocols::Direction;
+    use crate::spans::{AttributeValue, Resource, SpanKind, SpanStatus};
 
     fn finished(n: u8) -> Finished {
         Finished {
@@ -624,6 +627,153 @@ mod tests {
             },
             sampled: true,
         }
+    }
+
+    /// Records what the pipeline asks of the kernel.
+    #[derive(Default)]
+    struct FakeKernel {
+        captures: Vec<(i32, u32, u32)>,
+        muted: Vec<i32>,
+    }
+
+    impl KernelControl for FakeKernel {
+        fn trace_pid(&mut self, _pid: u32) {}
+        fn untrace_pid(&mut self, _pid: u32) {}
+        fn track_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
+        fn forget_connection(&mut self, _pid: u32, _fd: i32) {}
+        fn set_capture(&mut self, _pid: u32, fd: i32, bytes: u32, tail: u32) {
+            self.captures.push((fd, bytes, tail));
+        }
+        fn mute_connection(&mut self, _pid: u32, fd: i32) {
+            self.muted.push(fd);
+        }
+    }
+
+    fn test_pipeline() -> Pipeline<FakeKernel, Vec<Span>> {
+        Pipeline::new(
+            FakeKernel::default(),
+            Vec::new(),
+            Processes::new(crate::process::Selectors::default()),
+            16,
+            Clock::with_offset(0),
+            Arc::new(Stats::default()),
+            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
+        )
+    }
+
+    /// This process's accepted connection on fd 5 (conn 1), then `events` on it.
+    fn feed(p: &mut Pipeline<FakeKernel, Vec<Span>>, events: &[(Direction, &[u8])]) {
+        let pid = std::process::id();
+        let header = |kind: EventKind, t: u64| EventHeader {
+            kind: kind as u32,
+            pid,
+            tid: pid,
+            fd: 5,
+            conn_id: 1,
+            start_ns: t,
+            end_ns: t + 10,
+            ..Default::default()
+        };
+        let mut tuple = kspan_common::SocketTuple {
+            family: kspan_common::AF_INET,
+            local_port: 8080,
+            remote_port: 40000,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        p.handle_event(Event::Socket {
+            kind: EventKind::Accept,
+            header: header(EventKind::Accept, 100),
+            tuple,
+        });
+        for (i, (direction, data)) in events.iter().enumerate() {
+            p.handle_event(Event::Data {
+                header: EventHeader {
+                    full_len: data.len() as u64,
+                    copied_len: data.len() as u32,
+                    ..header(EventKind::Data, 1_000 * (i as u64 + 1))
+                },
+                direction: *direction,
+                data,
+                tail: &[],
+            });
+        }
+        p.shutdown();
+    }
+
+    /// One HTTP/2 frame.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    /// `Upgrade: h2c`: the HTTP/1 request and its 101 make an HTTP/1 span; after the switch the
+    /// connection is detected again and its HTTP/2 streams make spans of their own.
+    #[test]
+    fn an_h2c_upgrade_continues_as_http2() {
+        let mut p = test_pipeline();
+        let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        preface.extend(frame(4, 0, 0, &[]));
+        // Stream 3: GET / (static :method GET, :path /, :scheme http); END_HEADERS|END_STREAM.
+        preface.extend(frame(1, 0x5, 3, &[0x82, 0x84, 0x86]));
+        // Its response: :status 200 (static), END_HEADERS|END_STREAM.
+        let response = frame(1, 0x5, 3, &[0x88]);
+        feed(
+            &mut p,
+            &[
+                (
+                    Direction::Ingress,
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+                ),
+                (
+                    Direction::Egress,
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+                ),
+                (Direction::Ingress, &preface),
+                (Direction::Egress, &response),
+            ],
+        );
+        let spans = p.sink();
+        let versions: Vec<_> = spans
+            .iter()
+            .map(|s| {
+                (
+                    s.name.to_string(),
+                    s.attribute("network.protocol.version").cloned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                ("GET /".to_string(), Some(AttributeValue::Str("1.1".into()))),
+                ("GET /".to_string(), Some(AttributeValue::Str("2".into()))),
+            ]
+        );
+        assert_eq!(
+            p.kernel().captures,
+            [
+                (5, CAPTURE_DEFAULT, 0),
+                (5, kspan_common::HTTP2_CAPTURE, 4096)
+            ],
+            "back to the default capture at the switch, HTTP/2's once detected"
+        );
+        assert!(p.kernel().muted.is_empty());
+    }
+
+    /// Bytes of no known protocol: muted in the kernel after a few chunks, counted, no span.
+    #[test]
+    fn a_connection_of_no_known_protocol_is_muted() {
+        let mut p = test_pipeline();
+        let garbage: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        feed(&mut p, &[(Direction::Ingress, garbage); 6]);
+        assert!(p.sink().is_empty());
+        assert_eq!(p.kernel().muted, [5], "muted once");
+        assert_eq!(Stats::get(&p.stats.connections_muted), 1);
     }
 
     #[test]
