@@ -219,6 +219,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         for pid in self.processes.initial_selection() {
             if !trace_all {
                 self.kernel.trace_pid(pid);
+                // Its resource now, while it surely exists: a selected client may connect, send
+                // and exit before its connect event is read (seen under emulation on 7.2), and
+                // a process gone from procfs is named by its comm only.
+                self.processes.resource(pid);
             }
             self.track_open_sockets(pid);
         }
