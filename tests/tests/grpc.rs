@@ -591,18 +591,47 @@ fn hundred_concurrent_calls_on_one_channel() {
     assert_statuses(&result, &["OK"; N]);
     assert_clean_run(&run);
 
-    assert_eq!(
-        run.spans.len(),
-        2 * N,
-        "expected exactly {N} + {N} spans\n{}",
+    // Runs the kernel skipped (`program_misses`: 7.2 runs syscall tracepoint programs
+    // preemptibly, and a program already running on a CPU makes the kernel skip the next) are
+    // syscalls kspan never saw, with no gap to tell the parser: each can cost a call its span
+    // or its response (a CLIENT span ending `connection_closed`). With none skipped (the host,
+    // and every other kernel of the matrix) every call must be exact.
+    let misses = counter(&run, "program_misses") as usize;
+    let of_kind = |pid: u32, kind: &str| -> Vec<&Value> {
+        sorted_by_start(
+            by_pid(&run.spans, pid)
+                .into_iter()
+                .filter(|s| s["kind"] == kind)
+                .collect(),
+        )
+    };
+    let servers = of_kind(server.pid, "SERVER");
+    let all_clients = of_kind(client_pid, "CLIENT");
+    assert!(
+        servers.len() <= N && all_clients.len() <= N && run.spans.len() <= 2 * N,
+        "more spans than calls\n{}",
         run.dump()
     );
-    let servers = spans_of(&run, server.pid, "SERVER", N, "gRPC server");
-    let clients = spans_of(&run, client_pid, "CLIENT", N, "gRPC client");
+    let cut_short =
+        |s: &&Value| status(s) == "ERROR" && attr_str(s, "error.type") == Some("connection_closed");
+    let clients: Vec<&Value> = all_clients
+        .iter()
+        .copied()
+        .filter(|s| !cut_short(s))
+        .collect();
+    let affected = 2 * N - servers.len() - clients.len();
+    assert!(
+        affected <= 2 * misses,
+        "{affected} calls lost a span or their end, with {misses} program runs skipped by the \
+         kernel\n{}",
+        run.dump()
+    );
     let want = Expected::call("GetItem", OK, server.port);
-    let mut client_by_id: BTreeMap<&str, &Value> = BTreeMap::new();
     for cli in &clients {
         want.check_client(cli);
+    }
+    let mut client_by_id: BTreeMap<&str, &Value> = BTreeMap::new();
+    for cli in &all_clients {
         assert!(
             client_by_id.insert(span_id(cli), cli).is_none(),
             "two CLIENT spans with the id {}\n{}",
@@ -628,14 +657,16 @@ fn hundred_concurrent_calls_on_one_channel() {
             )
         });
         assert_child_of(srv, cli, &run);
-        assert_client_encloses_server(cli, srv);
+        if !cut_short(cli) {
+            assert_client_encloses_server(cli, srv);
+        }
         assert!(
             parents.insert(parent),
             "two SERVER spans are children of the CLIENT span {parent}\n{}",
             run.dump()
         );
     }
-    assert_eq!(parents.len(), N);
+    assert_eq!(parents.len(), servers.len());
     assert_one_connection(&servers);
 }
 
