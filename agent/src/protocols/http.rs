@@ -47,3 +47,38 @@ pub struct HttpPayload {
     /// None when the response is missing (then the exchange's `error` says why).
     pub response: Option<HttpResponse>,
 }
+
+/// Most bytes kept of one string from a request or response (method, target, header value).
+pub const MAX_STRING: usize = 1024;
+
+/// Lossy UTF-8 decoding (invalid sequences become U+FFFD) of at most `MAX_STRING` bytes of
+/// output, cut at a character boundary.
+pub fn limited_string(raw: &[u8]) -> CompactString {
+    // The usual case, valid and short: one copy (inline up to 24 bytes).
+    if raw.len() <= MAX_STRING
+        && let Ok(text) = std::str::from_utf8(raw)
+    {
+        return CompactString::from(text);
+    }
+    let mut out = CompactString::with_capacity(raw.len().min(MAX_STRING));
+    for chunk in raw.utf8_chunks() {
+        let valid = chunk.valid();
+        let room = MAX_STRING - out.len();
+        if valid.len() > room {
+            let mut end = room;
+            while !valid.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.push_str(&valid[..end]);
+            return out;
+        }
+        out.push_str(valid);
+        if !chunk.invalid().is_empty() {
+            if out.len() + char::REPLACEMENT_CHARACTER.len_utf8() > MAX_STRING {
+                return out;
+            }
+            out.push(char::REPLACEMENT_CHARACTER);
+        }
+    }
+    out
+}

@@ -3,12 +3,8 @@
 
 use std::mem::MaybeUninit;
 
-use compact_str::CompactString;
+use crate::protocols::http::{HttpRequest, HttpResponse, limited_string};
 
-use crate::protocols::http::{HttpRequest, HttpResponse};
-
-/// Longest string kept from a header block (method, target, header values), in bytes.
-pub(super) const MAX_STRING: usize = 1024;
 /// Most header fields parsed per message (a block holding more is a parse error).
 const MAX_HEADERS: usize = 256;
 /// Most trace-context headers kept per request.
@@ -346,41 +342,10 @@ pub(super) fn parse_response(block: &[u8]) -> Result<ParsedResponse, ()> {
     })
 }
 
-/// Lossy UTF-8 decoding (invalid sequences become U+FFFD) of at most `MAX_STRING` bytes of
-/// output, cut at a character boundary.
-pub(super) fn limited_string(raw: &[u8]) -> CompactString {
-    // The usual case, valid and short: one copy (inline up to 24 bytes).
-    if raw.len() <= MAX_STRING
-        && let Ok(text) = std::str::from_utf8(raw)
-    {
-        return CompactString::from(text);
-    }
-    let mut out = CompactString::with_capacity(raw.len().min(MAX_STRING));
-    for chunk in raw.utf8_chunks() {
-        let valid = chunk.valid();
-        let room = MAX_STRING - out.len();
-        if valid.len() > room {
-            let mut end = room;
-            while !valid.is_char_boundary(end) {
-                end -= 1;
-            }
-            out.push_str(&valid[..end]);
-            return out;
-        }
-        out.push_str(valid);
-        if !chunk.invalid().is_empty() {
-            if out.len() + char::REPLACEMENT_CHARACTER.len_utf8() > MAX_STRING {
-                return out;
-            }
-            out.push(char::REPLACEMENT_CHARACTER);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocols::http::MAX_STRING;
 
     #[test]
     fn detection() {

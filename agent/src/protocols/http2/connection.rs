@@ -8,7 +8,7 @@ use super::frame::{
     PADDED, PREFACE, PUSH_PROMISE, RST_STREAM, SETTINGS,
 };
 use super::hpack::{self, Field};
-use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse};
+use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse, limited_string};
 use crate::protocols::{
     Chunk, Direction, Exchange, ExchangeError, ParserOutput, Payload, ProtocolParser, RequestStart,
     Role,
@@ -24,8 +24,6 @@ const KEPT_BUFFER_CAPACITY: usize = 4096;
 /// After a parse error, chunks in a row (either direction) that don't start with a plausible
 /// frame before the parser gives up.
 pub(super) const GIVE_UP_AFTER: u32 = 8;
-/// Longest string kept from a header value, in bytes.
-pub(super) const MAX_STRING: usize = 1024;
 /// Most trace-context headers kept per request.
 const MAX_CONTEXT_HEADERS: usize = 16;
 /// Trace-context headers kept from requests (HTTP/2 field names are lower-case).
@@ -602,38 +600,6 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |acc, &b| {
         b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
     })
-}
-
-/// Lossy UTF-8 decoding (invalid sequences become U+FFFD) of at most `MAX_STRING` bytes of
-/// output, cut at a character boundary.
-pub(super) fn limited_string(raw: &[u8]) -> CompactString {
-    // The usual case, valid and short: one copy (inline up to 24 bytes).
-    if raw.len() <= MAX_STRING
-        && let Ok(text) = std::str::from_utf8(raw)
-    {
-        return CompactString::from(text);
-    }
-    let mut out = CompactString::with_capacity(raw.len().min(MAX_STRING));
-    for chunk in raw.utf8_chunks() {
-        let valid = chunk.valid();
-        let room = MAX_STRING - out.len();
-        if valid.len() > room {
-            let mut end = room;
-            while !valid.is_char_boundary(end) {
-                end -= 1;
-            }
-            out.push_str(&valid[..end]);
-            return out;
-        }
-        out.push_str(valid);
-        if !chunk.invalid().is_empty() {
-            if out.len() + char::REPLACEMENT_CHARACTER.len_utf8() > MAX_STRING {
-                return out;
-            }
-            out.push(char::REPLACEMENT_CHARACTER);
-        }
-    }
-    out
 }
 
 /// One direction of the connection.
