@@ -845,6 +845,37 @@ pub fn res_i64(span: &Value, key: &str) -> Option<i64> {
         .and_then(|r| r.get(key))
         .and_then(Value::as_i64)
 }
+pub fn trace_id(span: &Value) -> &str {
+    span["trace_id"].as_str().unwrap_or("")
+}
+
+pub fn span_id(span: &Value) -> &str {
+    span["span_id"].as_str().unwrap_or("")
+}
+
+pub fn parent_id(span: &Value) -> Option<&str> {
+    span["parent_span_id"].as_str()
+}
+
+/// A counter of kspan's final stderr line (panics if absent).
+pub fn counter(run: &Run, key: &str) -> u64 {
+    let c = run.counters();
+    *c.get(key).unwrap_or_else(|| {
+        panic!(
+            "kspan's counters line has no `{key}=`: {c:?}\n--- kspan stderr ---\n{}",
+            run.stderr
+        )
+    })
+}
+
+/// No event lost, nothing kspan could not parse, no connection pair refused.
+pub fn assert_clean_run(run: &Run) {
+    run.assert_no_lost_events();
+    for key in ["parse_errors", "links_mismatched"] {
+        assert_eq!(counter(run, key), 0, "{key} must be 0\n{}", run.dump());
+    }
+}
+
 pub fn name(span: &Value) -> &str {
     span["name"].as_str().unwrap_or("")
 }

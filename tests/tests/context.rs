@@ -28,18 +28,6 @@ use serde_json::Value;
 // Span accessors
 // ---------------------------------------------------------------------------
 
-fn trace_id(span: &Value) -> &str {
-    span["trace_id"].as_str().unwrap_or("")
-}
-
-fn span_id(span: &Value) -> &str {
-    span["span_id"].as_str().unwrap_or("")
-}
-
-fn parent_id(span: &Value) -> Option<&str> {
-    span["parent_span_id"].as_str()
-}
-
 fn pid_of(span: &Value) -> Option<i64> {
     res_i64(span, "process.pid")
 }
@@ -49,16 +37,6 @@ fn kind_of(span: &Value) -> &str {
 }
 
 /// A counter from kspan's final stderr line (panics if absent).
-fn counter(run: &Run, key: &str) -> u64 {
-    let c = run.counters();
-    *c.get(key).unwrap_or_else(|| {
-        panic!(
-            "kspan's counters line has no `{key}=`: {c:?}\n--- kspan stderr ---\n{}",
-            run.stderr
-        )
-    })
-}
-
 /// No lost events, and the linker neither gave up on an ambiguous thread nor refused a
 /// connection pair: every scenario here is unambiguous (one request per serving thread,
 /// one request per connection, both ends agree).

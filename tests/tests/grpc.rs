@@ -43,37 +43,6 @@ const BOUNDS: [f64; 14] = [
 // Helpers
 // ---------------------------------------------------------------------------
 
-fn trace_id(span: &Value) -> &str {
-    span["trace_id"].as_str().unwrap_or("")
-}
-
-fn span_id(span: &Value) -> &str {
-    span["span_id"].as_str().unwrap_or("")
-}
-
-fn parent_id(span: &Value) -> Option<&str> {
-    span["parent_span_id"].as_str()
-}
-
-/// A counter of kspan's final stderr line (panics if absent).
-fn counter(run: &Run, key: &str) -> u64 {
-    let c = run.counters();
-    *c.get(key).unwrap_or_else(|| {
-        panic!(
-            "kspan's counters line has no `{key}=`: {c:?}\n--- kspan stderr ---\n{}",
-            run.stderr
-        )
-    })
-}
-
-/// No event lost, nothing kspan could not parse, no connection pair refused.
-fn assert_clean_run(run: &Run) {
-    run.assert_no_lost_events();
-    for key in ["parse_errors", "links_mismatched"] {
-        assert_eq!(counter(run, key), 0, "{key} must be 0\n{}", run.dump());
-    }
-}
-
 /// The spans of `kind` in process `pid`, by start time; exactly `n` of them.
 fn spans_of<'a>(run: &'a Run, pid: u32, kind: &str, n: usize, what: &str) -> Vec<&'a Value> {
     let spans: Vec<&Value> = by_pid(&run.spans, pid)

@@ -17,36 +17,6 @@ use kspan_e2e::grpc::{H2Client, H2Result, Nginx};
 use kspan_e2e::*;
 use serde_json::Value;
 
-fn trace_id(span: &Value) -> &str {
-    span["trace_id"].as_str().unwrap_or("")
-}
-
-fn span_id(span: &Value) -> &str {
-    span["span_id"].as_str().unwrap_or("")
-}
-
-fn parent_id(span: &Value) -> Option<&str> {
-    span["parent_span_id"].as_str()
-}
-
-fn counter(run: &Run, key: &str) -> u64 {
-    let c = run.counters();
-    *c.get(key).unwrap_or_else(|| {
-        panic!(
-            "kspan's counters line has no `{key}=`: {c:?}\n--- kspan stderr ---\n{}",
-            run.stderr
-        )
-    })
-}
-
-/// No event lost, nothing kspan could not parse, no connection pair refused.
-fn assert_clean_run(run: &Run) {
-    run.assert_no_lost_events();
-    for key in ["parse_errors", "links_mismatched"] {
-        assert_eq!(counter(run, key), 0, "{key} must be 0\n{}", run.dump());
-    }
-}
-
 /// One HTTP/2 exchange, to build the expected attributes.
 struct Req<'a> {
     path: &'a str,

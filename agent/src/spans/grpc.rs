@@ -117,21 +117,13 @@ pub fn grpc_span(
         put("error.type", AttributeValue::Str(error_type));
     }
 
-    let start_unix_nano = clock.to_unix_nanos(exchange.start_ns);
-    let end_unix_nano = clock.to_unix_nanos(exchange.end_ns).max(start_unix_nano);
-    Span {
-        trace_id: ids.trace_id,
-        span_id: ids.span_id,
-        parent_span_id: ids.parent_span_id,
-        trace_state: None,
-        name,
-        kind,
-        start_unix_nano,
-        end_unix_nano,
-        status,
-        attributes,
-        resource: Arc::clone(resource),
-    }
+    Span::of_exchange(
+        exchange,
+        ids,
+        (name, kind, status, attributes),
+        resource,
+        clock,
+    )
 }
 
 fn status_of(

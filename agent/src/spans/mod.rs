@@ -110,6 +110,32 @@ pub struct Span {
 }
 
 impl Span {
+    /// The span of `exchange` (its times converted to wall clock, the end never before the
+    /// start) with the builder's name, kind, status and attributes.
+    pub fn of_exchange(
+        exchange: &Exchange,
+        ids: SpanIds,
+        (name, kind, status, attributes): (CompactString, SpanKind, SpanStatus, Attributes),
+        resource: &Arc<Resource>,
+        clock: &Clock,
+    ) -> Span {
+        let start_unix_nano = clock.to_unix_nanos(exchange.start_ns);
+        let end_unix_nano = clock.to_unix_nanos(exchange.end_ns).max(start_unix_nano);
+        Span {
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            parent_span_id: ids.parent_span_id,
+            trace_state: None,
+            name,
+            kind,
+            start_unix_nano,
+            end_unix_nano,
+            status,
+            attributes,
+            resource: Arc::clone(resource),
+        }
+    }
+
     pub fn attribute(&self, key: &str) -> Option<&AttributeValue> {
         self.attributes
             .iter()
