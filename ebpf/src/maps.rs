@@ -173,6 +173,10 @@ pub struct IovecCopy {
     pub tail_copied: u32,
     /// A user-memory fault ended the copy.
     pub failed: u32,
+    /// Destination offset and length of the segment copy being made, passed through this map
+    /// memory on purpose (see `data::copy_segment`).
+    pub copy_at: u32,
+    pub copy_len: u32,
     pub _pad: u32,
 }
 

@@ -8,7 +8,7 @@
 //!
 //! The bench fails only when something could not be measured, never because a target is missed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -1056,19 +1056,23 @@ fn parse_program_fdinfo(text: &str) -> Option<(u64, Option<ProgramStats>)> {
     Some((id, stats))
 }
 
-/// Tracepoint names of the programs a process has linked, by program id (from the links' fdinfo).
+/// Tracepoint names of the programs a process has linked, by program id (from the links' fdinfo);
+/// a program attached to several tracepoints is named after all of them (`a+b`, sorted).
 fn program_names(pid: u32) -> Result<BTreeMap<u64, String>> {
     let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
-    let mut names = BTreeMap::new();
+    let mut names: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let Ok(text) = fs::read_to_string(entry?.path()) else {
             continue;
         };
         if let Some((id, name)) = parse_link_fdinfo(&text) {
-            names.insert(id, name);
+            names.entry(id).or_default().insert(name);
         }
     }
-    Ok(names)
+    Ok(names
+        .into_iter()
+        .map(|(id, names)| (id, names.into_iter().collect::<Vec<_>>().join("+")))
+        .collect())
 }
 
 /// For a tracepoint link's fdinfo: the program id and the tracepoint name.

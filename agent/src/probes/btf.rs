@@ -2,8 +2,6 @@
 //! (/sys/kernel/btf/vmlinux). The eBPF programs walk fd → socket with these offsets, which makes
 //! one object portable across kernel builds (what CO-RE would do, which Rust eBPF lacks).
 
-use std::collections::HashMap;
-
 use anyhow::{Context, Result, bail};
 use kspan_common::KernelOffsets;
 
@@ -25,6 +23,7 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
+/// A member of a struct or union, decoded from its 12-byte record when needed.
 struct Member {
     name_off: u32,
     type_id: u32,
@@ -34,18 +33,20 @@ struct Member {
     bitfield_size: u32,
 }
 
-struct Type {
-    kind: u32,
-    name_off: u32,
-    /// Referenced type for typedef/const/volatile/...
-    type_ref: u32,
-    members: Vec<Member>,
-}
-
+/// The kernel's BTF, indexed but not decoded: kspan needs a dozen members of seven structs out
+/// of some 100,000 types. Decoding every type into owned structures took ~150 ms and ~60 MB of
+/// fresh pages at every start (seconds in the QEMU guests of the kernel matrix); an index of
+/// record positions is one allocation.
 pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
-    structs_by_name: HashMap<String, u32>,
+    /// The whole file.
+    data: Vec<u8>,
+    /// Where the type records and the strings start in `data`.
+    types_at: usize,
+    strings: std::ops::Range<usize>,
+    /// Per type id (0 is void), its record's offset from `types_at`.
+    records: Vec<u32>,
+    /// Ids of the named structs, in id order (the first of a name is its complete definition).
+    structs: Vec<u32>,
 }
 
 /// Where a member lives: byte offset, and whether it is a bitfield (not readable as a plain int).
@@ -60,6 +61,16 @@ fn u32_at(data: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
 }
 
+/// A type record's 12-byte header, decoded.
+struct Header {
+    name_off: u32,
+    kind: u32,
+    vlen: usize,
+    kflag: bool,
+    /// Size, or the referenced type for typedef/const/volatile/...
+    size_or_type: u32,
+}
+
 impl Btf {
     pub fn from_sys_fs() -> Result<Self> {
         let path = "/sys/kernel/btf/vmlinux";
@@ -69,120 +80,129 @@ impl Btf {
                  (most distribution kernels since 5.8 are)"
             )
         })?;
-        Self::parse(&data).with_context(|| format!("cannot parse {path}"))
+        Self::parse(data).with_context(|| format!("cannot parse {path}"))
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self> {
+    pub fn parse(data: Vec<u8>) -> Result<Self> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
             bail!("not little-endian BTF data");
         }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let type_off = u32_at(&data, 8)? as usize;
+        let type_len = u32_at(&data, 12)? as usize;
+        let str_off = u32_at(&data, 16)? as usize;
+        let str_len = u32_at(&data, 20)? as usize;
+        let types_at = hdr_len + type_off;
         let types_data = data
-            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .get(types_at..types_at + type_len)
             .context("BTF type section out of bounds")?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .context("BTF string section out of bounds")?
-            .to_vec();
+        let strings = hdr_len + str_off..hdr_len + str_off + str_len;
+        data.get(strings.clone())
+            .context("BTF string section out of bounds")?;
 
-        // Type id 0 is "void".
-        let mut types = vec![Type {
-            kind: 0,
-            name_off: 0,
-            type_ref: 0,
-            members: Vec::new(),
-        }];
+        // Type id 0 is "void" (no record). Records are at least 12 bytes.
+        let mut records = Vec::with_capacity(type_len / 16 + 1);
+        records.push(u32::MAX);
+        let mut structs = Vec::new();
         let mut at = 0;
         while at < types_data.len() {
-            let name_off = u32_at(types_data, at)?;
-            let info = u32_at(types_data, at + 4)?;
-            let size_or_type = u32_at(types_data, at + 8)?;
-            at += 12;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kflag = info >> 31 == 1;
-            let mut members = Vec::new();
-            match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let offset = u32_at(types_data, m + 8)?;
-                        members.push(Member {
-                            name_off: u32_at(types_data, m)?,
-                            type_id: u32_at(types_data, m + 4)?,
-                            bit_offset: if kflag { offset & 0xff_ffff } else { offset },
-                            bitfield_size: if kflag { offset >> 24 } else { 0 },
-                        });
-                    }
-                    at += vlen * 12;
-                }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
-                KIND_ARRAY => at += 12,
-                KIND_ENUM | KIND_FUNC_PROTO => at += vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => at += vlen * 12,
-                _ => {}
+            let header = header(types_data, at)?;
+            if header.kind == KIND_STRUCT && header.name_off != 0 {
+                structs.push(records.len() as u32);
             }
-            types.push(Type {
-                kind,
-                name_off,
-                type_ref: size_or_type,
-                members,
-            });
+            records.push(at as u32);
+            at += 12
+                + match header.kind {
+                    KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => header.vlen * 12,
+                    KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                    KIND_ARRAY => 12,
+                    KIND_ENUM | KIND_FUNC_PROTO => header.vlen * 8,
+                    _ => 0,
+                };
         }
-        let mut btf = Btf {
-            types,
+        if at != types_data.len() {
+            bail!("BTF type section truncated");
+        }
+        Ok(Btf {
+            data,
+            types_at,
             strings,
-            structs_by_name: HashMap::new(),
-        };
-        for (id, ty) in btf.types.iter().enumerate() {
-            if ty.kind == KIND_STRUCT && ty.name_off != 0 {
-                let name = btf.name(ty.name_off).to_string();
-                // Keep the first (complete) definition.
-                btf.structs_by_name.entry(name).or_insert(id as u32);
-            }
-        }
-        Ok(btf)
+            records,
+            structs,
+        })
     }
 
-    fn name(&self, off: u32) -> &str {
-        let rest = self.strings.get(off as usize..).unwrap_or(&[]);
+    fn name(&self, off: u32) -> &[u8] {
+        let strings = &self.data[self.strings.clone()];
+        let rest = strings.get(off as usize..).unwrap_or(&[]);
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        std::str::from_utf8(&rest[..end]).unwrap_or("")
+        &rest[..end]
+    }
+
+    fn types(&self) -> &[u8] {
+        &self.data[self.types_at..]
+    }
+
+    /// The header of type `id` and where its record starts; None for void or an unknown id.
+    fn header(&self, id: u32) -> Option<(Header, usize)> {
+        let at = *self
+            .records
+            .get(id as usize)
+            .filter(|&&at| at != u32::MAX)? as usize;
+        Some((header(self.types(), at).ok()?, at))
     }
 
     /// Follow typedef/const/volatile/restrict/type_tag to the underlying type.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<(Header, usize)> {
         for _ in 0..32 {
-            let ty = self.types.get(id as usize)?;
-            match ty.kind {
+            let (header, at) = self.header(id)?;
+            match header.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    id = ty.type_ref
+                    id = header.size_or_type
                 }
-                _ => return Some(ty),
+                _ => return Some((header, at)),
             }
         }
         None
     }
 
-    /// Bit offset of `member` in `ty`, looking inside anonymous struct/union members.
-    fn find_member(&self, ty: &Type, member: &str, depth: u32) -> Option<(u32, u32)> {
+    fn members(&self, header: &Header, at: usize) -> impl Iterator<Item = Member> + '_ {
+        let kflag = header.kflag;
+        (0..header.vlen).filter_map(move |i| {
+            let m = at + 12 + i * 12;
+            let types = self.types();
+            let offset = u32_at(types, m + 8).ok()?;
+            Some(Member {
+                name_off: u32_at(types, m).ok()?,
+                type_id: u32_at(types, m + 4).ok()?,
+                bit_offset: if kflag { offset & 0xff_ffff } else { offset },
+                bitfield_size: if kflag { offset >> 24 } else { 0 },
+            })
+        })
+    }
+
+    /// Bit offset of `member` in the struct or union at `at`, looking inside anonymous
+    /// struct/union members.
+    fn find_member(
+        &self,
+        header: &Header,
+        at: usize,
+        member: &str,
+        depth: u32,
+    ) -> Option<(u32, u32)> {
         if depth > 8 {
             return None;
         }
-        for m in &ty.members {
+        for m in self.members(header, at) {
             if m.name_off != 0 {
-                if self.name(m.name_off) == member {
+                if self.name(m.name_off) == member.as_bytes() {
                     return Some((m.bit_offset, m.bitfield_size));
                 }
                 continue;
             }
-            let inner = self.resolve(m.type_id)?;
+            let (inner, inner_at) = self.resolve(m.type_id)?;
             if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
-                && let Some((bits, size)) = self.find_member(inner, member, depth + 1)
+                && let Some((bits, size)) = self.find_member(&inner, inner_at, member, depth + 1)
             {
                 return Some((m.bit_offset + bits, size));
             }
@@ -191,13 +211,14 @@ impl Btf {
     }
 
     pub fn member_offset(&self, struct_name: &str, member: &str) -> Result<MemberOffset> {
-        let id = *self
-            .structs_by_name
-            .get(struct_name)
+        let (header, at) = self
+            .structs
+            .iter()
+            .filter_map(|&id| self.header(id))
+            .find(|(header, _)| self.name(header.name_off) == struct_name.as_bytes())
             .with_context(|| format!("struct {struct_name} not found in kernel BTF"))?;
-        let ty = &self.types[id as usize];
         let (bits, bitfield_size) = self
-            .find_member(ty, member, 0)
+            .find_member(&header, at, member, 0)
             .with_context(|| format!("member {struct_name}.{member} not found in kernel BTF"))?;
         Ok(MemberOffset {
             bytes: bits / 8,
@@ -246,6 +267,17 @@ impl Btf {
             _pad: 0,
         })
     }
+}
+
+fn header(types: &[u8], at: usize) -> Result<Header> {
+    let info = u32_at(types, at + 4)?;
+    Ok(Header {
+        name_off: u32_at(types, at)?,
+        kind: (info >> 24) & 0x1f,
+        vlen: (info & 0xffff) as usize,
+        kflag: info >> 31 == 1,
+        size_or_type: u32_at(types, at + 8)?,
+    })
 }
 
 #[cfg(test)]
@@ -309,7 +341,7 @@ mod tests {
 
     #[test]
     fn finds_members_inside_anonymous_unions_and_structs() {
-        let btf = Btf::parse(&fixture()).unwrap();
+        let btf = Btf::parse(fixture()).unwrap();
         let at = |m| btf.member_offset("outer", m).unwrap().bytes;
         assert_eq!(at("a"), 0);
         assert_eq!(at("b"), 8);
@@ -321,10 +353,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(Btf::parse(b"not btf at all, definitely not").is_err());
+        assert!(Btf::parse(b"not btf at all, definitely not".to_vec()).is_err());
         let mut truncated = fixture();
         truncated.truncate(40);
-        assert!(Btf::parse(&truncated).is_err());
+        assert!(Btf::parse(truncated).is_err());
     }
 
     #[test]

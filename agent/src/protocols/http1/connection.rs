@@ -129,9 +129,20 @@ impl Http1Connection {
 
 impl ProtocolParser for Http1Connection {
     fn feed(&mut self, chunk: &Chunk<'_>, out: &mut ParserOutput) {
+        // Request and response starts go straight into the caller's vectors (swapped in for the
+        // call, which the pipeline reuses between chunks): a connection allocates none of its
+        // own, which a fresh connection per request would pay for each time.
+        std::mem::swap(&mut self.shared.started, &mut out.request_starts);
+        std::mem::swap(
+            &mut self.shared.responses_started,
+            &mut out.responses_started,
+        );
         out.counts.parse_errors += Http1Connection::feed(self, chunk, &mut out.exchanges);
-        self.take_request_starts(&mut out.request_starts);
-        self.take_responses_started(&mut out.responses_started);
+        std::mem::swap(&mut self.shared.started, &mut out.request_starts);
+        std::mem::swap(
+            &mut self.shared.responses_started,
+            &mut out.responses_started,
+        );
     }
 
     fn close(&mut self, end_ns: u64, out: &mut ParserOutput) {
