@@ -597,43 +597,60 @@ data_syscall_entry!(sys_enter_sendmsg, shape::MSGHDR, DIRECTION_EGRESS, 0);
 data_syscall_entry!(sys_enter_recvmsg, shape::MSGHDR, DIRECTION_INGRESS, 2);
 data_syscall_entry!(sys_enter_sendfile64, shape::NONE, DIRECTION_EGRESS, 0);
 
-// One exit program per argument shape, attached to the exit tracepoint of every syscall of that
-// shape (the agent's TRACEPOINTS table): an exit needs only the shape, the direction is in the
-// entry's stash, and every sys_exit_* record has the same layout. The kernel verifies each
-// program once, not once per syscall: the iovec copies are its biggest job, and verification is
-// most of kspan's start-up time (seconds in the emulated kernel-matrix guests, and on busy nodes).
+// The exits. On kernels whose syscall tracepoints are preemptible (7.2), a task preempted
+// inside a program makes the kernel skip that same program for every other task on the CPU
+// until it resumes (counted as `program_misses`), so a program shared by many syscalls widens
+// what one preemption loses: in the matrix guests, one exit program for read, write, sendto
+// and recvfrom lost syscalls where four did not. Only the vectored copies, the verifier's
+// biggest job by far (~26k instructions each), are shared, per direction: the kernel verifies
+// two rather than four.
 
-/// read, write, recvfrom, sendto.
+macro_rules! data_exit {
+    ($exit:ident, $shape:expr) => {
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_data(&ctx, $shape);
+            0
+        }
+    };
+}
+
+data_exit!(sys_exit_read, shape::BUFFER);
+data_exit!(sys_exit_write, shape::BUFFER);
+data_exit!(sys_exit_sendto, shape::BUFFER);
+data_exit!(sys_exit_recvfrom, shape::BUFFER);
+data_exit!(sys_exit_sendfile64, shape::NONE);
+
+/// readv and recvmsg: a `user_msghdr` only adds a read of the iovec array's address to the
+/// copy of an iovec array, so one program takes both shapes.
 #[tracepoint]
-pub fn sys_exit_buffer(ctx: TracePointContext) -> u32 {
-    exit_data(&ctx, shape::BUFFER);
+pub fn sys_exit_vectored_in(ctx: TracePointContext) -> u32 {
+    exit_vectored(&ctx);
     0
 }
 
-/// readv, writev, sendmsg, recvmsg: a `user_msghdr` only adds a read of the iovec array's
-/// address to the copy of an iovec array, so one program takes both shapes.
+/// writev and sendmsg.
 #[tracepoint]
-pub fn sys_exit_vectored(ctx: TracePointContext) -> u32 {
+pub fn sys_exit_vectored_out(ctx: TracePointContext) -> u32 {
+    exit_vectored(&ctx);
+    0
+}
+
+#[inline(always)]
+fn exit_vectored(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(in_flight) = unstash(pid_tgid) else {
-        return 0;
+        return;
     };
-    let ret = syscall_ret(&ctx);
+    let ret = syscall_ret(ctx);
     let shape = match in_flight.shape {
         shape::IOVEC => shape::IOVEC,
         shape::MSGHDR => shape::MSGHDR,
         // Stashed by another syscall whose exit was lost: not ours to report.
-        _ => return 0,
+        _ => return,
     };
     if ret > 0 {
         let end_ns = unsafe { bpf_ktime_get_ns() };
-        data_exit(&ctx, pid_tgid, &in_flight, shape, ret as u64, end_ns);
+        data_exit(ctx, pid_tgid, &in_flight, shape, ret as u64, end_ns);
     }
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_sendfile64(ctx: TracePointContext) -> u32 {
-    exit_data(&ctx, shape::NONE);
-    0
 }

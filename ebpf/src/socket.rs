@@ -58,9 +58,14 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// accept and accept4 (attached to both).
 #[tracepoint]
 pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    stash_socket_call(&ctx, shape::ACCEPT);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
     stash_socket_call(&ctx, shape::ACCEPT);
     0
 }
@@ -83,9 +88,20 @@ fn exit_socket(ctx: &TracePointContext) {
     }
 }
 
-/// connect, accept and accept4 (attached to all three: one program for the kernel to verify).
 #[tracepoint]
-pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    exit_socket(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_socket(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
     exit_socket(&ctx);
     0
 }
