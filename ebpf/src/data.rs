@@ -108,19 +108,23 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
     stash(&in_flight);
 }
 
-/// Exit of a data syscall: with the real byte count, copy the bytes. `shape` is a constant per
-/// program, so each exit holds only its own copy loop: smaller programs, a fraction of the
+/// Exit of a data syscall: with the real byte count, copy the bytes. The shape is a constant per
+/// branch, so each exit holds only its own copy loops: smaller programs, a fraction of the
 /// verifier's work (which under emulation, or on a busy node, is most of kspan's start time).
 /// Connect and accept have their own exit (socket.rs).
+///
+/// `ours` maps the stashed shape to the shape this exit copies, as a constant per branch (None:
+/// the slot was stashed by another syscall whose exit was lost, not ours to report).
 #[inline(always)]
-fn exit_data(ctx: &TracePointContext, shape: u32) {
+fn exit_data(ctx: &TracePointContext, ours: impl Fn(u32) -> Option<u32>) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(in_flight) = unstash(pid_tgid) else {
         return;
     };
     let ret = syscall_ret(ctx);
-    // A slot stashed by another syscall whose exit was lost is not ours to report.
-    if ret > 0 && in_flight.shape == shape {
+    if ret > 0
+        && let Some(shape) = ours(in_flight.shape)
+    {
         let end_ns = unsafe { bpf_ktime_get_ns() };
         data_exit(ctx, pid_tgid, &in_flight, shape, ret as u64, end_ns);
     }
@@ -609,7 +613,7 @@ macro_rules! data_exit {
     ($exit:ident, $shape:expr) => {
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_data(&ctx, $shape);
+            exit_data(&ctx, |stashed| (stashed == $shape).then_some($shape));
             0
         }
     };
@@ -636,21 +640,12 @@ pub fn sys_exit_vectored_out(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Both vectored shapes, each as its constant.
 #[inline(always)]
 fn exit_vectored(ctx: &TracePointContext) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(in_flight) = unstash(pid_tgid) else {
-        return;
-    };
-    let ret = syscall_ret(ctx);
-    let shape = match in_flight.shape {
-        shape::IOVEC => shape::IOVEC,
-        shape::MSGHDR => shape::MSGHDR,
-        // Stashed by another syscall whose exit was lost: not ours to report.
-        _ => return,
-    };
-    if ret > 0 {
-        let end_ns = unsafe { bpf_ktime_get_ns() };
-        data_exit(ctx, pid_tgid, &in_flight, shape, ret as u64, end_ns);
-    }
+    exit_data(ctx, |stashed| match stashed {
+        shape::IOVEC => Some(shape::IOVEC),
+        shape::MSGHDR => Some(shape::MSGHDR),
+        _ => None,
+    });
 }
