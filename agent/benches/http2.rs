@@ -124,7 +124,9 @@ impl Parser {
                 (exchange.id, exchange.role, exchange.error),
                 (u64::from(id), role, None)
             );
-            let Payload::Http(http) = &exchange.payload;
+            let Payload::Http(http) = &exchange.payload else {
+                panic!("not HTTP: {exchange:?}");
+            };
             let request = &http.request;
             assert_eq!(
                 (

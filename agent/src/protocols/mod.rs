@@ -9,6 +9,7 @@
 pub mod http;
 pub mod http1;
 pub mod http2;
+pub mod kafka;
 
 use compact_str::CompactString;
 
@@ -120,6 +121,8 @@ pub struct Exchange {
 pub enum Payload {
     /// HTTP/1.x and HTTP/2 (gRPC included: `request.grpc`).
     Http(http::HttpPayload),
+    /// Kafka Produce and Fetch.
+    Kafka(kafka::KafkaPayload),
 }
 
 /// Counts a parser reports besides its messages (added to the agent's stats).

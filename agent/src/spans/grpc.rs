@@ -203,7 +203,9 @@ mod tests {
     }
 
     fn build(ex: &Exchange) -> Span {
-        let Payload::Http(http) = &ex.payload;
+        let Payload::Http(http) = &ex.payload else {
+            panic!("not HTTP");
+        };
         grpc_span(
             ex,
             http,
@@ -292,7 +294,9 @@ mod tests {
     #[test]
     fn a_status_that_could_not_be_decoded_is_unknown_not_an_error() {
         let mut ex = call(Role::Client, "/a.B/C", None, None);
-        let Payload::Http(http) = &mut ex.payload;
+        let Payload::Http(http) = &mut ex.payload else {
+            panic!("not HTTP");
+        };
         if let Some(response) = &mut http.response {
             response.fields_lost = true;
         }

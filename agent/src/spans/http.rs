@@ -330,7 +330,9 @@ mod tests {
             parent_span_id: None,
         };
         let generic = ex.generic();
-        let Payload::Http(http) = &generic.payload;
+        let Payload::Http(http) = &generic.payload else {
+            panic!("not HTTP");
+        };
         http_span(
             &generic,
             http,
@@ -692,7 +694,9 @@ mod tests {
             parent_span_id: Some([9; 8]),
         };
         let generic = ex.generic();
-        let Payload::Http(http) = &generic.payload;
+        let Payload::Http(http) = &generic.payload else {
+            panic!("not HTTP");
+        };
         let span = http_span(
             &generic,
             http,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use crate::clock::Clock;
-use crate::protocols::{Exchange, Payload};
+use crate::protocols::{Exchange, Payload, Role};
 
 pub mod grpc;
 pub mod http;
@@ -27,6 +27,17 @@ pub fn build_span(
             grpc::grpc_span(exchange, http, ids, local, remote, resource, clock)
         }
         Payload::Http(http) => http::http_span(exchange, http, ids, local, remote, resource, clock),
+        // Kafka is not in `protocols::PROTOCOLS` yet (its span builder comes with it): a bare
+        // span named after the protocol, never built until then.
+        Payload::Kafka(_) => {
+            let kind = match exchange.role {
+                Role::Server => SpanKind::Server,
+                Role::Client => SpanKind::Client,
+            };
+            let name = CompactString::const_new("kafka");
+            let fields = (name, kind, SpanStatus::Unset, Attributes::new());
+            Span::of_exchange(exchange, ids, fields, resource, clock)
+        }
     }
 }
 

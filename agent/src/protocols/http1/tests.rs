@@ -20,7 +20,9 @@ struct HttpExchange {
 
 impl From<Exchange> for HttpExchange {
     fn from(e: Exchange) -> Self {
-        let Payload::Http(HttpPayload { request, response }) = e.payload;
+        let Payload::Http(HttpPayload { request, response }) = e.payload else {
+            panic!("not HTTP");
+        };
         HttpExchange {
             role: e.role,
             request,

@@ -242,7 +242,9 @@ fn lost(r: HttpResponse) -> HttpResponse {
 }
 
 fn http(exchange: &Exchange) -> &HttpPayload {
-    let Payload::Http(http) = &exchange.payload;
+    let Payload::Http(http) = &exchange.payload else {
+        panic!("not HTTP: {exchange:?}");
+    };
     http
 }
 
