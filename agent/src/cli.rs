@@ -190,7 +190,9 @@ impl Exports {
                                 if let Some(hub) = &self.metrics {
                                     hub.record(&finished.span);
                                 }
-                                if finished.sampled {
+                                if finished.metrics_only {
+                                    // An empty Kafka fetch: a metrics point, not a span.
+                                } else if finished.sampled {
                                     batch.push(finished.span);
                                 } else {
                                     Stats::add(&stats.spans_sampled_out, 1);
@@ -336,7 +338,7 @@ pub fn run(args: Args) -> Result<()> {
          spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
          export_failures={} links_ambiguous={} links_mismatched={} links_late={} connections_dropped={} \
          connections_muted={} parse_desynchronised={} parse_limits_hit={} kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={} \
-         program_misses={}",
+         program_misses={} message_links_dropped={}",
         Stats::get(&stats.events_received),
         Stats::get(&stats.events_lost),
         Stats::get(&stats.malformed_events),
@@ -358,6 +360,7 @@ pub fn run(args: Args) -> Result<()> {
         kernel.in_flight_collisions,
         kernel.scratch_busy,
         kernel.program_misses,
+        Stats::get(&stats.message_links_dropped),
     );
     Ok(())
 }

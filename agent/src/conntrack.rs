@@ -3,12 +3,13 @@
 
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
 
 use kspan_common::{AF_INET, SocketTuple};
 
 use crate::{
     linker::ConnectionLinks,
-    protocols::{self, Direction, ProtocolParser, Registration},
+    protocols::{self, Direction, ParserContext, ProtocolParser, Registration, SharedState},
 };
 
 /// How many chunks with data a connection gets to look like a known protocol before it is
@@ -42,14 +43,23 @@ pub enum Detection {
 
 impl ProtocolState {
     /// Called for a chunk with data while undetected: pick a parser or give up after a few tries.
-    pub fn detect(&mut self, data: &[u8], direction: Direction) -> Detection {
+    pub fn detect(
+        &mut self,
+        data: &[u8],
+        direction: Direction,
+        pid: u32,
+        shared: &Rc<SharedState>,
+    ) -> Detection {
         let ProtocolState::Undetected { attempts } = self else {
             return Detection::Unchanged;
         };
         if let Some(protocol) = protocols::detect(data, direction) {
             *self = ProtocolState::Parsing {
                 protocol,
-                parser: (protocol.new_parser)(),
+                parser: (protocol.new_parser)(&ParserContext {
+                    pid,
+                    shared: Rc::clone(shared),
+                }),
             };
             Detection::Detected(protocol.name)
         } else if *attempts + 1 >= DETECTION_ATTEMPTS {
@@ -261,28 +271,30 @@ mod tests {
 
     #[test]
     fn detection_gives_up_after_a_few_chunks() {
+        let shared = Rc::default();
         let mut state = ProtocolState::Undetected { attempts: 0 };
         for _ in 0..DETECTION_ATTEMPTS - 1 {
-            let detection = state.detect(b"\x16\x03\x01 binary", Direction::Egress);
+            let detection = state.detect(b"\x16\x03\x01 binary", Direction::Egress, 1, &shared);
             assert_eq!(detection, Detection::Unchanged);
             assert!(matches!(state, ProtocolState::Undetected { .. }));
         }
-        let detection = state.detect(b"\x16\x03\x01 binary", Direction::Egress);
+        let detection = state.detect(b"\x16\x03\x01 binary", Direction::Egress, 1, &shared);
         assert_eq!(detection, Detection::GaveUp);
         assert!(matches!(state, ProtocolState::Muted));
     }
 
     #[test]
     fn detection_picks_the_protocol_of_the_first_bytes() {
+        let shared = Rc::default();
         let mut state = ProtocolState::Undetected { attempts: 0 };
         assert_eq!(
-            state.detect(b"GET / HTTP/1.1\r\n", Direction::Ingress),
+            state.detect(b"GET / HTTP/1.1\r\n", Direction::Ingress, 1, &shared),
             Detection::Detected("http1")
         );
         assert_eq!(state.protocol().map(|p| p.name), Some("http1"));
         let mut state = ProtocolState::Undetected { attempts: 0 };
         assert_eq!(
-            state.detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Direction::Egress),
+            state.detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Direction::Egress, 1, &shared),
             Detection::Detected("http2")
         );
     }

@@ -14,7 +14,7 @@ use std::{
 
 use opentelemetry::{
     KeyValue,
-    metrics::{Histogram, MeterProvider as _},
+    metrics::{Counter, Histogram, MeterProvider as _},
 };
 use opentelemetry_sdk::{
     error::OTelSdkResult,
@@ -95,6 +95,9 @@ struct ProcessMetrics {
     client_duration: Histogram<f64>,
     rpc_server_duration: Histogram<f64>,
     rpc_client_duration: Histogram<f64>,
+    messaging_duration: Histogram<f64>,
+    messaging_sent: Counter<u64>,
+    messaging_consumed: Counter<u64>,
     last_used: u64,
 }
 
@@ -130,6 +133,23 @@ impl ProcessMetrics {
                 "rpc.client.call.duration",
                 "Duration of outgoing RPCs.",
             ),
+            // Messaging conventions (Kafka): one point per topic of each Produce and Fetch.
+            messaging_duration: histogram(
+                "messaging.client.operation.duration",
+                "Duration of messaging operations initiated by a producer or consumer client.",
+            ),
+            messaging_sent: meter
+                .u64_counter("messaging.client.sent.messages")
+                .with_unit("{message}")
+                .with_description("Number of messages producer attempted to send to the broker.")
+                .build(),
+            messaging_consumed: meter
+                .u64_counter("messaging.client.consumed.messages")
+                .with_unit("{message}")
+                .with_description(
+                    "Number of messages that were delivered to the application.",
+                )
+                .build(),
             provider,
             last_used: 0,
         }
@@ -161,14 +181,21 @@ impl MetricsHub {
     }
 
     /// Adds one span's duration to its process's http.{server,client}.request.duration, or
-    /// rpc.{server,client}.call.duration for RPC spans.
+    /// rpc.{server,client}.call.duration for RPC spans; PRODUCER and CONSUMER spans (and
+    /// empty fetches) to messaging.client.operation.duration and the message counters.
     pub fn record(&self, span: &Span) {
         let seconds = span.end_unix_nano.saturating_sub(span.start_unix_nano) as f64 / 1e9;
-        let rpc = span.attribute("rpc.system").is_some();
-        let attributes = if rpc {
-            rpc_metric_attributes(span)
-        } else {
-            metric_attributes(span)
+        let family = match span.kind {
+            SpanKind::Producer | SpanKind::Consumer => Family::Messaging,
+            // A traced broker: the messaging conventions have no server-side metrics.
+            _ if span.attribute("messaging.system").is_some() => return,
+            _ if span.attribute("rpc.system").is_some() => Family::Rpc,
+            _ => Family::Http,
+        };
+        let attributes = match family {
+            Family::Http => metric_attributes(span),
+            Family::Rpc => rpc_metric_attributes(span),
+            Family::Messaging => messaging_metric_attributes(span),
         };
         let Ok(mut registry) = self.registry.lock() else {
             return;
@@ -184,11 +211,27 @@ impl MetricsHub {
             .entry(key)
             .or_insert_with(|| ProcessMetrics::new(&span.resource));
         process.last_used = uses;
-        let histogram = match (span.kind, rpc) {
-            (SpanKind::Server, false) => &process.server_duration,
-            (SpanKind::Client, false) => &process.client_duration,
-            (SpanKind::Server, true) => &process.rpc_server_duration,
-            (SpanKind::Client, true) => &process.rpc_client_duration,
+        let histogram = match (span.kind, family) {
+            (_, Family::Messaging) => {
+                // Absent on a span of one message.
+                let messages = match span.attribute("messaging.batch.message_count") {
+                    Some(AttributeValue::Int(n)) => (*n).max(0) as u64,
+                    _ => 1,
+                };
+                let counter = if span.kind == SpanKind::Producer {
+                    &process.messaging_sent
+                } else {
+                    &process.messaging_consumed
+                };
+                if messages > 0 {
+                    counter.add(messages, &attributes);
+                }
+                &process.messaging_duration
+            }
+            (SpanKind::Server, Family::Rpc) => &process.rpc_server_duration,
+            (_, Family::Rpc) => &process.rpc_client_duration,
+            (SpanKind::Server, _) => &process.server_duration,
+            (_, _) => &process.client_duration,
         };
         histogram.record(seconds, &attributes);
     }
@@ -236,6 +279,32 @@ fn metric_attributes(span: &Span) -> Vec<KeyValue> {
         attributes.push(KeyValue::new("http.route", route.to_string()));
     }
     attributes
+}
+
+/// Which duration histograms a span goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Http,
+    Rpc,
+    Messaging,
+}
+
+/// The conventions' attributes for messaging metrics, minus the partition (one series per
+/// partition multiplies series by hundreds on large topics).
+fn messaging_metric_attributes(span: &Span) -> Vec<KeyValue> {
+    copied_attributes(
+        span,
+        &[
+            "messaging.system",
+            "messaging.operation.name",
+            "messaging.operation.type",
+            "messaging.destination.name",
+            "messaging.consumer.group.name",
+            "server.address",
+            "server.port",
+            "error.type",
+        ],
+    )
 }
 
 fn rpc_metric_attributes(span: &Span) -> Vec<KeyValue> {
@@ -377,6 +446,7 @@ mod tests {
             end_unix_nano: 1_020_000_000,
             status: SpanStatus::Unset,
             attributes,
+            links: Vec::new(),
             resource: resource.clone(),
         }
     }

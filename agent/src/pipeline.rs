@@ -21,8 +21,9 @@ use crate::{
         events::{self, Event},
     },
     process::{ExecDecision, Processes, procfs_scan},
-    protocols::{Chunk, Exchange, ParserCounts, ParserOutput},
-    spans::{Resource, Span, build_span},
+    protocols::{Chunk, Exchange, ParserCounts, ParserOutput, SharedState},
+    protocols::Payload,
+    spans::{self, Export, ProducedMessages, Resource, Span, build_spans},
     stats::Stats,
 };
 
@@ -47,6 +48,8 @@ struct WaitingSpan {
 pub struct Finished {
     pub span: Span,
     pub sampled: bool,
+    /// Counted in metrics, never exported (an empty Kafka fetch).
+    pub metrics_only: bool,
 }
 
 /// Where finished spans go.
@@ -108,7 +111,7 @@ impl Drop for ChannelSink {
 /// Collects sampled spans (tests and benchmarks).
 impl SpanSink for Vec<Span> {
     fn emit(&mut self, finished: Finished) {
-        if finished.sampled {
+        if finished.sampled && !finished.metrics_only {
             self.push(finished.span);
         }
     }
@@ -122,6 +125,10 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     clock: Clock,
     stats: Arc<Stats>,
     linker: Linker,
+    /// State the parsers of different connections share (Kafka topic names, groups).
+    parsers_shared: Rc<SharedState>,
+    /// Kafka offsets → PRODUCER spans, for CONSUMER spans' links.
+    produced: ProducedMessages,
     /// Reused between events so a chunk that completes nothing allocates nothing.
     output: ParserOutput,
     /// Finished spans waiting for their parent, oldest first.
@@ -149,6 +156,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             clock,
             stats,
             linker,
+            parsers_shared: Rc::default(),
+            produced: ProducedMessages::default(),
             output: ParserOutput::default(),
             waiting: VecDeque::new(),
             events_unflushed: 0,
@@ -190,7 +199,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         while i < self.waiting.len() {
             let waiting = &self.waiting[i];
             let waits = self.linker.waits_for_parent(&waiting.node);
-            if waits && waiting.deadline_ns > now_ns {
+            let waits_for_producers = waits_for_producers(&waiting.exchange, &self.produced);
+            if (waits || waits_for_producers) && waiting.deadline_ns > now_ns {
                 i += 1;
                 continue;
             }
@@ -200,9 +210,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             if waits {
                 self.linker.give_up_waiting(&w.node);
             }
-            emit_span(
+            emit_spans(
                 &self.linker,
-                &mut self.sink,
+                (&mut self.sink, &mut self.produced, &self.stats),
                 &self.clock,
                 &w.exchange,
                 &w.node,
@@ -366,6 +376,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.finish_connection(pid, connection, end_ns);
         }
         self.linker.forget_process(pid);
+        self.parsers_shared.kafka.forget_process(pid);
     }
 
     fn on_data(&mut self, pid: u32, fd: i32, conn_id: u64, chunk: &Chunk<'_>) {
@@ -409,7 +420,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             return;
         };
         if !chunk.data.is_empty() {
-            match connection.protocol.detect(chunk.data, chunk.direction) {
+            match connection
+                .protocol
+                .detect(chunk.data, chunk.direction, pid, &self.parsers_shared) {
                 Detection::Unchanged => {}
                 Detection::Detected(name) => {
                     log::debug!("pid {pid} fd {fd}: {name}");
@@ -536,7 +549,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             let node = self
                 .linker
                 .finish(end, exchange.role, links, exchange.id, in_order);
-            if self.linker.waits_for_parent(&node) && self.waiting.len() < MAX_WAITING_SPANS {
+            let waits = self.linker.waits_for_parent(&node)
+                || waits_for_producers(&exchange, &self.produced);
+            if waits && self.waiting.len() < MAX_WAITING_SPANS {
                 self.waiting.push_back(WaitingSpan {
                     exchange,
                     node,
@@ -547,9 +562,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 });
                 continue;
             }
-            emit_span(
+            emit_spans(
                 &self.linker,
-                &mut self.sink,
+                (&mut self.sink, &mut self.produced, &self.stats),
                 &self.clock,
                 &exchange,
                 &node,
@@ -584,22 +599,45 @@ fn parser_close(
     output.responses_started.clear();
 }
 
-fn emit_span(
+/// A Kafka fetch whose messages' producer spans may still come (see
+/// `spans::kafka::waits_for_producers`).
+fn waits_for_producers(exchange: &Exchange, produced: &ProducedMessages) -> bool {
+    match &exchange.payload {
+        Payload::Kafka(kafka) => spans::kafka::waits_for_producers(exchange, kafka, produced),
+        Payload::Http(_) => false,
+    }
+}
+
+fn emit_spans(
     linker: &Linker,
-    sink: &mut impl SpanSink,
+    (sink, produced, stats): (&mut impl SpanSink, &mut ProducedMessages, &Stats),
     clock: &Clock,
     exchange: &Exchange,
     node: &Node,
-    (local, remote): (SocketAddr, SocketAddr),
+    addresses: (SocketAddr, SocketAddr),
     resource: &Arc<Resource>,
 ) {
     let resolved = linker.resolve(node);
-    let mut span = build_span(exchange, resolved.ids, local, remote, resource, clock);
-    span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
-    sink.emit(Finished {
-        span,
-        sampled: resolved.sampled,
-    });
+    let links_dropped = produced.links_dropped;
+    build_spans(
+        exchange,
+        resolved.ids,
+        addresses,
+        resource,
+        clock,
+        produced,
+        &mut |mut span, export| {
+            span.trace_state = resolved.trace_state.as_deref().map(str::to_string);
+            sink.emit(Finished {
+                span,
+                sampled: resolved.sampled,
+                metrics_only: export == Export::MetricsOnly,
+            });
+        },
+    );
+    if produced.links_dropped > links_dropped {
+        Stats::add(&stats.message_links_dropped, produced.links_dropped - links_dropped);
+    }
 }
 
 #[cfg(test)]
@@ -625,11 +663,13 @@ mod tests {
                 end_unix_nano: 2,
                 status: SpanStatus::Unset,
                 attributes: Vec::new(),
+                links: Vec::new(),
                 resource: Arc::new(Resource {
                     attributes: Vec::new(),
                 }),
             },
             sampled: true,
+            metrics_only: false,
         }
     }
 

@@ -35,6 +35,9 @@ pub struct Stats {
     pub parse_desynchronised: AtomicU64,
     /// Times a parser bound was hit (streams per connection, header block size...).
     pub parse_limits_hit: AtomicU64,
+    /// Kafka consumer→producer links not made: the table of produced messages forgot them, or
+    /// a span reached its link limit.
+    pub message_links_dropped: AtomicU64,
 }
 
 impl Stats {

@@ -5,7 +5,9 @@
 //!  "kind":"SERVER","start_unix_nano":1700000000123456789,"end_unix_nano":1700000000124690789,
 //!  "status":"UNSET","attributes":{"http.request.method":"GET",...},"resource":{...}}
 //! ```
-//! (one line in reality). Fields come in that order; attributes and resource attributes in the
+//! (one line in reality). Spans with links (Kafka CONSUMER spans) have a `links` field after
+//! the attributes: `[{"trace_id":"<32 hex>","span_id":"<16 hex>"},...]`. Fields come in that
+//! order; attributes and resource attributes in the
 //! span's order. Times are JSON numbers (u64); attribute values are strings or integers. Strings
 //! are escaped by serde_json.
 
@@ -75,6 +77,21 @@ pub fn encode_span(span: &Span, out: &mut Vec<u8>) -> std::io::Result<()> {
     )?;
     out.extend_from_slice(b",\"attributes\":");
     encode_attributes(&span.attributes, out)?;
+    if !span.links.is_empty() {
+        out.extend_from_slice(b",\"links\":[");
+        for (i, link) in span.links.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write!(
+                out,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\"}}",
+                hex(&link.trace_id),
+                hex(&link.span_id)
+            )?;
+        }
+        out.push(b']');
+    }
     out.extend_from_slice(b",\"resource\":");
     encode_attributes(&span.resource.attributes, out)?;
     out.push(b'}');
@@ -122,6 +139,7 @@ mod tests {
             start_unix_nano: 1_700_000_000_123_456_789,
             end_unix_nano: u64::MAX,
             status: SpanStatus::Unset,
+            links: Vec::new(),
             attributes: vec![
                 ("http.request.method", AttributeValue::Str("GET".into())),
                 ("http.response.status_code", AttributeValue::Int(200)),

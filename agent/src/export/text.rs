@@ -210,6 +210,7 @@ mod tests {
             start_unix_nano: 1_700_000_000_123_456_789,
             end_unix_nano: 1_700_000_000_124_690_789,
             status: SpanStatus::Unset,
+            links: Vec::new(),
             attributes: vec![
                 ("http.request.method", AttributeValue::Str("GET".into())),
                 ("http.response.status_code", AttributeValue::Int(200)),

@@ -11,6 +11,8 @@ pub mod http1;
 pub mod http2;
 pub mod kafka;
 
+use std::rc::Rc;
+
 use compact_str::CompactString;
 
 /// Which way bytes moved, from the traced process's point of view.
@@ -169,6 +171,33 @@ pub trait ProtocolParser: std::fmt::Debug {
     }
 }
 
+/// What a new parser is told about its connection, and the state parsers of different
+/// connections share. The pipeline owns one [`SharedState`]; parsers run on its thread.
+#[derive(Clone, Debug)]
+pub struct ParserContext {
+    /// The process the connection belongs to.
+    pub pid: u32,
+    pub shared: Rc<SharedState>,
+}
+
+/// State the parsers of every connection share.
+#[derive(Debug, Default)]
+pub struct SharedState {
+    /// Kafka topic names by id and consumer groups by process: both are learnt on one
+    /// connection and needed on another.
+    pub kafka: kafka::KafkaShared,
+}
+
+impl ParserContext {
+    /// A context of its own (tests, benchmarks).
+    pub fn standalone(pid: u32) -> Self {
+        ParserContext {
+            pid,
+            shared: Rc::default(),
+        }
+    }
+}
+
 /// A protocol kspan parses, for detection.
 pub struct Registration {
     /// For logs and counters.
@@ -176,7 +205,7 @@ pub struct Registration {
     /// True if these first captured bytes of a direction start this protocol. Pure and cheap:
     /// called for each chunk of a connection until one protocol claims it.
     pub detect: fn(data: &[u8], direction: Direction) -> bool,
-    pub new_parser: fn() -> Box<dyn ProtocolParser>,
+    pub new_parser: fn(&ParserContext) -> Box<dyn ProtocolParser>,
     /// Bytes the kernel copies per syscall on connections of this protocol (None: the agent's
     /// `--capture-bytes`).
     pub capture_bytes: Option<u32>,
@@ -195,7 +224,11 @@ impl std::fmt::Debug for Registration {
 }
 
 /// Every protocol, tried in this order on a connection's first chunks.
-pub const PROTOCOLS: &[Registration] = &[http1::REGISTRATION, http2::REGISTRATION];
+pub const PROTOCOLS: &[Registration] = &[
+    http1::REGISTRATION,
+    http2::REGISTRATION,
+    kafka::REGISTRATION,
+];
 
 /// The first protocol that claims these bytes.
 pub fn detect(data: &[u8], direction: Direction) -> Option<&'static Registration> {

@@ -82,9 +82,9 @@ pub fn grpc_span(
     let (status, error_type) = status_of(exchange, http, code);
 
     let remote_address = address_string(remote.ip());
-    let socket = match kind {
-        SpanKind::Server => local,
-        SpanKind::Client => remote,
+    let socket = match exchange.role {
+        Role::Server => local,
+        Role::Client => remote,
     };
     let (server_address, server_port) = match http.request.host.as_deref().and_then(parse_host) {
         Some((h, p)) => (h, p.unwrap_or(socket.port())),

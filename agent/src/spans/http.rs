@@ -144,9 +144,9 @@ pub fn http_span(
     let host = request.host.as_deref().and_then(parse_host);
     let remote_address = address_string(remote.ip());
     let (server_address, server_port) = {
-        let socket = match kind {
-            SpanKind::Server => local,
-            SpanKind::Client => remote,
+        let socket = match exchange.role {
+            Role::Server => local,
+            Role::Client => remote,
         };
         match &host {
             Some((h, p)) => (h.clone(), p.unwrap_or(socket.port())),

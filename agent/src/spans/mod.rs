@@ -6,45 +6,50 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use crate::clock::Clock;
-use crate::protocols::{Exchange, Payload, Role};
+use crate::protocols::{Exchange, Payload};
 
 pub mod grpc;
 pub mod http;
+pub mod kafka;
 pub mod route;
 
-/// The span of one exchange, by its protocol's builder. `local` and `remote` are the traced
-/// process's socket address and its peer's.
-pub fn build_span(
+pub use kafka::{Export, ProducedMessages};
+
+/// The spans of one exchange, by its protocol's builder, handed to `emit`: one for HTTP and
+/// gRPC, one per topic for Kafka. `local` and `remote` are the traced process's socket address
+/// and its peer's; `produced` links Kafka consumers to producers.
+pub fn build_spans(
     exchange: &Exchange,
     ids: SpanIds,
-    local: SocketAddr,
-    remote: SocketAddr,
+    (local, remote): (SocketAddr, SocketAddr),
     resource: &Arc<Resource>,
     clock: &Clock,
-) -> Span {
-    match &exchange.payload {
+    produced: &mut ProducedMessages,
+    emit: &mut dyn FnMut(Span, Export),
+) {
+    let span = match &exchange.payload {
         Payload::Http(http) if http.request.grpc => {
             grpc::grpc_span(exchange, http, ids, local, remote, resource, clock)
         }
         Payload::Http(http) => http::http_span(exchange, http, ids, local, remote, resource, clock),
-        // Kafka is not in `protocols::PROTOCOLS` yet (its span builder comes with it): a bare
-        // span named after the protocol, never built until then.
-        Payload::Kafka(_) => {
-            let kind = match exchange.role {
-                Role::Server => SpanKind::Server,
-                Role::Client => SpanKind::Client,
-            };
-            let name = CompactString::const_new("kafka");
-            let fields = (name, kind, SpanStatus::Unset, Attributes::new());
-            Span::of_exchange(exchange, ids, fields, resource, clock)
+        Payload::Kafka(payload) => {
+            let addresses = (local, remote);
+            return kafka::kafka_spans(
+                exchange, payload, ids, addresses, resource, clock, produced, emit,
+            );
         }
-    }
+    };
+    emit(span, Export::Span);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
     Server,
     Client,
+    /// Kafka: a client's Produce.
+    Producer,
+    /// Kafka: a client's Fetch that returned messages.
+    Consumer,
 }
 
 impl SpanKind {
@@ -52,8 +57,17 @@ impl SpanKind {
         match self {
             SpanKind::Server => "SERVER",
             SpanKind::Client => "CLIENT",
+            SpanKind::Producer => "PRODUCER",
+            SpanKind::Consumer => "CONSUMER",
         }
     }
+}
+
+/// A link from a span to another span (a Kafka consumer to the producers of its messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanLink {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +131,8 @@ pub struct Span {
     pub end_unix_nano: u64,
     pub status: SpanStatus,
     pub attributes: Attributes,
+    /// Empty except on Kafka CONSUMER spans.
+    pub links: Vec<SpanLink>,
     pub resource: Arc<Resource>,
 }
 
@@ -143,6 +159,7 @@ impl Span {
             end_unix_nano,
             status,
             attributes,
+            links: Vec::new(),
             resource: Arc::clone(resource),
         }
     }

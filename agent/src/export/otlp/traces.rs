@@ -18,7 +18,9 @@ use std::{
 use anyhow::{Context, Result};
 use opentelemetry::{
     InstrumentationScope, KeyValue,
-    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
+    trace::{
+        Link, SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState,
+    },
 };
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 
@@ -321,6 +323,25 @@ fn unix_time(nanos: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(nanos)
 }
 
+fn span_links(span: &Span) -> SpanLinks {
+    let mut links = SpanLinks::default();
+    links.links = span
+        .links
+        .iter()
+        .map(|link| {
+            let context = SpanContext::new(
+                TraceId::from_bytes(link.trace_id),
+                SpanId::from_bytes(link.span_id),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            );
+            Link::new(context, Vec::new(), 0)
+        })
+        .collect();
+    links
+}
+
 /// The span as the SDK's export type, keeping kspan's own ids and timestamps.
 pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
     SpanData {
@@ -342,6 +363,8 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
         span_kind: match span.kind {
             SpanKind::Server => OtelKind::Server,
             SpanKind::Client => OtelKind::Client,
+            SpanKind::Producer => OtelKind::Producer,
+            SpanKind::Consumer => OtelKind::Consumer,
         },
         name: Cow::Owned(span.name.to_string()),
         start_time: unix_time(span.start_unix_nano),
@@ -349,7 +372,7 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
         attributes: key_values(&span.attributes),
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
-        links: SpanLinks::default(),
+        links: span_links(span),
         status: match span.status {
             SpanStatus::Unset => Status::Unset,
             SpanStatus::Error => Status::error(""),

@@ -23,7 +23,7 @@ mod tests;
 
 pub use connection::Http1Connection;
 
-use super::{Direction, ProtocolParser, Registration};
+use super::{Direction, ParserContext, ProtocolParser, Registration};
 
 pub const REGISTRATION: Registration = Registration {
     name: "http1",
@@ -38,6 +38,6 @@ fn detect_http1(data: &[u8], _direction: Direction) -> bool {
     Http1Connection::looks_like_http1(data)
 }
 
-fn new_parser() -> Box<dyn ProtocolParser> {
+fn new_parser(_context: &ParserContext) -> Box<dyn ProtocolParser> {
     Box::new(Http1Connection::new())
 }

@@ -93,7 +93,7 @@ mod tests;
 
 pub use connection::Http2Connection;
 
-use super::{Direction, ProtocolParser, Registration};
+use super::{Direction, ParserContext, ProtocolParser, Registration};
 
 pub const REGISTRATION: Registration = Registration {
     name: "http2",
@@ -118,6 +118,6 @@ pub fn detect(data: &[u8], direction: Direction) -> bool {
     frame::detect(data, direction)
 }
 
-fn new_parser() -> Box<dyn ProtocolParser> {
+fn new_parser(_context: &ParserContext) -> Box<dyn ProtocolParser> {
     Box::new(Http2Connection::new())
 }

@@ -8,7 +8,7 @@ use super::frame::{
 use super::{Http2Connection, REGISTRATION, detect, huffman};
 use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse};
 use crate::protocols::{
-    Chunk, Direction, Exchange, ExchangeError, ParserCounts, ParserOutput, Payload, ProtocolParser,
+    Chunk, Direction, Exchange, ExchangeError, ParserContext, ParserCounts, ParserOutput, Payload, ProtocolParser,
     RequestStart, Role,
 };
 
@@ -1573,7 +1573,7 @@ fn registration() {
     assert_eq!(REGISTRATION.capture_bytes, Some(16384));
     let in_order = REGISTRATION.in_order;
     assert!(!in_order);
-    let mut parser = (REGISTRATION.new_parser)();
+    let mut parser = (REGISTRATION.new_parser)(&ParserContext::standalone(1));
     let mut out = ParserOutput::default();
     parser.feed(
         &Chunk {

@@ -1,7 +1,9 @@
 //! The per-connection state machine: framing per direction, the requests in flight, and what
 //! some requests and responses teach about the connection (topic names, consumer group).
 
+use std::cell::Ref;
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use compact_str::CompactString;
 use kafka_protocol::messages::ApiKey;
@@ -13,8 +15,8 @@ use super::payload::{KafkaApi, KafkaPayload, TopicNames};
 use super::wire::{Reader, Stop};
 use crate::protocols::http::{MAX_STRING, limited_string};
 use crate::protocols::{
-    Chunk, Direction, Exchange, ExchangeError, ParserCounts, ParserOutput, Payload, ProtocolParser,
-    RequestStart, Role,
+    Chunk, Direction, Exchange, ExchangeError, ParserContext, ParserCounts, ParserOutput, Payload,
+    ProtocolParser, RequestStart, Role, SharedState,
 };
 
 /// Most bytes of a frame's body kept for decoding (its first ones); the rest is skipped by
@@ -43,8 +45,10 @@ pub struct KafkaParser {
     halves: [Half; 2],
     /// Requests sent and not answered yet, oldest first (responses come in request order).
     in_flight: VecDeque<InFlight>,
-    topic_names: TopicNames,
-    /// The consumer group the client named last.
+    /// The process's, and the state shared with its other connections (topic names, group).
+    pid: u32,
+    shared: Rc<SharedState>,
+    /// The consumer group the client named last on this connection.
     group_id: Option<CompactString>,
     /// Decompressed bytes the current chunk may still produce.
     budget: usize,
@@ -54,12 +58,18 @@ pub struct KafkaParser {
 // No `Default`: callers use `new()` (as the other parsers).
 #[allow(clippy::new_without_default)]
 impl KafkaParser {
+    /// A parser with its own shared state (tests).
     pub fn new() -> Self {
+        Self::with_context(&ParserContext::standalone(1))
+    }
+
+    pub fn with_context(context: &ParserContext) -> Self {
         KafkaParser {
             role: None,
             halves: [Half::default(), Half::default()],
             in_flight: VecDeque::new(),
-            topic_names: TopicNames::default(),
+            pid: context.pid,
+            shared: Rc::clone(&context.shared),
             group_id: None,
             budget: DECOMPRESS_BUDGET,
             gave_up: false,
@@ -71,9 +81,10 @@ impl KafkaParser {
         self.role
     }
 
-    /// Topic names learnt from Metadata responses on this connection.
-    pub fn topic_names(&self) -> &TopicNames {
-        &self.topic_names
+    /// Topic names learnt from Metadata responses on this connection and the others of its
+    /// pipeline.
+    pub fn topic_names(&self) -> Ref<'_, TopicNames> {
+        self.shared.kafka.topic_names()
     }
 
     /// The consumer group the client named last on this connection.
@@ -676,7 +687,9 @@ impl KafkaParser {
             key => {
                 match messages::group_id(&mut r, key, header.version, flexible) {
                     Ok(Some(group)) if !group.is_empty() => {
-                        self.group_id = Some(limited_string(group));
+                        let group = limited_string(group);
+                        self.shared.kafka.set_group(self.pid, &group);
+                        self.group_id = Some(group);
                     }
                     Ok(_) | Err(Stop::Cut) => {}
                     Err(Stop::Invalid) => return self.violation(&mut out.counts),
@@ -693,8 +706,14 @@ impl KafkaParser {
         payload.api_version = header.version;
         payload.correlation_id = header.correlation_id;
         payload.client_id = header.client_id.map(limited_string);
-        payload.group_id = self.group_id.clone();
-        let mut ctx = Ctx::new(&self.topic_names, self.budget, MAX_MESSAGES);
+        // The group is named on the coordinator's connection, usually not this one.
+        payload.group_id = match &self.group_id {
+            Some(group) => Some(group.clone()),
+            None => self.shared.kafka.group(self.pid),
+        };
+        let shared = Rc::clone(&self.shared);
+        let names = shared.kafka.topic_names();
+        let mut ctx = Ctx::new(&names, self.budget, MAX_MESSAGES);
         let decoded = match api {
             KafkaApi::Produce => {
                 messages::produce_request(&mut r, header.version, flexible, &mut payload, &mut ctx)
@@ -798,7 +817,9 @@ impl KafkaParser {
                 messages::produce_response(&mut r, version, flexible, &mut pending.payload)
             }
             (ApiKey::Fetch, Some(pending)) => {
-                let mut ctx = Ctx::new(&self.topic_names, self.budget, MAX_MESSAGES);
+                let shared = Rc::clone(&self.shared);
+                let names = shared.kafka.topic_names();
+                let mut ctx = Ctx::new(&names, self.budget, MAX_MESSAGES);
                 let decoded = messages::fetch_response(
                     &mut r,
                     version,
@@ -812,7 +833,12 @@ impl KafkaParser {
             }
             (ApiKey::Metadata, _) => {
                 let fits =
-                    messages::metadata_response(&mut r, version, flexible, &mut self.topic_names)?;
+                    messages::metadata_response(
+                        &mut r,
+                        version,
+                        flexible,
+                        &mut self.shared.kafka.topic_names_mut(),
+                    )?;
                 if !fits {
                     out.counts.limits_hit += 1;
                 }

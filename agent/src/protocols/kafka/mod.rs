@@ -74,17 +74,19 @@ mod connection;
 mod messages;
 mod payload;
 mod records;
+mod shared;
 mod wire;
 
 #[cfg(test)]
 mod tests;
 
 pub use connection::KafkaParser;
+pub use shared::KafkaShared;
 pub use payload::{
     KafkaApi, KafkaMessage, KafkaPartition, KafkaPayload, KafkaRecords, KafkaTopic, TopicNames,
 };
 
-use super::{Direction, ProtocolParser, Registration};
+use super::{Direction, ParserContext, ProtocolParser, Registration};
 
 pub const REGISTRATION: Registration = Registration {
     name: "kafka",
@@ -112,6 +114,6 @@ pub fn detect(data: &[u8], _direction: Direction) -> bool {
     connection::request_start(data).is_some()
 }
 
-fn new_parser() -> Box<dyn ProtocolParser> {
-    Box::new(KafkaParser::new())
+fn new_parser(context: &ParserContext) -> Box<dyn ProtocolParser> {
+    Box::new(KafkaParser::with_context(context))
 }
