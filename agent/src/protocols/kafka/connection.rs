@@ -377,9 +377,28 @@ pub(super) fn request_start(data: &[u8]) -> Option<Start> {
                 // Exactly one frame, not a request.
                 return None;
             }
+            if body.len() == 8 && fixed_header(body) {
+                // librdkafka's mock broker reads the size and the header's fixed part (api
+                // key, version, correlation id) in one 12-byte read, the rest in another.
+                return Some(Start::Framed);
+            }
         }
     }
     request_body(data, None).then_some(Start::Body)
+}
+
+/// Whether these 8 bytes are a request header's fixed part: a known api key at a version the
+/// crate knows, a non-negative correlation id.
+fn fixed_header(data: &[u8]) -> bool {
+    let mut r = Reader::new(data, data.len());
+    let (Ok(key), Ok(version), Ok(correlation_id)) = (r.i16(), r.i16(), r.i32()) else {
+        return false;
+    };
+    let Ok(key) = ApiKey::try_from(key) else {
+        return false;
+    };
+    let range = key.valid_versions();
+    (range.min..=range.max).contains(&version) && correlation_id >= 0
 }
 
 /// Whether `data` starts a request body (header first) of `len` bytes. Without `len` (its

@@ -1536,6 +1536,42 @@ fn size_read_alone() {
     assert_eq!(o.exchanges[0].error, None);
 }
 
+/// librdkafka's mock broker reads a request's size and header fixed part (12 bytes) apart from
+/// the rest: detected on the 12 bytes, parsed whole.
+#[test]
+fn header_fixed_part_read_alone() {
+    let topics = topics();
+    let first = api_versions_request(3, 1);
+    assert!(detect(&first[..12], Direction::Ingress));
+    // 12 bytes that are not a request's start.
+    assert!(!detect(b"\x00\x00\x00\x40\x7f\x00\x00\x03\x00\x00\x00\x01", Direction::Ingress));
+    assert!(!detect(b"\x00\x00\x00\x40\x00\x00\x00\x03\xff\x00\x00\x01", Direction::Ingress));
+    let produce = produce_request(9, 2, -1, &topics);
+    let fetch = fetch_request(12, 3, &topics);
+    let mut h = Harness::new(Role::Server);
+    h.client(&first[..12]);
+    h.client(&first[12..]);
+    assert_eq!(h.parser.role(), Some(Role::Server));
+    h.broker(&response(
+        ApiKey::ApiVersions,
+        3,
+        1,
+        &ApiVersionsResponseBody::default(),
+    ));
+    for request in [&produce, &fetch] {
+        h.client(&request[..12]);
+        h.client(&request[12..]);
+    }
+    h.broker(&produce_response(9, 2, &topics));
+    h.broker(&fetch_response(12, 3, &topics));
+    let o = outcome(h);
+    assert_eq!(o.counts, ParserCounts::default());
+    let ids: Vec<(u64, Option<ExchangeError>)> =
+        o.exchanges.iter().map(|e| (e.id, e.error)).collect();
+    assert_eq!(ids, [(2, None), (3, None)]);
+    assert_eq!(kafka(&o.exchanges[0]).topics.len(), topics.len());
+}
+
 /// A parser that joins a connection mid-stream ignores what comes before a request starts a
 /// chunk, and a response direction that starts mid-frame until a response to a request it saw.
 #[test]
