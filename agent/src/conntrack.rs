@@ -294,7 +294,12 @@ mod tests {
         assert_eq!(state.protocol().map(|p| p.name), Some("http1"));
         let mut state = ProtocolState::Undetected { attempts: 0 };
         assert_eq!(
-            state.detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Direction::Egress, 1, &shared),
+            state.detect(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                Direction::Egress,
+                1,
+                &shared
+            ),
             Detection::Detected("http2")
         );
     }

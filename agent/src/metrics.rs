@@ -146,9 +146,7 @@ impl ProcessMetrics {
             messaging_consumed: meter
                 .u64_counter("messaging.client.consumed.messages")
                 .with_unit("{message}")
-                .with_description(
-                    "Number of messages that were delivered to the application.",
-                )
+                .with_description("Number of messages that were delivered to the application.")
                 .build(),
             provider,
             last_used: 0,

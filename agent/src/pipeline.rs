@@ -21,8 +21,8 @@ use crate::{
         events::{self, Event},
     },
     process::{ExecDecision, Processes, procfs_scan},
-    protocols::{Chunk, Exchange, ParserCounts, ParserOutput, SharedState},
     protocols::Payload,
+    protocols::{Chunk, Exchange, ParserCounts, ParserOutput, SharedState},
     spans::{self, Export, ProducedMessages, Resource, Span, build_spans},
     stats::Stats,
 };
@@ -422,7 +422,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         if !chunk.data.is_empty() {
             match connection
                 .protocol
-                .detect(chunk.data, chunk.direction, pid, &self.parsers_shared) {
+                .detect(chunk.data, chunk.direction, pid, &self.parsers_shared)
+            {
                 Detection::Unchanged => {}
                 Detection::Detected(name) => {
                     log::debug!("pid {pid} fd {fd}: {name}");
@@ -636,7 +637,10 @@ fn emit_spans(
         },
     );
     if produced.links_dropped > links_dropped {
-        Stats::add(&stats.message_links_dropped, produced.links_dropped - links_dropped);
+        Stats::add(
+            &stats.message_links_dropped,
+            produced.links_dropped - links_dropped,
+        );
     }
 }
 

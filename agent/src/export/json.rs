@@ -121,7 +121,7 @@ fn encode_attributes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{Resource, SpanKind, SpanStatus};
+    use crate::spans::{Resource, SpanKind, SpanLink, SpanStatus};
     use serde_json::{Value, json};
     use std::sync::Arc;
 
@@ -159,6 +159,37 @@ mod tests {
         exporter.export(spans).unwrap();
         exporter.flush().unwrap();
         String::from_utf8(exporter.into_inner()).unwrap()
+    }
+
+    #[test]
+    fn links_follow_the_attributes() {
+        let mut consumer = span();
+        consumer.kind = SpanKind::Consumer;
+        consumer.links = vec![
+            SpanLink {
+                trace_id: [0x11; 16],
+                span_id: [0x22; 8],
+            },
+            SpanLink {
+                trace_id: [0x33; 16],
+                span_id: [0x44; 8],
+            },
+        ];
+        let out = export(&[consumer]);
+        let v: Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(v["kind"], "CONSUMER");
+        assert_eq!(
+            v["links"],
+            json!([
+                {"trace_id": "11111111111111111111111111111111", "span_id": "2222222222222222"},
+                {"trace_id": "33333333333333333333333333333333", "span_id": "4444444444444444"}
+            ])
+        );
+        let links = out.find("\"links\"").unwrap();
+        assert!(out.find("\"attributes\"").unwrap() < links);
+        assert!(links < out.find("\"resource\"").unwrap());
+        // Spans without links have no field.
+        assert!(!export(&[span()]).contains("links"));
     }
 
     #[test]

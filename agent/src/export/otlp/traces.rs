@@ -380,3 +380,46 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
         instrumentation_scope: scope.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::SpanLink;
+
+    #[test]
+    fn kinds_and_links_reach_the_sdk_span() {
+        let span = Span {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            trace_state: None,
+            name: "poll orders".into(),
+            kind: SpanKind::Consumer,
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            status: SpanStatus::Unset,
+            attributes: Vec::new(),
+            links: vec![SpanLink {
+                trace_id: [3; 16],
+                span_id: [4; 8],
+            }],
+            resource: Arc::new(Resource {
+                attributes: Vec::new(),
+            }),
+        };
+        let data = span_data(&span, &InstrumentationScope::builder("kspan").build());
+        assert_eq!(data.span_kind, OtelKind::Consumer);
+        assert_eq!(data.links.len(), 1);
+        let link = &data.links[0].span_context;
+        assert_eq!(link.trace_id(), TraceId::from_bytes([3; 16]));
+        assert_eq!(link.span_id(), SpanId::from_bytes([4; 8]));
+        let producer = Span {
+            kind: SpanKind::Producer,
+            links: Vec::new(),
+            ..span
+        };
+        let data = span_data(&producer, &InstrumentationScope::builder("kspan").build());
+        assert_eq!(data.span_kind, OtelKind::Producer);
+        assert!(data.links.is_empty());
+    }
+}

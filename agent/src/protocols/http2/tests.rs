@@ -8,8 +8,8 @@ use super::frame::{
 use super::{Http2Connection, REGISTRATION, detect, huffman};
 use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse};
 use crate::protocols::{
-    Chunk, Direction, Exchange, ExchangeError, ParserContext, ParserCounts, ParserOutput, Payload, ProtocolParser,
-    RequestStart, Role,
+    Chunk, Direction, Exchange, ExchangeError, ParserContext, ParserCounts, ParserOutput, Payload,
+    ProtocolParser, RequestStart, Role,
 };
 
 const RX_TID: u32 = 11;

@@ -851,13 +851,12 @@ impl KafkaParser {
                 decoded
             }
             (ApiKey::Metadata, _) => {
-                let fits =
-                    messages::metadata_response(
-                        &mut r,
-                        version,
-                        flexible,
-                        &mut self.shared.kafka.topic_names_mut(),
-                    )?;
+                let fits = messages::metadata_response(
+                    &mut r,
+                    version,
+                    flexible,
+                    &mut self.shared.kafka.topic_names_mut(),
+                )?;
                 if !fits {
                     out.counts.limits_hit += 1;
                 }

@@ -81,10 +81,10 @@ mod wire;
 mod tests;
 
 pub use connection::KafkaParser;
-pub use shared::KafkaShared;
 pub use payload::{
     KafkaApi, KafkaMessage, KafkaPartition, KafkaPayload, KafkaRecords, KafkaTopic, TopicNames,
 };
+pub use shared::KafkaShared;
 
 use super::{Direction, ParserContext, ProtocolParser, Registration};
 

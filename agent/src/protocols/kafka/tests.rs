@@ -1086,6 +1086,51 @@ fn recorded_group_connection() {
     assert!(o.starts.is_empty() && o.exchanges.is_empty());
 }
 
+/// Topic names and the consumer group are shared by the parsers of one pipeline: a client
+/// learns topic ids on one connection (Metadata) and names its group on the coordinator's, and
+/// fetches by id on another. The group is per process; topic ids serve every process.
+#[test]
+fn names_and_groups_cross_connections() {
+    let topics = topics();
+    let context = crate::protocols::ParserContext::standalone(40);
+    let mut metadata = Harness::new(Role::Client);
+    metadata.parser = KafkaParser::with_context(&context);
+    for (side, bytes) in metadata_exchange(13, 1, &topics) {
+        metadata.syscall(side, &bytes);
+    }
+    let mut group = Harness::new(Role::Client);
+    group.parser = KafkaParser::with_context(&context);
+    for (side, bytes) in recorded("confluent_group") {
+        group.syscall(side, &bytes);
+    }
+    let fetch_on = |pid: u32| {
+        let mut h = Harness::new(Role::Client);
+        h.parser = KafkaParser::with_context(&crate::protocols::ParserContext {
+            pid,
+            shared: context.shared.clone(),
+        });
+        h.client(&fetch_request(16, 2, &topics));
+        h.broker(&fetch_response(16, 2, &topics));
+        outcome(h)
+    };
+    let o = fetch_on(40);
+    assert_eq!(o.counts, ParserCounts::default(), "every id resolved");
+    let fetched = kafka(&o.exchanges[0]);
+    assert_eq!(
+        fetched.topic_names().collect::<Vec<_>>(),
+        ["orders", "payments"]
+    );
+    assert_eq!(fetched.group_id.as_deref(), Some("g1"));
+    // Another process: the same topic names, not the group.
+    let o = fetch_on(41);
+    let fetched = kafka(&o.exchanges[0]);
+    assert_eq!(fetched.topic_names().count(), 2);
+    assert_eq!(fetched.group_id, None);
+    // The process exits: its group is forgotten.
+    context.shared.kafka.forget_process(40);
+    assert_eq!(context.shared.kafka.group(40), None);
+}
+
 /// librdkafka producers with each compression codec: 5 messages in one compressed batch,
 /// each with its traceparent.
 #[test]
@@ -1544,8 +1589,14 @@ fn header_fixed_part_read_alone() {
     let first = api_versions_request(3, 1);
     assert!(detect(&first[..12], Direction::Ingress));
     // 12 bytes that are not a request's start.
-    assert!(!detect(b"\x00\x00\x00\x40\x7f\x00\x00\x03\x00\x00\x00\x01", Direction::Ingress));
-    assert!(!detect(b"\x00\x00\x00\x40\x00\x00\x00\x03\xff\x00\x00\x01", Direction::Ingress));
+    assert!(!detect(
+        b"\x00\x00\x00\x40\x7f\x00\x00\x03\x00\x00\x00\x01",
+        Direction::Ingress
+    ));
+    assert!(!detect(
+        b"\x00\x00\x00\x40\x00\x00\x00\x03\xff\x00\x00\x01",
+        Direction::Ingress
+    ));
     let produce = produce_request(9, 2, -1, &topics);
     let fetch = fetch_request(12, 3, &topics);
     let mut h = Harness::new(Role::Server);
