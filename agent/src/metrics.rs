@@ -339,7 +339,7 @@ type HealthCounter = (&'static str, &'static str, &'static str, fn(&Stats) -> u6
 
 fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
     let meter = provider.meter("kspan");
-    let counters: [HealthCounter; 10] = [
+    let counters: [HealthCounter; 11] = [
         (
             "kspan.events.received",
             "{event}",
@@ -401,6 +401,13 @@ fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
             "{request}",
             "Failed OTLP export requests, after retries.",
             |s| Stats::get(&s.export_failures),
+        ),
+        (
+            "kspan.messaging.links.dropped",
+            "{link}",
+            "Kafka consumer-to-producer span links not made: the produced-messages table forgot \
+             the producer, or a span reached its link limit.",
+            |s| Stats::get(&s.message_links_dropped),
         ),
     ];
     for (name, unit, description, read) in counters {
