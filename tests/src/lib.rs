@@ -40,6 +40,7 @@ use serde_json::Value;
 
 pub mod chain;
 pub mod grpc;
+pub mod kafka;
 pub mod otlp_receiver;
 pub mod prometheus;
 

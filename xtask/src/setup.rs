@@ -32,6 +32,11 @@ const PACKAGES: &[Package] = &[
         Some("npm"),
         "installs tests/node (@grpc/grpc-js) for the end-to-end tests",
     ),
+    (
+        "kcat",
+        Some("kcat"),
+        "Kafka peer of the end-to-end tests (older protocol versions)",
+    ),
 ];
 
 /// What `cargo xtask bench` needs on top: the load generator (nginx is in `PACKAGES`).
@@ -73,6 +78,12 @@ const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
         "grpcio==1.78.0",
         "grpc",
         "the gRPC peers of the end-to-end tests (tests/servers/grpc_*.py)",
+    ),
+    (
+        "confluent-kafka==2.16.1",
+        "confluent_kafka",
+        "the Kafka peers of the end-to-end tests: librdkafka's mock broker, producer, consumer \
+         (tests/servers/kafka_*.py)",
     ),
 ];
 

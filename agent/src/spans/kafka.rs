@@ -83,6 +83,12 @@ impl ProducedMessages {
         self.order.push_back((topic.clone(), partition, first));
     }
 
+    /// A traced producer wrote to this partition (and is still remembered).
+    fn knows(&self, topic: &str, partition: i32) -> bool {
+        self.ranges
+            .contains_key(&(CompactString::from(topic), partition))
+    }
+
     /// Links for the messages of `records` in `topic`'s `partition` (header contexts, and the
     /// producer spans of the messages without one), appended to `links` without duplicates.
     /// Returns how many messages have neither (producer not traced, or not seen yet).
@@ -161,10 +167,13 @@ impl Links {
     }
 }
 
-/// True while a client's fetch has header-less messages whose producer span is not known yet:
-/// the producer may be traced and its response event not drained yet (its thread was
-/// preempted before its syscall's exit while the consumer already read the message). The
-/// pipeline holds such a span for a bounded time.
+/// True while a client's fetch has header-less messages whose producer span is not known yet,
+/// in a partition a traced producer wrote to before: that producer's response event may not be
+/// drained yet (its thread preempted before its syscall's exit while the consumer already read
+/// the message). The pipeline holds such a span for a bounded time. Partitions no traced
+/// producer wrote to are not waited for, so consumers of untraced producers are not delayed;
+/// the price is that the first message of a partition can miss its link when the consumer
+/// reads it before the producer's response is drained.
 pub fn waits_for_producers(
     exchange: &Exchange,
     kafka: &KafkaPayload,
@@ -178,6 +187,9 @@ pub fn waits_for_producers(
             return false;
         };
         topic.partitions.iter().any(|p| {
+            if p.records.count == 0 || !produced.knows(name, p.index) {
+                return false;
+            }
             let mut scratch = Links {
                 links: Vec::new(),
                 dropped: 0,
