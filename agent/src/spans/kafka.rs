@@ -694,6 +694,18 @@ mod tests {
             waits_for_producers(&ex, kafka, &produced),
             "150..159 unknown"
         );
+        // A partition no traced producer wrote to: nothing to wait for.
+        let other = exchange(
+            Role::Client,
+            payload(
+                KafkaApi::Fetch,
+                vec![topic(Some("orders"), vec![partition(5, 0, 10, None)])],
+            ),
+        );
+        let Payload::Kafka(other_kafka) = &other.payload else {
+            unreachable!()
+        };
+        assert!(!waits_for_producers(&other, other_kafka, &produced));
         let spans = build(&ex, 1, &mut produced);
         assert_eq!(
             spans[0].0.links,
