@@ -94,7 +94,8 @@ impl SpanSink for ChannelSink {
             return;
         }
         let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(SPAN_BATCH));
-        let spans = batch.len() as u64;
+        // Metrics-only points (empty Kafka fetches) are no spans.
+        let spans = batch.iter().filter(|f| !f.metrics_only).count() as u64;
         match self.sender.try_send(batch) {
             Ok(()) => Stats::add(&self.stats.spans_emitted, spans),
             Err(_) => Stats::add(&self.stats.spans_dropped, spans),
