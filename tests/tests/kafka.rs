@@ -639,6 +639,68 @@ fn kcat_older_protocol_versions() {
     }
 }
 
+/// A traced broker (librdkafka's mock, serving kcat): one SERVER span per Produce request and
+/// per Fetch that returned messages, named as the client's span, each the child of the client's
+/// PRODUCER or CONSUMER span in its trace (the correlation id is the same at both ends, so the
+/// ends pair as HTTP/2 streams do); no SERVER span for the empty long polls.
+#[test]
+fn traced_broker_spans_are_children_of_the_clients() {
+    const LINES: [&str; 3] = ["one", "two", "three"];
+    let topic = "e2e-broker";
+    let _env = preflight();
+    let kcat_name = kcat_exe_name();
+    let mut broker = KafkaBroker::start(&[topic]);
+    let broker_pid = broker.pid.to_string();
+    let kspan = start_kspan(&["--exe", &kcat_name, "--pid", &broker_pid], &[]);
+    let producer = kcat_produce(&broker.addr, topic, &LINES);
+    let consumer = kcat_consume(&broker.addr, topic, LINES.len());
+    let run = stop_kspan(kspan);
+    broker.assert_alive();
+    assert_eq!(consumer.stdout.lines().collect::<Vec<_>>(), LINES);
+    assert_clean_run(&run);
+    let producers = spans_of(&run, producer.pid, "PRODUCER");
+    assert_eq!(producers.len(), LINES.len(), "{}", run.dump());
+    let consumers = spans_of(&run, consumer.pid, "CONSUMER");
+    assert!(!consumers.is_empty(), "{}", run.dump());
+    let servers = spans_of(&run, broker.pid, "SERVER");
+    assert_eq!(
+        servers.len(),
+        producers.len() + consumers.len(),
+        "one SERVER span per client span, none for empty polls\n{}",
+        run.dump()
+    );
+    assert_eq!(
+        by_pid(&run.spans, broker.pid).len(),
+        servers.len(),
+        "{}",
+        run.dump()
+    );
+    for client in producers.iter().chain(&consumers) {
+        let children: Vec<&&Value> = servers
+            .iter()
+            .filter(|s| parent_id(s) == Some(span_id(client)))
+            .collect();
+        assert_eq!(
+            children.len(),
+            1,
+            "exactly one broker SERVER span is the child of {}\n{}",
+            pretty(client),
+            run.dump()
+        );
+        let server = children[0];
+        assert_eq!(trace_id(server), trace_id(client), "{}", pretty(server));
+        assert_eq!(server["name"], client["name"], "{}", pretty(server));
+        assert_eq!(attr_str(server, "messaging.system"), Some("kafka"));
+        assert_eq!(
+            attr_i64(server, "messaging.kafka.offset"),
+            attr_i64(client, "messaging.kafka.offset"),
+            "{}",
+            pretty(server)
+        );
+        assert_eq!(attr_i64(server, "server.port"), Some(broker.port as i64));
+    }
+}
+
 /// confluent-kafka producing 3 header-less messages in ONE Produce request (one record batch),
 /// then a consumer in a group. Proves: one PRODUCER span for the request, with
 /// `messaging.batch.message_count` 3 and no offset; CONSUMER spans standing for the 3 messages
