@@ -1,6 +1,6 @@
-//! Heap allocations per span on the whole userspace path, and per request in the HTTP/1 parser
-//! and per gRPC call in the HTTP/2 parser alone, counted by a global allocator that wraps the
-//! system one. Not a criterion benchmark:
+//! Heap allocations per span on the whole userspace path, and per request in the HTTP/1 parser,
+//! per gRPC call in the HTTP/2 parser and per Produce or Fetch exchange in the Kafka parser
+//! alone, counted by a global allocator that wraps the system one. Not a criterion benchmark:
 //! a plain `harness = false` binary that prints figures.
 //!
 //! `cargo bench -p kspan --bench allocations`. An "allocation" is a call to alloc, alloc_zeroed
@@ -17,11 +17,13 @@ use std::{
 
 use common::{
     GrpcCalls, PIPELINED, REQUEST, RESPONSE, Side, chunk, fresh_connection_records,
-    grpc_conversation, keepalive_records, repeated, warm_grpc_pipeline, warm_keepalive_pipeline,
+    grpc_conversation,
+    kafka::{KafkaExchanges, Scenario, side_name, warm_kafka_consumer, warm_kafka_producer},
+    keepalive_records, repeated, warm_grpc_pipeline, warm_keepalive_pipeline,
 };
 use kspan::protocols::{
     Direction, ParserCounts, ParserOutput, ProtocolParser, http1::Http1Connection,
-    http2::Http2Connection,
+    http2::Http2Connection, kafka::KafkaParser,
 };
 
 struct Counting;
@@ -187,6 +189,70 @@ fn parser_grpc(side: Side) -> (f64, f64) {
     (allocs as f64 / done as f64, bytes as f64 / done as f64)
 }
 
+/// Kafka exchanges through the whole path, on a client connection: Produce (`consumer`
+/// false: PRODUCER spans) or, after a producer wrote the messages, Fetch v16 (CONSUMER spans
+/// with their links).
+fn pipeline_kafka(consumer: bool) -> (f64, f64) {
+    // Warm: resource, topic names, group, produced-offsets table, reusable buffers.
+    let mut p = common::pipeline();
+    let mut exchanges = if consumer {
+        warm_kafka_consumer(&mut p, 200)
+    } else {
+        warm_kafka_producer(&mut p, 200)
+    };
+    let before = p.sink().spans;
+    let (allocs, bytes) = count(|| {
+        for _ in 0..REQUESTS {
+            let (_, _, request, response) = exchanges.next();
+            p.handle_record(black_box(request));
+            p.handle_record(black_box(response));
+        }
+    });
+    let spans = p.sink().spans - before;
+    assert_eq!(spans, REQUESTS as u64);
+    (allocs as f64 / spans as f64, bytes as f64 / spans as f64)
+}
+
+/// The Kafka parser alone, seen from `side`: the connection's warm-up, then one exchange (the
+/// request, its response) per round, draining what the pipeline drains.
+fn parser_kafka(scenario: Scenario, side: Side) -> (f64, f64) {
+    let mut conn = KafkaParser::new();
+    let mut out = ParserOutput::default();
+    let mut feed = |conn: &mut KafkaParser, client: bool, data: &[u8]| {
+        ProtocolParser::feed(
+            conn,
+            &chunk(side.direction(client), data, 1_000_000),
+            &mut out,
+        );
+        assert_eq!(out.counts, ParserCounts::default());
+        black_box(&out);
+        out.request_starts.clear();
+        out.responses_started.clear();
+        let done = out.exchanges.len();
+        out.exchanges.clear();
+        done
+    };
+    for (client, bytes) in common::kafka::warm_up(scenario) {
+        feed(&mut conn, client, &bytes);
+    }
+    let mut exchanges = KafkaExchanges::bytes(scenario);
+    let mut round = |conn: &mut KafkaParser| {
+        let (_, _, request, response) = exchanges.next();
+        feed(conn, true, request) + feed(conn, false, response)
+    };
+    for _ in 0..100 {
+        round(&mut conn);
+    }
+    let mut done = 0;
+    let (allocs, bytes) = count(|| {
+        for _ in 0..REQUESTS {
+            done += round(&mut conn);
+        }
+    });
+    assert_eq!(done, REQUESTS, "one exchange per request");
+    (allocs as f64 / done as f64, bytes as f64 / done as f64)
+}
+
 fn main() {
     if common::list_mode() {
         return;
@@ -240,6 +306,30 @@ fn main() {
         grpc.push((name, allocs, bytes, p_allocs, p_bytes));
     }
 
+    let mut kafka_pipeline = Vec::new();
+    for (name, consumer) in [("producer", false), ("consumer", true)] {
+        let (allocs, bytes) = pipeline_kafka(consumer);
+        println!(
+            "allocations per span: {allocs:.1} ({bytes:.0} bytes per span), Kafka {name} (client), one connection, {REQUESTS} exchanges"
+        );
+        kafka_pipeline.push((name, allocs, bytes));
+    }
+    let mut kafka_parser = Vec::new();
+    for scenario in Scenario::ALL {
+        for side in [Side::Client, Side::Server] {
+            let name = format!("{}_{}", scenario.name(), side_name(side));
+            let (allocs, bytes) = parser_kafka(scenario, side);
+            println!(
+                "allocations per exchange (Kafka parser only): {allocs:.1} ({bytes:.0} bytes per exchange), {} {} side, {} message{}",
+                scenario.name(),
+                side_name(side),
+                scenario.messages(),
+                if scenario.messages() == 1 { "" } else { "s" }
+            );
+            kafka_parser.push((name, allocs, bytes));
+        }
+    }
+
     if bench {
         common::report("pipeline_keepalive_allocs_per_span", allocs, "allocs/span");
         common::report("pipeline_keepalive_bytes_per_span", bytes, "bytes/span");
@@ -279,6 +369,30 @@ fn main() {
                 &format!("http2_parser_{name}_bytes_per_call"),
                 p_bytes,
                 "bytes/call",
+            );
+        }
+        for (name, allocs, bytes) in kafka_pipeline {
+            common::report(
+                &format!("pipeline_kafka_{name}_allocs_per_span"),
+                allocs,
+                "allocs/span",
+            );
+            common::report(
+                &format!("pipeline_kafka_{name}_bytes_per_span"),
+                bytes,
+                "bytes/span",
+            );
+        }
+        for (name, allocs, bytes) in kafka_parser {
+            common::report(
+                &format!("kafka_parser_{name}_allocs_per_exchange"),
+                allocs,
+                "allocs/exchange",
+            );
+            common::report(
+                &format!("kafka_parser_{name}_bytes_per_exchange"),
+                bytes,
+                "bytes/exchange",
             );
         }
     }

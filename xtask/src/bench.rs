@@ -1170,12 +1170,14 @@ fn check_interrupted() -> Result<()> {
 const PIPELINE_TARGET: f64 = 300_000.0;
 
 /// kspan's bench targets (agent/benches/), all run: the HTTP/1 parser, the HTTP/2 parser and
-/// whole path (gRPC), the whole path (HTTP/1), heap allocations.
-const BENCHES: &[&str] = &["http1", "http2", "pipeline", "allocations"];
+/// whole path (gRPC), the Kafka parser and whole path (Produce, Fetch), the whole path
+/// (HTTP/1), heap allocations.
+const BENCHES: &[&str] = &["http1", "http2", "kafka", "pipeline", "allocations"];
 
 /// `cargo bench -p kspan`: criterion's report, then the `BENCH <name> <value> <unit>` summary
 /// lines each bench prints, added to the table and to target/bench/results.json, with the
-/// per-protocol comparison (HTTP/1 keep-alive, HTTP/2 gRPC server and client sides).
+/// per-protocol comparison (HTTP/1 keep-alive, HTTP/2 gRPC server and client sides, Kafka
+/// producer and consumer).
 fn criterion() -> Result<()> {
     let targets = bench_targets("kspan")?;
     let missing: Vec<&str> = BENCHES
@@ -1259,15 +1261,21 @@ fn criterion() -> Result<()> {
     Ok(())
 }
 
+/// Columns of the per-protocol comparison.
+const COLUMNS: usize = 5;
+
 /// The columns of the per-protocol comparison: JSON key and heading.
-const PROTOCOLS: [(&str, &str); 3] = [
+const PROTOCOLS: [(&str, &str); COLUMNS] = [
     ("http1_keepalive_server", "HTTP/1 server"),
     ("http2_grpc_server", "gRPC server"),
     ("http2_grpc_client", "gRPC client"),
+    ("kafka_produce_client", "Kafka producer"),
+    ("kafka_fetch_v16_client", "Kafka consumer"),
 ];
 
 /// One figure per protocol column (HTTP/1 keep-alive as the server sees it; gRPC unary calls
-/// on one HTTP/2 connection, server side and client side), from the `BENCH` lines.
+/// on one HTTP/2 connection, server side and client side; Kafka on a client's connection,
+/// Produce v10 of one message and Fetch v16 of ten), from the `BENCH` lines.
 struct ProtocolRow {
     /// JSON key.
     key: &'static str,
@@ -1275,9 +1283,9 @@ struct ProtocolRow {
     unit: &'static str,
     decimals: usize,
     /// `BENCH` names of the columns' figures.
-    sources: [&'static str; 3],
+    sources: [&'static str; COLUMNS],
     /// Per column; None when its line is missing.
-    values: [Option<f64>; 3],
+    values: [Option<f64>; COLUMNS],
 }
 
 fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
@@ -1288,8 +1296,9 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
             .map(|(_, value, _)| *value)
     };
     // `http1_factor`: the HTTP/1 parser's figure is messages per second, two per exchange.
-    let row = |key, metric, unit, decimals, sources: [&'static str; 3], http1_factor: f64| {
-        let factors = [http1_factor, 1.0, 1.0];
+    let row = |key, metric, unit, decimals, sources: [&'static str; COLUMNS], http1_factor: f64| {
+        let factors: [f64; COLUMNS] =
+            std::array::from_fn(|i| if i == 0 { http1_factor } else { 1.0 });
         ProtocolRow {
             key,
             metric,
@@ -1309,6 +1318,8 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
                 "http1_keepalive_msgs_per_sec",
                 "http2_grpc_server_calls_per_sec",
                 "http2_grpc_client_calls_per_sec",
+                "kafka_produce_client_exchanges_per_sec",
+                "kafka_fetch_v16_client_exchanges_per_sec",
             ],
             0.5,
         ),
@@ -1321,6 +1332,8 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
                 "http1_parser_allocs_per_request",
                 "http2_parser_server_allocs_per_call",
                 "http2_parser_client_allocs_per_call",
+                "kafka_parser_produce_client_allocs_per_exchange",
+                "kafka_parser_fetch_v16_client_allocs_per_exchange",
             ],
             1.0,
         ),
@@ -1333,6 +1346,8 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
                 "http1_parser_bytes_per_request",
                 "http2_parser_server_bytes_per_call",
                 "http2_parser_client_bytes_per_call",
+                "kafka_parser_produce_client_bytes_per_exchange",
+                "kafka_parser_fetch_v16_client_bytes_per_exchange",
             ],
             1.0,
         ),
@@ -1345,6 +1360,8 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
                 "pipeline_keepalive_spans_per_sec",
                 "pipeline_http2_server_spans_per_sec",
                 "pipeline_http2_client_spans_per_sec",
+                "pipeline_kafka_producer_spans_per_sec",
+                "pipeline_kafka_consumer_spans_per_sec",
             ],
             1.0,
         ),
@@ -1357,6 +1374,8 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
                 "pipeline_keepalive_allocs_per_span",
                 "pipeline_http2_server_allocs_per_span",
                 "pipeline_http2_client_allocs_per_span",
+                "pipeline_kafka_producer_allocs_per_span",
+                "pipeline_kafka_consumer_allocs_per_span",
             ],
             1.0,
         ),
@@ -1369,6 +1388,8 @@ fn protocol_rows(figures: &[(String, f64, String)]) -> Vec<ProtocolRow> {
                 "pipeline_keepalive_bytes_per_span",
                 "pipeline_http2_server_bytes_per_span",
                 "pipeline_http2_client_bytes_per_span",
+                "pipeline_kafka_producer_bytes_per_span",
+                "pipeline_kafka_consumer_bytes_per_span",
             ],
             1.0,
         ),
@@ -1681,7 +1702,7 @@ mod bench_line_tests {
         );
     }
 
-    /// What http1, http2, pipeline and allocations print, but the gRPC client side's
+    /// What http1, http2, kafka, pipeline and allocations print, but the gRPC client side's
     /// whole-path lines.
     const FIGURES: &str = "\
 BENCH http1_keepalive_msgs_per_sec 4000000 msgs/s
@@ -1702,24 +1723,45 @@ BENCH http2_parser_server_allocs_per_call 3.00 allocs/call
 BENCH http2_parser_server_bytes_per_call 400 bytes/call
 BENCH http2_parser_client_allocs_per_call 3.00 allocs/call
 BENCH http2_parser_client_bytes_per_call 410 bytes/call
+BENCH kafka_produce_client_exchanges_per_sec 900000 exchanges/s
+BENCH kafka_produce_client_ns_per_exchange 1111 ns/exchange
+BENCH kafka_produce_broker_exchanges_per_sec 850000 exchanges/s
+BENCH kafka_fetch_v16_client_exchanges_per_sec 500000 exchanges/s
+BENCH kafka_fetch_v16_broker_exchanges_per_sec 450000 exchanges/s
+BENCH pipeline_kafka_producer_spans_per_sec 400000 spans/s
+BENCH pipeline_kafka_consumer_spans_per_sec 120000 spans/s
+BENCH pipeline_kafka_producer_allocs_per_span 13.17 allocs/span
+BENCH pipeline_kafka_producer_bytes_per_span 2371 bytes/span
+BENCH pipeline_kafka_consumer_allocs_per_span 46.00 allocs/span
+BENCH pipeline_kafka_consumer_bytes_per_span 6988 bytes/span
+BENCH kafka_parser_produce_client_allocs_per_exchange 10.00 allocs/exchange
+BENCH kafka_parser_produce_client_bytes_per_exchange 1428 bytes/exchange
+BENCH kafka_parser_fetch_v16_client_allocs_per_exchange 37.00 allocs/exchange
+BENCH kafka_parser_fetch_v16_client_bytes_per_exchange 4884 bytes/exchange
 ";
 
     #[test]
     fn per_protocol_figures() {
         let rows = protocol_rows(&bench_lines(FIGURES));
         let row = |key: &str| rows.iter().find(|r| r.key == key).unwrap().values;
-        // Two HTTP/1 messages per exchange.
+        // Two HTTP/1 messages per exchange; Kafka: the client's side, Fetch v16.
         assert_eq!(
             row("parser_exchanges_per_sec"),
-            [Some(2e6), Some(1.5e6), Some(1.4e6)]
+            [Some(2e6), Some(1.5e6), Some(1.4e6), Some(9e5), Some(5e5)]
         );
         assert_eq!(
             row("pipeline_spans_per_sec"),
-            [Some(361121.0), Some(300000.0), None]
+            [
+                Some(361121.0),
+                Some(300000.0),
+                None,
+                Some(400000.0),
+                Some(120000.0)
+            ]
         );
         assert_eq!(
             row("parser_allocs_per_exchange"),
-            [Some(2.0), Some(3.0), Some(3.0)]
+            [Some(2.0), Some(3.0), Some(3.0), Some(10.0), Some(37.0)]
         );
         assert_eq!(
             unmeasured(&rows),
@@ -1737,7 +1779,11 @@ BENCH http2_parser_client_bytes_per_call 410 bytes/call
         );
         assert_eq!(json["http2_grpc_server"]["pipeline_allocs_per_span"], 11.25);
         assert!(json["http2_grpc_client"]["pipeline_spans_per_sec"].is_null());
-        assert_eq!(json.as_object().unwrap().len(), 3);
+        assert_eq!(
+            json["kafka_fetch_v16_client"]["pipeline_allocs_per_span"],
+            46.0
+        );
+        assert_eq!(json.as_object().unwrap().len(), 5);
         assert_eq!(
             json["http2_grpc_client"].as_object().unwrap().len(),
             rows.len()
@@ -1751,18 +1797,19 @@ BENCH http2_parser_client_bytes_per_call 410 bytes/call
                 .unwrap()
                 .split_whitespace()
                 .rev()
-                .take(4)
+                .take(6)
                 .collect::<Vec<_>>()
         };
         assert_eq!(
             line("whole path, one core"),
-            ["spans/s", "-", "300000", "361121"]
+            ["spans/s", "120000", "400000", "-", "300000", "361121"]
         );
         assert_eq!(
             line("parser allocations"),
-            ["allocs/exchange", "3.00", "3.00", "2.00"]
+            ["allocs/exchange", "37.00", "10.00", "3.00", "3.00", "2.00"]
         );
-        assert!(table.lines().next().unwrap().contains("gRPC client"));
+        let heading = table.lines().next().unwrap();
+        assert!(heading.contains("gRPC client") && heading.ends_with("Kafka consumer  unit"));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Fixtures shared by the bench binaries: a realistic keep-alive HTTP/1.1 exchange, steady gRPC
-//! unary calls on one HTTP/2 connection (from grpcio's recording), ring-buffer records built
-//! exactly as the kernel writes them, a no-op kernel and a counting span sink.
+//! unary calls on one HTTP/2 connection (from grpcio's recording), steady Kafka Produce and Fetch
+//! exchanges (`kafka`), ring-buffer records built exactly as the kernel writes them, a no-op
+//! kernel and a counting span sink.
 //! Each bench binary includes this module with `mod common;` and uses a part of it.
 #![allow(dead_code)]
+
+pub mod kafka;
 
 use std::{hint::black_box, sync::Arc, time::Instant};
 

@@ -100,9 +100,15 @@ impl ProducedMessages {
         if last < first {
             return 0;
         }
-        let mut with_context = 0u64;
+        // Offsets of the messages whose context parses, each parsed once.
+        let mut context_offsets = [0i64; MAX_CONTEXTS];
+        let mut with_context = 0usize;
         for message in &records.messages {
+            if with_context == MAX_CONTEXTS {
+                break;
+            }
             if let Some(extracted) = tracecontext::extract(&message.context_headers) {
+                context_offsets[with_context] = message.offset;
                 with_context += 1;
                 links.add(SpanLink {
                     trace_id: extracted.parent.trace_id,
@@ -110,12 +116,13 @@ impl ProducedMessages {
                 });
             }
         }
-        let has_context = |offset: i64| {
-            records
-                .messages
-                .iter()
-                .any(|m| m.offset == offset && tracecontext::extract(&m.context_headers).is_some())
+        let context_offsets = &mut context_offsets[..with_context];
+        context_offsets.sort_unstable();
+        let contexts_within = |lo: i64, hi: i64| {
+            (context_offsets.partition_point(|&o| o <= hi)
+                - context_offsets.partition_point(|&o| o < lo)) as u64
         };
+        let with_context = with_context as u64;
         let messages = (last - first + 1) as u64;
         let mut covered = 0u64;
         let key = (CompactString::from(topic), partition.index);
@@ -133,11 +140,7 @@ impl ProducedMessages {
                     continue;
                 }
                 let overlap = (hi - lo + 1) as u64;
-                let contexts = records
-                    .messages
-                    .iter()
-                    .filter(|m| (lo..=hi).contains(&m.offset) && has_context(m.offset))
-                    .count() as u64;
+                let contexts = contexts_within(lo, hi);
                 covered += overlap - contexts.min(overlap);
                 if contexts < overlap {
                     links.add(link);
@@ -148,14 +151,22 @@ impl ProducedMessages {
     }
 }
 
+/// Messages with a trace context per partition, at most: what the parser keeps per exchange.
+const MAX_CONTEXTS: usize = crate::protocols::kafka::MAX_MESSAGES;
+
 /// A span's links, deduplicated and bounded.
 struct Links {
     links: Vec<SpanLink>,
     dropped: u64,
+    /// False when only counting what is missing (nothing is kept).
+    keep: bool,
 }
 
 impl Links {
     fn add(&mut self, link: SpanLink) {
+        if !self.keep {
+            return;
+        }
         if self.links.contains(&link) {
             return;
         }
@@ -193,6 +204,7 @@ pub fn waits_for_producers(
             let mut scratch = Links {
                 links: Vec::new(),
                 dropped: 0,
+                keep: false,
             };
             produced.link_partition(name, p, &mut scratch) > 0
         })
@@ -335,6 +347,7 @@ pub fn kafka_spans(
             let mut links = Links {
                 links: Vec::new(),
                 dropped: 0,
+                keep: true,
             };
             for partition in &with_records {
                 produced.link_partition(name, partition, &mut links);

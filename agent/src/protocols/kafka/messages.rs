@@ -16,7 +16,7 @@ pub(super) const MAX_TOPICS: usize = 64;
 /// Most partitions kept per exchange (all topics).
 pub(super) const MAX_PARTITIONS: usize = 256;
 /// Most messages with context headers kept per exchange.
-pub(super) const MAX_MESSAGES: usize = 64;
+pub const MAX_MESSAGES: usize = 64;
 
 /// A request header (v1 and v2: every api key the crate knows has a client id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -81,6 +81,7 @@ mod wire;
 mod tests;
 
 pub use connection::KafkaParser;
+pub use messages::MAX_MESSAGES;
 pub use payload::{
     KafkaApi, KafkaMessage, KafkaPartition, KafkaPayload, KafkaRecords, KafkaTopic, TopicNames,
 };
