@@ -20,8 +20,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{
-    LinePump, crate_dir, helper_timeout, kill_and_reap, python, server_script, spawn_port_server,
-    wait_timeout,
+    LinePump, SETUP_HINT, crate_dir, ensure_python_package, helper_timeout, kill_and_reap,
+    peer_on_path, python, server_script, spawn_port_server, wait_timeout,
 };
 
 /// The gRPC service of `servers/grpc_server.py`.
@@ -30,49 +30,19 @@ pub const GRPC_SERVICE: &str = "acc.Shop";
 /// The grpcio version `cargo xtask setup` installs.
 pub const GRPCIO_VERSION: &str = "1.78.0";
 
-const SETUP_HINT: &str = "run `cargo xtask setup` (as root), which installs the test peers";
-
 // ---------------------------------------------------------------------------
 // Prerequisites
 // ---------------------------------------------------------------------------
 
 /// Panics unless [`python()`] imports grpcio at [`GRPCIO_VERSION`].
 pub fn ensure_grpcio() {
-    static CHECKED: OnceLock<()> = OnceLock::new();
-    CHECKED.get_or_init(|| {
-        let out = Command::new(python())
-            .args(["-c", "import grpc; print(grpc.__version__)"])
-            .stdin(Stdio::null())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
-        let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            out.status.success() && version == GRPCIO_VERSION,
-            "the gRPC tests need grpcio {GRPCIO_VERSION} for {} (`import grpc` {}); {SETUP_HINT}.\n\
-             --- stderr ---\n{}",
-            python().display(),
-            if out.status.success() {
-                format!("gives version {version}")
-            } else {
-                format!("fails ({})", out.status)
-            },
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    ensure_python_package("grpcio", "grpc", GRPCIO_VERSION, "the gRPC tests");
 }
 
 /// The `node` executable (canonical path), or a failed test saying how to install it.
 pub fn node() -> &'static Path {
     static NODE: OnceLock<PathBuf> = OnceLock::new();
-    NODE.get_or_init(|| {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("node"))
-            .find(|p| p.is_file())
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .unwrap_or_else(|| panic!("node (Node.js) is not on PATH; {SETUP_HINT}"))
-    })
+    NODE.get_or_init(|| peer_on_path("node", "node (Node.js)"))
 }
 
 /// `tests/node/{name}`, after checking that `tests/node/node_modules` holds @grpc/grpc-js.

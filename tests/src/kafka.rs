@@ -25,14 +25,12 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::{
-    Kspan, LinePump, Run, check_span_shape, helper_timeout, kill_and_reap, pretty, python,
-    spawn_python_script, wait_timeout,
+    Kspan, LinePump, Run, check_span_shape, ensure_python_package, helper_timeout, kill_and_reap,
+    peer_on_path, pretty, spawn_python_script, wait_timeout,
 };
 
 /// The confluent-kafka version `cargo xtask setup` installs.
 pub const CONFLUENT_KAFKA_VERSION: &str = "2.16.1";
-
-const SETUP_HINT: &str = "run `cargo xtask setup` (as root), which installs the test peers";
 
 // ---------------------------------------------------------------------------
 // Prerequisites
@@ -40,45 +38,18 @@ const SETUP_HINT: &str = "run `cargo xtask setup` (as root), which installs the 
 
 /// Panics unless [`python()`] imports confluent_kafka at [`CONFLUENT_KAFKA_VERSION`].
 pub fn ensure_confluent_kafka() {
-    static CHECKED: OnceLock<()> = OnceLock::new();
-    CHECKED.get_or_init(|| {
-        let out = Command::new(python())
-            .args([
-                "-c",
-                "import confluent_kafka, importlib.metadata; \
-                 print(importlib.metadata.version('confluent-kafka'))",
-            ])
-            .stdin(Stdio::null())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
-        let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            out.status.success() && version == CONFLUENT_KAFKA_VERSION,
-            "the Kafka tests need confluent-kafka {CONFLUENT_KAFKA_VERSION} for {} \
-             (`import confluent_kafka` {}); {SETUP_HINT}.\n--- stderr ---\n{}",
-            python().display(),
-            if out.status.success() {
-                format!("gives version {version}")
-            } else {
-                format!("fails ({})", out.status)
-            },
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    ensure_python_package(
+        "confluent-kafka",
+        "confluent_kafka",
+        CONFLUENT_KAFKA_VERSION,
+        "the Kafka tests",
+    );
 }
 
 /// The `kcat` executable (canonical path), or a failed test saying how to install it.
 pub fn kcat_bin() -> &'static Path {
     static KCAT: OnceLock<PathBuf> = OnceLock::new();
-    KCAT.get_or_init(|| {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("kcat"))
-            .find(|p| p.is_file())
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .unwrap_or_else(|| panic!("kcat is not on PATH (Debian package kcat); {SETUP_HINT}"))
-    })
+    KCAT.get_or_init(|| peer_on_path("kcat", "kcat (Debian package kcat)"))
 }
 
 /// The executable file name of kcat, what `--exe` selects.

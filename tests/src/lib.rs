@@ -282,6 +282,52 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// What a test says when a peer is missing.
+pub const SETUP_HINT: &str = "run `cargo xtask setup` (as root), which installs the test peers";
+
+/// Panics (once per process, checked once) unless [`python()`] imports `module` and the
+/// distribution `dist` is at `version`; `what` names the tests that need it.
+pub fn ensure_python_package(dist: &str, module: &str, version: &str, what: &str) {
+    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.iter().any(|d| d == dist) {
+        return;
+    }
+    let probe =
+        format!("import {module}, importlib.metadata; print(importlib.metadata.version({dist:?}))");
+    let out = Command::new(python())
+        .args(["-c", &probe])
+        .stdin(Stdio::null())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    let found = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && found == version,
+        "{what} need {dist} {version} for {} (`import {module}` {}); {SETUP_HINT}.\n\
+         --- stderr ---\n{}",
+        python().display(),
+        if out.status.success() {
+            format!("gives version {found}")
+        } else {
+            format!("fails ({})", out.status)
+        },
+        String::from_utf8_lossy(&out.stderr)
+    );
+    checked.push(dist.to_string());
+}
+
+/// Canonical path of the test peer `name` on PATH, or a failed test saying how to install it
+/// (`what`: e.g. "node (Node.js)").
+pub fn peer_on_path(name: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .unwrap_or_else(|| panic!("{what} is not on PATH; {SETUP_HINT}"))
+}
+
 /// Canonical path of `name` found on PATH (what /proc/PID/exe shows for it).
 pub fn which(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
