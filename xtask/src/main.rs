@@ -39,7 +39,8 @@ enum Task {
         debug: bool,
     },
     /// Set up, build the release agent, run the unit tests, then the end-to-end tests on this
-    /// kernel and in QEMU guests on each kernel of the matrix (see `vmtest`).
+    /// kernel and in QEMU guests on each kernel of the matrix (see `vmtest`); while the guests
+    /// run, `lint`'s clippy runs at the lowest priority to fill its cache.
     Test,
     /// Set up, then check formatting (rustfmt) and lints (clippy -D warnings).
     Lint,
@@ -162,23 +163,33 @@ fn test() -> Result<()> {
     let result = (|| {
         steps.run("setup", || setup::setup_with(vmtest::PACKAGES))?;
         steps.run("build (release)", || build(false))?;
+        // The unit tests and the end-to-end tests select the same packages (the workspace), so
+        // cargo resolves the dependencies' features once and the e2e step builds only its own
+        // test targets: with `--exclude kspan-e2e` then `-p kspan-e2e`, tokio, hyper, tonic,
+        // tower, axum, opentelemetry_sdk and a dozen more were built twice, with each step's
+        // features. The unit tests are every library's and binary's own tests (the e2e
+        // harness's included: they need no kernel) and the doc tests; the end-to-end tests are
+        // the integration tests (`tests/tests/*.rs`, the workspace's only ones).
         steps.run("unit tests", || {
-            run_cmd(&mut cargo(&[
-                "test",
-                "--workspace",
-                "--exclude",
-                "kspan-e2e",
-            ]))
+            run_cmd(&mut cargo(&["test", "--workspace", "--lib", "--bins"]))?;
+            // cargo takes `--doc` alone.
+            run_cmd(&mut cargo(&["test", "--workspace", "--doc"]))
         })?;
         steps.run("end-to-end tests", || {
-            let mut cmd = cargo(&["test", "-p", "kspan-e2e", "--", "--test-threads=1"]);
-            run_cmd(cmd.env("KSPAN_BIN", kspan_bin()))
+            let mut args = vec!["test"];
+            args.extend_from_slice(vmtest::E2E_SELECTION);
+            args.extend(["--", "--test-threads=1"]);
+            run_cmd(cargo(&args).env("KSPAN_BIN", kspan_bin()))
         })?;
         let mut binaries = Vec::new();
         steps.run("e2e test binaries", || {
             binaries = vmtest::e2e_binaries()?;
             Ok(())
         })?;
+        // `cargo xtask lint`'s clippy, started now at the lowest priority: it runs on the cores
+        // the guests leave idle (a guest waiting on a timer or a kernel grace period sleeps in
+        // real time, see vmtest's QEMU_FLAGS), and the lint step finds its work done.
+        let warmup = clippy_warmup();
         // Two guests at once, one per core (each guest is one emulation thread); every kernel
         // runs, one failing does not hide the others' results.
         let matrix = steps.run("e2e on the kernel matrix", || {
@@ -192,6 +203,10 @@ fn test() -> Result<()> {
             };
             vmtest::run_matrix(&kernels, &command, MATRIX_JOBS)
         });
+        if let Some(child) = warmup {
+            // Not a check of its own (the lint step reports clippy's findings): only the wait.
+            let _ = steps.run("clippy warm-up (waiting)", || finish_clippy_warmup(child));
+        }
         // The criterion benchmarks are run by `cargo xtask bench`; `cargo xtask lint` (clippy
         // on all targets) checks that they compile, without building them a third time here.
         matrix
@@ -208,20 +223,64 @@ fn lint() -> Result<()> {
         let fmt = steps.run("rustfmt", || {
             run_cmd(&mut cargo(&["fmt", "--all", "--", "--check"]))
         });
-        let clippy = steps.run("clippy", || {
-            run_cmd(&mut cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))
-        });
+        let clippy = steps.run("clippy", || run_cmd(&mut cargo(CLIPPY)));
         fmt.and(clippy)
     })();
     steps.print_summary();
     result
+}
+
+/// `cargo xtask lint`'s clippy. The warm-up in `test` runs exactly this, so that the lint step
+/// finds every crate checked (cargo keys its cache on these arguments too).
+const CLIPPY: &[&str] = &[
+    "clippy",
+    "--workspace",
+    "--all-targets",
+    "--",
+    "-D",
+    "warnings",
+];
+
+fn clippy_warmup_log() -> PathBuf {
+    target_dir().join("clippy-warmup.log")
+}
+
+/// Start [`CLIPPY`] in the background under `nice -n 19`, its output in a log file: a cache
+/// warm-up for `cargo xtask lint`, whatever its result. None if it could not start.
+fn clippy_warmup() -> Option<std::process::Child> {
+    let log = clippy_warmup_log();
+    let file = std::fs::File::create(&log).ok()?;
+    let mut cmd = command("nice");
+    cmd.args(["-n", "19"])
+        .arg(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(CLIPPY)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().ok()?)
+        .stderr(file);
+    let shown = display(&cmd);
+    match cmd.spawn() {
+        Ok(child) => {
+            println!(
+                "$ {shown} (in the background for `cargo xtask lint`, output in {})",
+                log.display()
+            );
+            Some(child)
+        }
+        Err(err) => {
+            println!("cannot start `{shown}` ({err}); `cargo xtask lint` will do it all");
+            None
+        }
+    }
+}
+
+/// Wait for the warm-up; its failures are the lint step's to report.
+fn finish_clippy_warmup(mut child: std::process::Child) -> Result<()> {
+    let status = child.wait().context("cannot wait for the clippy warm-up")?;
+    println!(
+        "clippy warm-up: {status} (output in {})",
+        clippy_warmup_log().display()
+    );
+    Ok(())
 }
 
 fn run(args: &[OsString]) -> Result<()> {

@@ -33,7 +33,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::setup::{self, Package};
-use crate::{build, cargo, display, kspan_bin, quote, target_dir};
+use crate::{build, cargo, command, display, kspan_bin, output, quote, target_dir};
 
 /// A kernel of the matrix: the newest Debian package of a family, resolved at download time.
 pub struct Kernel {
@@ -57,6 +57,10 @@ pub struct Kernel {
     /// pass` 5 s of guest time on 5.10 (0.15 ms and 0.95 s with 16384; 6.1 and 7.2 do not care).
     /// Newer kernels keep 512000, which reads large files (kspan, node) in fewer requests.
     msize: u32,
+    /// Host time of the suite in a guest of this kernel, in percent of 6.1's, to balance the
+    /// guests (see `guest_seconds`): measured at 15a300f (5.10 526 s, 6.1 538 s, 6.12 600 s,
+    /// 7.2 575 s); 6.1-rt estimated (its kspan stops take ~4 s of guest time instead of 0.6).
+    cost: u32,
 }
 
 /// The kernels `vmtest` and `test` run the end-to-end tests on, oldest first.
@@ -70,6 +74,7 @@ pub const MATRIX: &[Kernel] = &[
         in_ci: true,
         cpus: 1,
         msize: 16384,
+        cost: 98,
     },
     // bookworm(-security)
     Kernel {
@@ -80,6 +85,7 @@ pub const MATRIX: &[Kernel] = &[
         in_ci: true,
         cpus: 1,
         msize: 512000,
+        cost: 100,
     },
     Kernel {
         name: "6.1-rt",
@@ -89,6 +95,7 @@ pub const MATRIX: &[Kernel] = &[
         in_ci: false,
         cpus: 1,
         msize: 512000,
+        cost: 140,
     },
     // bookworm-security (+deb12) and trixie (+deb13) both carry it.
     Kernel {
@@ -99,6 +106,7 @@ pub const MATRIX: &[Kernel] = &[
         in_ci: true,
         cpus: 2,
         msize: 512000,
+        cost: 112,
     },
     // sid: newer Debian packaging splits the image (linux-binary-*), the modules, and the
     // modules.builtin list and config (linux-base-*).
@@ -114,6 +122,7 @@ pub const MATRIX: &[Kernel] = &[
         in_ci: true,
         cpus: 2,
         msize: 512000,
+        cost: 107,
     },
 ];
 
@@ -151,7 +160,9 @@ pub fn parse_kernel(name: &str) -> Result<&'static Kernel, String> {
 /// Modules the guest's init loads (with their dependencies) to mount the host's root.
 const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 const DEFAULT_CACHE: &str = "/var/cache/kspan/vmtest";
-const DEFAULT_TIMEOUT_SECS: u64 = 20 * 60;
+/// A guest that runs longer is killed (`KSPAN_VMTEST_TIMEOUT=SECS` changes it): a whole
+/// kernel's suite in one guest takes ~10 minutes on an idle CI machine, twice that on a loaded one.
+const DEFAULT_TIMEOUT_SECS: u64 = 30 * 60;
 /// The e2e harness's deadlines stretch by this in the guests (`KSPAN_E2E_TIME_SCALE`): software
 /// emulation is 5-15x slower, and on 6.1-rt the kernel takes ~20 s to detach kspan's 29
 /// tracepoints (docs/architecture.md, "Kernels").
@@ -229,16 +240,20 @@ impl TestBinary {
     }
 }
 
+/// Cargo's selection of the end-to-end tests: every integration test (`tests/tests/*.rs`, the
+/// workspace's only `[[test]]` targets), without the harness's own unit tests (`tests/src`), which
+/// do not depend on the kernel and run with the unit tests. `--workspace` resolves dependency
+/// features as `cargo xtask test`'s unit-test step does (`--workspace --lib --bins`), so the
+/// dependencies built there are reused, not built again with the e2e crate's features alone.
+pub const E2E_SELECTION: &[&str] = &["--workspace", "--test", "*"];
+
 /// Build the end-to-end test binaries without running them.
 pub fn e2e_binaries() -> Result<Vec<TestBinary>> {
     // json-render-diagnostics: warnings still reach the terminal, the artifacts come as JSON.
-    let mut cmd = cargo(&[
-        "test",
-        "-p",
-        "kspan-e2e",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]);
+    let mut args = vec!["test"];
+    args.extend_from_slice(E2E_SELECTION);
+    args.extend(["--no-run", "--message-format=json-render-diagnostics"]);
+    let mut cmd = cargo(&args);
     let shown = display(&cmd);
     println!("$ {shown}");
     let out = cmd
@@ -309,9 +324,9 @@ struct Unit<'a> {
 }
 
 /// Boot each kernel (at most `jobs` guests at once) and run `command` in it; print a summary,
-/// fail if the command failed on any kernel. With more than one job, each kernel's test binaries
-/// are split over `jobs` guests of about equal length, and the longest guests go first, so the
-/// slots stay busy to the end.
+/// fail if the command failed on any kernel. With more than one job, the longest guests go first,
+/// so the slots stay busy to the end; with fewer kernels than jobs, each kernel's test binaries
+/// are split over enough guests of about equal length to fill the slots.
 pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usize) -> Result<()> {
     let cache = Cache::open()?;
     let (qemu, prepared) = {
@@ -325,28 +340,42 @@ pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usi
         (qemu, prepared)
     };
 
+    // Guests per kernel: as many as fill the slots. With at least as many kernels as slots (CI:
+    // four kernels, two slots) one guest runs a kernel's whole suite: every guest boots and
+    // warms its page cache through 9p (~15 s of host time), and suites of about equal length
+    // balance the slots by themselves, longest first. One kernel with `--jobs 2` is split over
+    // two guests of about equal length.
+    let per_kernel = jobs.div_ceil(kernels.len().max(1));
     let groups = match *command {
-        GuestCommand::Tests { binaries, .. } if jobs > 1 => split_binaries(binaries, jobs),
+        GuestCommand::Tests { binaries, .. } if per_kernel > 1 => {
+            split_binaries(binaries, per_kernel)
+        }
+        GuestCommand::Tests { binaries, .. } => vec![binaries.to_vec()],
         _ => Vec::new(),
     };
     // (unit, expected seconds)
     let mut units: Vec<(Unit, u32)> = Vec::new();
     for (i, kernel) in kernels.iter().enumerate() {
         match *command {
-            GuestCommand::Tests { args, .. } if jobs > 1 => {
+            GuestCommand::Tests { args, .. } => {
                 for group in &groups {
                     let stems: Vec<&str> = group.iter().map(TestBinary::stem).collect();
-                    let weight = stems.iter().map(|s| guest_seconds(s)).sum();
+                    let seconds: u32 = stems.iter().map(|s| guest_seconds(s)).sum();
+                    let label = if groups.len() > 1 {
+                        format!("{}-{}", kernel.name, stems.join("+"))
+                    } else {
+                        kernel.name.to_string()
+                    };
                     units.push((
                         Unit {
                             kernel: i,
-                            label: format!("{}-{}", kernel.name, stems.join("+")),
+                            label,
                             command: GuestCommand::Tests {
                                 binaries: group,
                                 args,
                             },
                         },
-                        weight,
+                        seconds * kernel.cost / 100,
                     ));
                 }
             }
@@ -360,8 +389,11 @@ pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usi
             )),
         }
     }
-    // The longest guests first (stable: equal ones keep their order).
-    units.sort_by_key(|(_, weight)| cmp::Reverse(*weight));
+    // The longest guests first (stable: equal ones keep their order); one at a time, the
+    // kernels' order.
+    if jobs > 1 {
+        units.sort_by_key(|(_, weight)| cmp::Reverse(*weight));
+    }
     let units: Vec<Unit> = units.into_iter().map(|(unit, _)| unit).collect();
 
     let jobs = jobs.clamp(1, units.len().max(1));
@@ -417,15 +449,21 @@ pub fn run_matrix(kernels: &[&'static Kernel], command: &GuestCommand, jobs: usi
     Ok(())
 }
 
-/// About how long a test binary's suite takes in a guest, in seconds (measured on this 2-core
-/// machine), to balance the guests; binaries not listed count as short.
+/// About how long a test binary's suite takes in a guest, in seconds of host time (a guest is
+/// one emulation thread, one core), to balance the guests; binaries not listed count as short.
+/// Measured on 6.12 and 7.2 (QEMU's CPU time per binary; guest time for otlp and http2, scaled
+/// like http1's) at 10c5852, without the ~5 s of the harness resolving python3 through a pyenv
+/// shim (the guests now get it from the host, `ScriptEnv::python`). kafka: 29 s of guest time on
+/// 6.12 against http1's 43 (18 against 25 on 5.10), a first measurement of a suite still being
+/// written.
 fn guest_seconds(stem: &str) -> u32 {
     match stem {
-        "context" => 175,
+        "context" => 170,
         "grpc" => 150,
-        "http1" => 135,
-        "otlp" => 60,
-        "http2" => 45,
+        "http1" => 110,
+        "kafka" => 80,
+        "otlp" => 45,
+        "http2" => 22,
         _ => 10,
     }
 }
@@ -591,6 +629,12 @@ struct ScriptEnv {
     kspan_bin: PathBuf,
     /// The host's `RUST_LOG`, if set: kspan's debug logs from a guest without editing the script.
     rust_log: Option<String>,
+    /// The Python interpreter the harness runs its helpers with (`KSPAN_E2E_PYTHON`), resolved
+    /// on the host. Without it, every test binary in a guest resolves it itself by running
+    /// `python3` through PATH, a pyenv shim here: ~0.95 s of guest time (~5 s of host time) per
+    /// binary and guest, against ~0.45 s for the interpreter itself.
+    /// The guest sees the host's root, so the host's answer is the guest's.
+    python: Option<String>,
 }
 
 impl ScriptEnv {
@@ -602,8 +646,23 @@ impl ScriptEnv {
             cwd: env::current_dir().context("cannot read the current directory")?,
             kspan_bin: kspan_bin(),
             rust_log: env::var("RUST_LOG").ok(),
+            python: host_python(),
         })
     }
+}
+
+/// `KSPAN_E2E_PYTHON` if set, else what the harness would resolve (`kspan_e2e::python`):
+/// `python3` on PATH asked for `sys.executable`, canonicalized. None if that fails: the guests'
+/// harness then resolves it itself and reports what is wrong.
+fn host_python() -> Option<String> {
+    if let Some(python) = env::var_os("KSPAN_E2E_PYTHON").filter(|p| !p.is_empty()) {
+        return Some(python.display().to_string());
+    }
+    let mut cmd = command("python3");
+    cmd.args(["-c", "import sys; print(sys.executable)"]);
+    let printed = output(&mut cmd)?;
+    let path = fs::canonicalize(printed.trim()).ok()?;
+    Some(path.display().to_string())
 }
 
 /// The bash script the guest runs: the host's PATH and HOME, then the tests (each binary, even
@@ -620,9 +679,17 @@ fn guest_script(command: &GuestCommand, env: &ScriptEnv) -> String {
     if let Some(rust_log) = &env.rust_log {
         script.push_str(&format!("export RUST_LOG={}\n", quote(rust_log)));
     }
+    if let Some(python) = &env.python {
+        script.push_str(&format!("export KSPAN_E2E_PYTHON={}\n", quote(python)));
+    }
     match command {
         GuestCommand::Tests { binaries, args } => {
-            script.push_str("status=0\n");
+            // Each binary's guest time (see QEMU_FLAGS), for `guest_seconds`: /proc/uptime in
+            // hundredths, read by shell builtins (no program loaded through 9p).
+            script.push_str(
+                "status=0\n\
+                 uptime_cs() { local up; read -r up _ </proc/uptime; echo $((10#${up/./})); }\n",
+            );
             for binary in *binaries {
                 let exe = path(&binary.executable);
                 let banner = format!(
@@ -636,9 +703,13 @@ fn guest_script(command: &GuestCommand, env: &ScriptEnv) -> String {
                     run.push_str(&quote(arg));
                 }
                 script.push_str(&format!(
-                    "echo; echo {}\ncd {} && {run} || status=$?\n",
+                    "echo; echo {}\nstart=$(uptime_cs)\ncd {} && {run} || status=$?\n\
+                     took=$(( $(uptime_cs) - start ))\n\
+                     printf 'vmtest: %s took %d.%02d s of guest time\\n' {} \
+                     $((took / 100)) $((took % 100))\n",
                     quote(&banner),
-                    path(&binary.package_dir)
+                    path(&binary.package_dir),
+                    quote(&binary.source),
                 ));
             }
             script.push_str("exit $status\n");
@@ -682,14 +753,16 @@ exec switch_root /newroot /bin/sh -c "/bin/bash $S </dev/null; printf '\\nVMTEST
 /// - `thread=single`: with QEMU 7.2's multi-threaded TCG, a vCPU can run a stale int3 after the
 ///   kernel patched its text (as kspan attaches tracepoints), an `Oops: int3` that panics the
 ///   guest. One host thread for both vCPUs ran the e2e suite as fast here.
-/// - `-icount shift=1`: guest time advances 2 ns per emulated instruction (idle time skipped),
-///   so a program spans as many timer ticks as on real hardware. On the host's clock an emulated
-///   program runs some 50 times longer against the tick, and what is rare on hardware became
-///   common: on 7.2, whose syscall tracepoint programs are preemptible, tasks were preempted
-///   inside kspan's programs and the kernel skipped 10-20 program runs per concurrent test;
-///   cross-process links raced; on 6.1-rt with two vCPUs each RCU grace period took ~0.7 s and
-///   kspan's stop (29 detaches, each waiting for one under a mutex) 22 s. Suites also run faster
-///   (6.12 and 7.2 together: 6.5 minutes instead of 9).
+/// - `-icount shift=1`: guest time advances 2 ns per emulated instruction, so a program spans
+///   as many timer ticks as on real hardware (while every vCPU is idle, guest time follows the
+///   host's clock, QEMU's default `sleep=on`, and the guest's core is free: ~16% of a 7.2
+///   guest's time, mostly kspan's stops). On the host's clock an emulated program runs some 50
+///   times longer against the tick, and what is rare on hardware became common: on 7.2, whose
+///   syscall tracepoint programs are preemptible, tasks were preempted inside kspan's programs
+///   and the kernel skipped 10-20 program runs per concurrent test; cross-process links raced;
+///   on 6.1-rt with two vCPUs each RCU grace period took ~0.7 s and kspan's stop (29 detaches,
+///   each waiting for one under a mutex) 22 s. Suites also run faster (6.12 and 7.2 together:
+///   6.5 minutes instead of 9).
 /// - `-display none` rather than `-nographic`, with which SeaBIOS resets and clears the terminal
 ///   through the serial console.
 const QEMU_FLAGS: &str = "-accel tcg,thread=single -icount shift=1 -cpu max -m 4G -display none \
@@ -2114,6 +2187,7 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/pub/debian/ bookworm mai
             cwd: "/work/main/my dir".into(),
             kspan_bin: "/work/main/target/release/kspan".into(),
             rust_log: None,
+            python: Some("/usr/bin/python3.11".into()),
         }
     }
 
@@ -2125,9 +2199,9 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/pub/debian/ bookworm mai
             source: source.into(),
         };
         let binaries = [
-            binary("src/lib.rs"),
             binary("tests/context.rs"),
             binary("tests/http1.rs"),
+            binary("tests/http2.rs"),
             binary("tests/otlp.rs"),
         ];
         let stems = |groups: Vec<Vec<TestBinary>>| -> Vec<Vec<String>> {
@@ -2138,7 +2212,7 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/pub/debian/ bookworm mai
         };
         assert_eq!(
             stems(split_binaries(&binaries, 2)),
-            [vec!["context", "lib"], vec!["http1", "otlp"]]
+            [vec!["context"], vec!["http1", "otlp", "http2"]]
         );
         assert_eq!(
             stems(split_binaries(&binaries, 8)).len(),
@@ -2171,11 +2245,19 @@ deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/pub/debian/ bookworm mai
             "\
 # generated by cargo xtask vmtest
 export PATH=/root/.cargo/bin:/usr/bin HOME=/root KSPAN_BIN=/work/main/target/release/kspan KSPAN_E2E_TIME_SCALE=5
+export KSPAN_E2E_PYTHON=/usr/bin/python3.11
 status=0
+uptime_cs() { local up; read -r up _ </proc/uptime; echo $((10#${up/./})); }
 echo; echo 'Running tests/http1.rs (/w/target/debug/deps/http1-0a)'
+start=$(uptime_cs)
 cd /w/tests && /w/target/debug/deps/http1-0a --test-threads=1 --nocapture 'a b' || status=$?
+took=$(( $(uptime_cs) - start ))
+printf 'vmtest: %s took %d.%02d s of guest time\\n' tests/http1.rs $((took / 100)) $((took % 100))
 echo; echo 'Running tests/otlp.rs (/w/target/debug/deps/otlp-1b)'
+start=$(uptime_cs)
 cd /w/tests && /w/target/debug/deps/otlp-1b --test-threads=1 --nocapture 'a b' || status=$?
+took=$(( $(uptime_cs) - start ))
+printf 'vmtest: %s took %d.%02d s of guest time\\n' tests/otlp.rs $((took / 100)) $((took % 100))
 exit $status
 "
         );
