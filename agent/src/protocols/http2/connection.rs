@@ -61,6 +61,7 @@ impl Http2Connection {
                 from_start: false,
                 bad_chunks: 0,
                 gave_up: false,
+                early: Vec::new(),
             },
         }
     }
@@ -129,6 +130,26 @@ struct Shared {
     /// Chunks in a row that failed to resynchronise after a parse error.
     bad_chunks: u32,
     gave_up: bool,
+    /// Client side: response header blocks of streams whose request was not seen yet, oldest
+    /// first (at most [`MAX_EARLY_RESPONSES`]). Events come in syscall-exit order: a writer
+    /// thread preempted between queueing its request and its write's exit lets another
+    /// thread's read of the response come first. The request, when it comes, takes them.
+    early: Vec<EarlyResponse>,
+}
+
+/// Response blocks kept for requests not seen yet, at most (past it the oldest goes).
+const MAX_EARLY_RESPONSES: usize = 16;
+
+/// What a response header block said (see [`Shared::early`]).
+#[derive(Clone, Copy, Debug)]
+struct EarlyResponse {
+    stream: u32,
+    status: Option<u16>,
+    grpc_status: Option<u32>,
+    fields_lost: bool,
+    end_stream: bool,
+    end_ns: u64,
+    tid: u32,
 }
 
 fn index(direction: Direction) -> usize {
@@ -446,6 +467,9 @@ impl Shared {
             response_tid: None,
             maybe_lost: false,
         });
+        if !self.early.is_empty() {
+            self.take_early_responses(id, out);
+        }
         false
     }
 
@@ -458,17 +482,48 @@ impl Shared {
         end_ns: u64,
         out: &mut ParserOutput,
     ) {
-        let id = block.stream;
-        // Streams not followed: pushed ones (even), dropped requests, joined late.
+        let response = EarlyResponse {
+            stream: block.stream,
+            status: fields.status,
+            grpc_status: fields.grpc_status,
+            fields_lost: fields.unknown > 0,
+            end_stream: block.end_stream,
+            end_ns,
+            tid: block.first.tid,
+        };
+        if self.streams.find(block.stream).is_none() {
+            // Streams not followed: pushed ones (even), dropped requests, joined late; or, on
+            // the client side, a request whose event has not come yet.
+            if self.role == Some(Role::Client) && !block.stream.is_multiple_of(2) {
+                if self.early.len() >= MAX_EARLY_RESPONSES {
+                    self.early.remove(0);
+                }
+                self.early.push(response);
+            }
+            return;
+        }
+        self.apply_response(&response, out);
+    }
+
+    /// The request of stream `id` was just seen: the response blocks that came before it.
+    fn take_early_responses(&mut self, id: u32, out: &mut ParserOutput) {
+        while let Some(i) = self.early.iter().position(|r| r.stream == id) {
+            let response = self.early.remove(i);
+            self.apply_response(&response, out);
+        }
+    }
+
+    fn apply_response(&mut self, response: &EarlyResponse, out: &mut ParserOutput) {
+        let id = response.stream;
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
         stream.maybe_lost = false;
-        stream.fields_lost |= fields.unknown > 0;
-        stream.response_tid.get_or_insert(block.first.tid);
+        stream.fields_lost |= response.fields_lost;
+        stream.response_tid.get_or_insert(response.tid);
         if !stream.response_seen {
-            match fields.status {
-                Some(100..=199) if !block.end_stream => return, // interim: wait for the final
+            match response.status {
+                Some(100..=199) if !response.end_stream => return, // interim: wait for the final
                 status => {
                     // A status hidden in an unknown field is taken as final (1xx are rare).
                     stream.response_seen = true;
@@ -477,13 +532,13 @@ impl Shared {
                 }
             }
         } else if stream.status.is_none() {
-            stream.status = fields.status.filter(|s| *s >= 200);
+            stream.status = response.status.filter(|s| *s >= 200);
         }
-        if fields.grpc_status.is_some() {
-            stream.grpc_status = fields.grpc_status;
+        if response.grpc_status.is_some() {
+            stream.grpc_status = response.grpc_status;
         }
-        if block.end_stream {
-            self.finish(id, end_ns, None, out);
+        if response.end_stream {
+            self.finish(id, response.end_ns, None, out);
         }
     }
 }

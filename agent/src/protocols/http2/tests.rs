@@ -681,6 +681,40 @@ fn dynamic_table_insertions_evictions_and_size_update() {
     assert_eq!(h.counts().desynchronised, 1);
 }
 
+/// Client side, events out of order: the response of stream 3 is read (by another thread)
+/// before the write event of its request comes. The request takes the response blocks that
+/// came first: one exchange, complete, no error, nothing counted.
+#[test]
+fn response_read_before_its_request_event() {
+    let mut c = Enc::new();
+    let mut s = Enc::new();
+    let mut h = Harness::new();
+    h.tx(PREFACE);
+    h.tx(&c.headers(1, END_STREAM, &grpc_request_fields("/a/First")));
+    let request3 = c.headers(3, END_STREAM, &grpc_request_fields("/a/Second"));
+    let mut response3 = s.headers(
+        3,
+        0,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+    );
+    response3.extend(frame(DATA, 0, 3, &grpc_message(6)));
+    h.rx(&response3);
+    h.rx(&s.headers(3, END_STREAM, &[("grpc-status", "5")]));
+    assert!(h.exchanges().is_empty());
+    h.tx(&request3);
+    let exchanges = h.exchanges();
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(exchanges[0].id, 3);
+    assert_eq!(exchanges[0].error, None);
+    let response = http(&exchanges[0]).response.as_ref().unwrap();
+    assert_eq!((response.status, response.grpc_status), (200, Some(5)));
+    assert_eq!(h.responses_started(), [3]);
+    // Stream 1 is answered in order as usual.
+    h.rx(&s.headers(1, END_STREAM, &[(":status", "200"), ("grpc-status", "0")]));
+    assert_eq!(h.exchanges().len(), 1);
+    assert_eq!(h.counts(), ParserCounts::default());
+}
+
 #[test]
 fn trailers_only_and_interim_responses() {
     let mut c = Enc::new();
