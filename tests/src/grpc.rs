@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     LinePump, SETUP_HINT, crate_dir, ensure_python_package, helper_timeout, kill_and_reap,
-    peer_on_path, python, server_script, spawn_port_server, wait_timeout,
+    peer_on_path, python, server_script, spawn_port_server, wait_success, wait_timeout,
 };
 
 /// The gRPC service of `servers/grpc_server.py`.
@@ -318,30 +318,6 @@ fn spawn_waiting(mut cmd: Command, what: &str) -> (Child, LinePump, LinePump) {
         }
     }
     (child, stdout, stderr)
-}
-
-/// Waits for `child` to exit 0 within helper_timeout(); returns its stdout and stderr.
-fn wait_success(
-    child: &mut Child,
-    stdout: &mut LinePump,
-    stderr: &mut LinePump,
-    what: &str,
-) -> (String, String) {
-    let Some(status) = wait_timeout(child, helper_timeout()) else {
-        kill_and_reap(child);
-        panic!(
-            "{what} did not finish within {:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            helper_timeout(),
-            stdout.finish(),
-            stderr.finish()
-        );
-    };
-    let (out, err) = (stdout.finish(), stderr.finish());
-    assert!(
-        status.success(),
-        "{what} failed ({status}).\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
-    );
-    (out, err)
 }
 
 // ---------------------------------------------------------------------------

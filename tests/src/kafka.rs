@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use super::{
     Kspan, LinePump, Run, check_span_shape, ensure_python_package, helper_timeout, kill_and_reap,
-    peer_on_path, pretty, spawn_python_script, wait_timeout,
+    peer_on_path, pretty, spawn_python_script, wait_success, wait_timeout,
 };
 
 /// The confluent-kafka version `cargo xtask setup` installs.
@@ -90,30 +90,6 @@ fn expect_line(
             )
         }
     }
-}
-
-/// Waits for `child` to exit 0 within helper_timeout(); returns its stdout.
-fn wait_success(
-    child: &mut Child,
-    stdout: &mut LinePump,
-    stderr: &mut LinePump,
-    what: &str,
-) -> String {
-    let Some(status) = wait_timeout(child, helper_timeout()) else {
-        kill_and_reap(child);
-        panic!(
-            "{what} did not finish within {:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            helper_timeout(),
-            stdout.finish(),
-            stderr.finish()
-        );
-    };
-    let (out, err) = (stdout.finish(), stderr.finish());
-    assert!(
-        status.success(),
-        "{what} failed ({status}).\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
-    );
-    out
 }
 
 /// The integers after `prefix` on the line of `out` that starts with it.
@@ -286,7 +262,7 @@ impl KafkaProducer {
             .expect("write to kafka_producer.py");
         drop(stdin);
         let what = format!("kafka_producer.py (pid {})", self.pid);
-        let out = wait_success(&mut self.child, &mut self.stdout, &mut self.stderr, &what);
+        let (out, _err) = wait_success(&mut self.child, &mut self.stdout, &mut self.stderr, &what);
         ProducerResult {
             offsets: numbers_after(&out, "DONE", &what),
             stdout: out,
@@ -361,7 +337,7 @@ impl KafkaConsumer {
             .expect("write to kafka_consumer.py");
         drop(stdin);
         let what = format!("kafka_consumer.py (pid {})", self.pid);
-        let out = wait_success(&mut self.child, &mut self.stdout, &mut self.stderr, &what);
+        let (out, _err) = wait_success(&mut self.child, &mut self.stdout, &mut self.stderr, &what);
         let mut messages = Vec::new();
         for line in out.lines() {
             let Some(rest) = line.strip_prefix("MESSAGE ") else {

@@ -282,6 +282,30 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits for `child` to exit 0 within helper_timeout(); returns its stdout and stderr.
+pub(crate) fn wait_success(
+    child: &mut Child,
+    stdout: &mut LinePump,
+    stderr: &mut LinePump,
+    what: &str,
+) -> (String, String) {
+    let Some(status) = wait_timeout(child, helper_timeout()) else {
+        kill_and_reap(child);
+        panic!(
+            "{what} did not finish within {:?}.\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            helper_timeout(),
+            stdout.finish(),
+            stderr.finish()
+        );
+    };
+    let (out, err) = (stdout.finish(), stderr.finish());
+    assert!(
+        status.success(),
+        "{what} failed ({status}).\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    );
+    (out, err)
+}
+
 /// What a test says when a peer is missing.
 pub const SETUP_HINT: &str = "run `cargo xtask setup` (as root), which installs the test peers";
 
