@@ -1,8 +1,9 @@
 //! HTTP span builder: one HTTP [`Exchange`] in, one OpenTelemetry span out (HTTP semantic
 //! conventions, stable attribute names), for HTTP/1.x and HTTP/2 alike.
 //!
-//! Privacy: the query string and fragment of the request-target never reach a span (not the
-//! name, not `url.path`, not `url.full`); a Host header that could smuggle one (`?`, `#`, `/`,
+//! Privacy: the query string, the fragment and the path parameters (`;jsessionid=...`) of the
+//! request-target never reach a span (not the name, not `url.path`, not `url.full`), nor do
+//! e-mail addresses and tokens in the path (see [`super::route`]); a Host header that could smuggle one (`?`, `#`, `/`,
 //! `@`, whitespace or control characters) is ignored and the socket address is used instead.
 
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use compact_str::{CompactString, ToCompactString, format_compact};
 
-use super::route::{route_template, target_path};
+use super::route::{route_template, url_path};
 use super::{AttributeValue, Attributes, Resource, Span, SpanIds, SpanKind, SpanStatus};
 use crate::clock::Clock;
 use crate::protocols::Exchange;
@@ -136,7 +137,7 @@ pub fn http_span(
     name.push_str(method_or_http);
     name.push(' ');
     name.push_str(&route);
-    let path = target_path(&request.target);
+    let path = url_path(&request.target);
 
     let (status, error_type) = status_of(exchange, http);
     let scheme = request.scheme.as_deref().unwrap_or("http");
@@ -164,7 +165,7 @@ pub fn http_span(
             put("http.request.method_original", str_value(&request.method));
         }
     }
-    put("url.path", str_value(path));
+    put("url.path", str_value(&path));
     put("url.scheme", str_value(scheme));
     if let Some(response) = &http.response
         && response.status != 0
@@ -674,6 +675,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn path_parameters_emails_and_tokens_never_appear() {
+        let target = "/shop/cart;jsessionid=SECRETP/users/alice@example.com/\
+                      reset/aB3dE5gH7jK9mN1pQ3rS?password=SECRETQ";
+        for role in [Role::Server, Role::Client] {
+            let ex = exchange(role, "GET", target, Some(200));
+            let span = build(&ex, local(), remote());
+            assert_eq!(span.name, "GET /shop/cart/users/*/reset/*");
+            assert_eq!(
+                span.attribute("url.path"),
+                Some(&s("/shop/cart/users/REDACTED/reset/REDACTED"))
+            );
+            let mut texts = vec![span.name.to_string()];
+            for (_, value) in &span.attributes {
+                if let Str(v) = value {
+                    texts.push(v.to_string());
+                }
+            }
+            for text in texts {
+                for secret in ["SECRET", "jsessionid", ";", "alice", "aB3dE5gH7jK9mN1pQ3rS"] {
+                    assert!(!text.contains(secret), "{text}");
+                }
+            }
+        }
+        let ex = exchange(Role::Client, "GET", target, Some(200));
+        let span = build(&ex, local(), remote());
+        assert_eq!(
+            span.attribute("url.full"),
+            Some(&s(
+                "http://example.com/shop/cart/users/REDACTED/reset/REDACTED"
+            ))
+        );
     }
 
     #[test]
