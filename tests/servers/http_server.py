@@ -11,6 +11,8 @@ Routes (every response carries Content-Length):
   GET  /missing      404
   GET  /fail         500
   POST /upload       reads exactly Content-Length body bytes, 200 {"received": N}
+  GET  /private/...  200 "private\\n" with "Set-Cookie: t=SECRET5" (privacy tests: a secret only
+                     the response carries)
   anything else      404 (GET /upload: 405)
 
 Request logging is silenced so stderr only ever shows real errors.
@@ -34,10 +36,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
         pass
 
-    def _send(self, code, body, content_type="text/plain"):
+    def _send(self, code, body, content_type="text/plain", extra_headers=()):
         if isinstance(body, str):
             body = body.encode()
         self.send_response(code)
+        for name, value in extra_headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -54,6 +58,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/users/") and len(path) > len("/users/") and "/" not in path[len("/users/"):]:
             uid = path[len("/users/"):]
             self._send(200, json.dumps({"id": uid, "name": "user-" + uid}) + "\n", "application/json")
+        elif path.startswith("/private/"):
+            self._send(200, "private\n", extra_headers=[("Set-Cookie", "t=SECRET5")])
         elif path == "/missing":
             self._send(404, "not found\n")
         elif path == "/fail":
