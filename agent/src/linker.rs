@@ -45,6 +45,11 @@ const MAX_SERVING_PER_THREAD: usize = 64;
 const MAX_OUTGOING_PER_CONNECTION: usize = 256;
 /// Connections remembered for cross-process pairing.
 const MAX_PAIRED_CONNECTIONS: usize = 65536;
+/// Requests remembered per connection until their exchange completes: twice the parsers' own
+/// bound (256 open HTTP/2 streams or Kafka requests), so that requests whose exchange will never
+/// come (the parser dropped them without saying so) are forgotten before live ones. Past it the
+/// oldest is forgotten, counted in [`LinkCounters::dropped`].
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 512;
 
 #[derive(Debug)]
 enum Parent {
@@ -129,6 +134,10 @@ pub struct LinkCounters {
     /// Spans emitted without the parent they waited for: the traced client's request event did
     /// not come in time.
     pub late: u64,
+    /// Requests forgotten before their exchange completed: past
+    /// [`MAX_IN_FLIGHT_PER_CONNECTION`], retired by a later response (in-order protocols), or
+    /// reported [abandoned](Linker::abandon_request).
+    pub dropped: u64,
 }
 
 pub struct Linker {
@@ -179,6 +188,26 @@ impl Linker {
 
     pub fn forget_process(&mut self, pid: u32) {
         self.serving.retain(|(p, _), _| *p != pid);
+    }
+
+    /// Request `id` of this connection will never complete (its parser dropped it, or its
+    /// response was lost): forget it, and its thread no longer serves it.
+    pub fn abandon_request(&mut self, end: &Endpoint, links: &mut ConnectionLinks, id: u64) {
+        if let Some(position) = links.in_flight.iter().position(|r| r.id == id)
+            && let Some(mut request) = links.in_flight.remove(position)
+        {
+            self.stop_serving(end.pid, &mut request);
+            self.counters.dropped += 1;
+        }
+    }
+
+    /// The kernel lost events: any of them may have been the start of a response, which would
+    /// leave its thread "serving" a finished request, and its later outgoing calls children of
+    /// it. No thread is taken as serving anything read before the loss (their client calls stay
+    /// unlinked until they read a new request); the requests themselves stay in flight.
+    pub fn on_events_lost(&mut self) {
+        // `PendingRequest::listed` flags left set are harmless: removal looks the node up.
+        self.serving.clear();
     }
 
     /// A request's header block was parsed: create its span node and decide its parent.
@@ -233,6 +262,13 @@ impl Linker {
                     self.register_client_request(end, index, start, &node);
                 }
             }
+        }
+        if links.in_flight.len() >= MAX_IN_FLIGHT_PER_CONNECTION
+            && let Some(mut oldest) = links.in_flight.pop_front()
+        {
+            // Its exchange never came: most likely dropped by the parser, never to come.
+            self.stop_serving(end.pid, &mut oldest);
+            self.counters.dropped += 1;
         }
         links.in_flight.push_back(PendingRequest {
             id: start.id,
@@ -362,6 +398,7 @@ impl Linker {
         if in_order {
             for mut dropped in links.in_flight.drain(..position) {
                 self.stop_serving(end.pid, &mut dropped);
+                self.counters.dropped += 1;
             }
         }
         let position = if in_order { 0 } else { position };
@@ -894,6 +931,126 @@ mod tests {
         let f1 = linker.finish(&server_end, Role::Server, &mut server_links, 1, false);
         assert_eq!(f1.span_id, s1.span_id);
         assert!(server_links.in_flight.is_empty());
+        assert!(linker.serving.is_empty());
+    }
+    /// 10,000 requests without responses on one connection (both roles, ids never reused):
+    /// the linker keeps at most its cap, forgets the oldest, counts them, and the thread that
+    /// read them serves none of the forgotten ones.
+    #[test]
+    fn requests_without_responses_are_capped_per_connection() {
+        for role in [Role::Server, Role::Client] {
+            let mut linker = Linker::new(Sampler::AlwaysOn);
+            let conn = end(1, 8000, 40000);
+            let mut links = ConnectionLinks::default();
+            for i in 0..10_000u64 {
+                request(&mut linker, &conn, start(role, 11, i, &[]), &mut links);
+            }
+            assert_eq!(links.in_flight.len(), MAX_IN_FLIGHT_PER_CONNECTION);
+            assert_eq!(
+                linker.counters.dropped,
+                10_000 - MAX_IN_FLIGHT_PER_CONNECTION as u64
+            );
+            // The newest are kept.
+            assert_eq!(links.in_flight.front().unwrap().id, 10_000 - 512);
+            assert_eq!(links.in_flight.back().unwrap().id, 9_999);
+            let serving = linker.serving.get(&(1, 11)).map_or(0, Vec::len);
+            assert!(serving <= MAX_SERVING_PER_THREAD, "{serving}");
+            // Closing the connection leaves nothing behind.
+            linker.on_close(&conn, &mut links);
+            assert!(links.in_flight.is_empty());
+            assert!(linker.serving.is_empty());
+        }
+    }
+
+    /// Thread 11 serves request A; A's response is lost. Its later outgoing call must not be a
+    /// child of A: the loss is reported either as lost events or as A abandoned.
+    #[test]
+    fn a_lost_response_leaves_no_thread_serving() {
+        for report in ["events lost", "abandoned"] {
+            let mut linker = Linker::new(Sampler::AlwaysOn);
+            let server_end = end(1, 8000, 40000);
+            let mut server_links = ConnectionLinks::default();
+            let a = request(
+                &mut linker,
+                &server_end,
+                start(Role::Server, 11, 100, &[]),
+                &mut server_links,
+            );
+            // While A is served, a call is its child (the contract this test must not break).
+            let mut call_links = ConnectionLinks::default();
+            let call_end = end(1, 41000, 9000);
+            let during = request(
+                &mut linker,
+                &call_end,
+                start(Role::Client, 11, 150, &[]),
+                &mut call_links,
+            );
+            let a_id = linker.resolve(&a).ids.span_id;
+            assert_eq!(linker.resolve(&during).ids.parent_span_id, Some(a_id));
+
+            match report {
+                "events lost" => linker.on_events_lost(),
+                _ => {
+                    let id = server_links.in_flight.front().unwrap().id;
+                    linker.abandon_request(&server_end, &mut server_links, id);
+                    assert!(server_links.in_flight.is_empty());
+                    assert_eq!(linker.counters.dropped, 1);
+                }
+            }
+            let after = request(
+                &mut linker,
+                &call_end,
+                start(Role::Client, 11, 300, &[]),
+                &mut call_links,
+            );
+            let r = linker.resolve(&after);
+            assert_eq!(r.ids.parent_span_id, None, "{report}");
+            assert_ne!(r.ids.trace_id, linker.resolve(&a).ids.trace_id, "{report}");
+
+            // The thread serves its next request as before: its calls are children of it.
+            let b = request(
+                &mut linker,
+                &end(1, 8000, 40001),
+                start(Role::Server, 11, 400, &[]),
+                &mut ConnectionLinks::default(),
+            );
+            let child = request(
+                &mut linker,
+                &call_end,
+                start(Role::Client, 11, 450, &[]),
+                &mut call_links,
+            );
+            assert_eq!(
+                linker.resolve(&child).ids.parent_span_id,
+                Some(linker.resolve(&b).ids.span_id),
+                "{report}"
+            );
+            // A's exchange, should it still complete, finds no stale serving entry to remove.
+            if report == "events lost" {
+                let id = server_links.in_flight.front().unwrap().id;
+                let node = linker.finish(&server_end, Role::Server, &mut server_links, id, true);
+                assert!(Rc::ptr_eq(&node, &a));
+            }
+        }
+    }
+
+    /// A request retired by a later response of an in-order connection is counted.
+    #[test]
+    fn requests_retired_in_order_are_counted() {
+        let mut linker = Linker::new(Sampler::AlwaysOn);
+        let conn = end(1, 8000, 40000);
+        let mut links = ConnectionLinks::default();
+        for t in 0..3 {
+            request(
+                &mut linker,
+                &conn,
+                start(Role::Server, 11, t, &[]),
+                &mut links,
+            );
+        }
+        linker.finish(&conn, Role::Server, &mut links, 2, true);
+        assert_eq!(linker.counters.dropped, 2);
+        assert!(links.in_flight.is_empty());
         assert!(linker.serving.is_empty());
     }
 }
