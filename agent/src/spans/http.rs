@@ -3,8 +3,9 @@
 //!
 //! Privacy: the query string, the fragment and the path parameters (`;jsessionid=...`) of the
 //! request-target never reach a span (not the name, not `url.path`, not `url.full`), nor do
-//! e-mail addresses and tokens in the path (see [`super::route`]); a Host header that could smuggle one (`?`, `#`, `/`,
-//! `@`, whitespace or control characters) is ignored and the socket address is used instead.
+//! e-mail addresses and tokens in the path (see [`super::route`]); a Host header that could
+//! smuggle one (`?`, `#`, `/`, `@`, whitespace or control characters) is ignored and the socket
+//! address is used instead.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
