@@ -23,7 +23,7 @@ use crate::{
         prometheus,
         text::TextExporter,
     },
-    linker::Linker,
+    linker::{LinkCounters, Linker},
     metrics::MetricsHub,
     pipeline::{ChannelSink, Finished, Pipeline, SPAN_BATCH},
     probes::{KernelCounters, ProbeOptions, Probes},
@@ -302,6 +302,7 @@ pub fn run(args: Args) -> Result<()> {
             pipeline.handle_record(&record);
         }
         pipeline.flush();
+        mirror_link_counters(&stats, &pipeline.linker().counters);
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
             mirror_kernel_counters(&stats, &pipeline.kernel().counters());
             counters_read = Instant::now();
@@ -322,7 +323,7 @@ pub fn run(args: Args) -> Result<()> {
              {skipped:?}; those syscalls were not seen"
         );
     }
-    let links = pipeline.linker().counters;
+    mirror_link_counters(&stats, &pipeline.linker().counters);
     drop(ring);
     drop(pipeline); // closes the span queue: the export thread finishes
     // Detaching takes a kernel grace period per program: overlap it with the export flush.
@@ -333,39 +334,28 @@ pub fn run(args: Args) -> Result<()> {
     exports.shutdown();
     let _ = detach.join();
 
-    eprintln!(
-        "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
-         spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
-         export_failures={} links_ambiguous={} links_mismatched={} links_late={} connections_dropped={} \
-         connections_muted={} parse_desynchronised={} parse_limits_hit={} kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={} \
-         program_misses={} message_links_dropped={}",
-        Stats::get(&stats.events_received),
-        Stats::get(&stats.events_lost),
-        Stats::get(&stats.malformed_events),
-        Stats::get(&stats.parse_errors),
-        Stats::get(&stats.spans_emitted),
-        Stats::get(&stats.spans_sampled_out),
-        Stats::get(&stats.spans_dropped),
-        Stats::get(&stats.spans_exported),
-        Stats::get(&stats.export_failures),
-        links.ambiguous,
-        links.mismatched,
-        links.late,
-        Stats::get(&stats.connections_dropped),
-        Stats::get(&stats.connections_muted),
-        Stats::get(&stats.parse_desynchronised),
-        Stats::get(&stats.parse_limits_hit),
-        kernel.read_errors + kernel.socket_lookup_errors,
-        kernel.connections_map_full + kernel.traced_pids_map_full,
-        kernel.in_flight_collisions,
-        kernel.scratch_busy,
-        kernel.program_misses,
-        Stats::get(&stats.message_links_dropped),
-    );
+    eprintln!("kspan: stopped: {}", stats.stop_line());
     Ok(())
 }
 
 fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
     Stats::set(&stats.events_lost, kernel.events_lost);
     Stats::set(&stats.program_misses, kernel.program_misses);
+    Stats::set(
+        &stats.kernel_read_errors,
+        kernel.read_errors + kernel.socket_lookup_errors,
+    );
+    Stats::set(
+        &stats.kernel_map_full,
+        kernel.connections_map_full + kernel.traced_pids_map_full,
+    );
+    Stats::set(&stats.in_flight_collisions, kernel.in_flight_collisions);
+    Stats::set(&stats.scratch_busy, kernel.scratch_busy);
+}
+
+/// Three stores per loop, not per event: the linker's counters stay plain integers.
+fn mirror_link_counters(stats: &Stats, links: &LinkCounters) {
+    Stats::set(&stats.links_ambiguous, links.ambiguous);
+    Stats::set(&stats.links_mismatched, links.mismatched);
+    Stats::set(&stats.links_late, links.late);
 }

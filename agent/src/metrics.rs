@@ -27,7 +27,7 @@ use opentelemetry_sdk::{
 use crate::{
     export::otlp::traces::sdk_resource,
     spans::{AttributeValue, Resource, Span, SpanKind},
-    stats::Stats,
+    stats::{COUNTERS, Stats},
 };
 
 /// Semantic-convention bucket boundaries for http.*.request.duration, in seconds.
@@ -334,89 +334,17 @@ fn copied_attributes(span: &Span, keys: &[&'static str]) -> Vec<KeyValue> {
     attributes
 }
 
-/// (name, unit, description, reader) of one health counter.
-type HealthCounter = (&'static str, &'static str, &'static str, fn(&Stats) -> u64);
-
+/// Every counter of the stop line as an observable counter, read from `Stats` at each collection.
 fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
     let meter = provider.meter("kspan");
-    let counters: [HealthCounter; 11] = [
-        (
-            "kspan.events.received",
-            "{event}",
-            "Kernel events received from the ring buffer.",
-            |s| Stats::get(&s.events_received),
-        ),
-        (
-            "kspan.events.lost",
-            "{event}",
-            "Kernel events lost because the ring buffer was full.",
-            |s| Stats::get(&s.events_lost),
-        ),
-        (
-            "kspan.program.misses",
-            "{run}",
-            "Runs of kspan's eBPF programs the kernel skipped because a program was already \
-             running on the CPU: syscalls never seen.",
-            |s| Stats::get(&s.program_misses),
-        ),
-        (
-            "kspan.parse.errors",
-            "{error}",
-            "Protocol parse errors.",
-            |s| Stats::get(&s.parse_errors),
-        ),
-        (
-            "kspan.parse.desynchronised",
-            "{event}",
-            "Times a parser lost protocol state (HPACK entries never seen, uncaptured frames) \
-             and went on without guessing.",
-            |s| Stats::get(&s.parse_desynchronised),
-        ),
-        (
-            "kspan.parse.limits_hit",
-            "{event}",
-            "Times a parser bound was hit (streams per connection, header block size).",
-            |s| Stats::get(&s.parse_limits_hit),
-        ),
-        (
-            "kspan.connections.muted",
-            "{connection}",
-            "Connections muted in the kernel: no known protocol, or the parser gave up.",
-            |s| Stats::get(&s.connections_muted),
-        ),
-        (
-            "kspan.spans.exported",
-            "{span}",
-            "Spans accepted by the OTLP collector.",
-            |s| Stats::get(&s.spans_exported),
-        ),
-        (
-            "kspan.spans.dropped",
-            "{span}",
-            "Spans dropped: queue full, or the collector failed to take them.",
-            |s| Stats::get(&s.spans_dropped),
-        ),
-        (
-            "kspan.export.failures",
-            "{request}",
-            "Failed OTLP export requests, after retries.",
-            |s| Stats::get(&s.export_failures),
-        ),
-        (
-            "kspan.messaging.links.dropped",
-            "{link}",
-            "Kafka consumer-to-producer span links not made: the produced-messages table forgot \
-             the producer, or a span reached its link limit.",
-            |s| Stats::get(&s.message_links_dropped),
-        ),
-    ];
-    for (name, unit, description, read) in counters {
+    for counter in COUNTERS {
         let stats = stats.clone();
+        let read = counter.read;
         // Observable instruments live as long as the provider.
         let _counter = meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
+            .u64_observable_counter(counter.metric)
+            .with_unit(counter.unit)
+            .with_description(counter.description)
             .with_callback(move |observer| observer.observe(read(&stats), &[]))
             .build();
     }
