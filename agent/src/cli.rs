@@ -17,7 +17,7 @@ use kspan_common::{DEFAULT_CAPTURE, MAX_CAPTURE, MAX_CONNECTIONS};
 use crate::{
     clock::Clock,
     export::{
-        SpanExporter,
+        self, SpanExporter,
         json::JsonExporter,
         otlp::{OtlpSettings, Signal, metrics::OtlpMetricsPusher, traces::OtlpTraceExporter},
         prometheus,
@@ -207,10 +207,7 @@ impl Exports {
                         if batch.is_empty() {
                             continue;
                         }
-                        for exporter in &mut self.exporters {
-                            exporter.export(&batch)?;
-                            exporter.flush()?;
-                        }
+                        export::export_to_all(&mut self.exporters, &batch, &stats);
                         batch.clear();
                     }
                     Ok(self)

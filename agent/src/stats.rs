@@ -57,6 +57,8 @@ pub struct Stats {
     pub in_flight_collisions: AtomicU64,
     /// Program runs that found their per-CPU scratch buffer in use, mirrored from the kernel.
     pub scratch_busy: AtomicU64,
+    /// Span exporters stopped because their output failed (stdout closed).
+    pub exporters_stopped: AtomicU64,
 }
 
 /// One agent counter as the stop line prints it and as a live metric exports it. Every counter
@@ -132,6 +134,12 @@ pub const COUNTERS: &[Counter] = &[
         "kspan.spans.exported",
         "{span}",
         "Spans accepted by the OTLP collector."
+    ),
+    counter!(
+        exporters_stopped,
+        "kspan.exporters.stopped",
+        "{exporter}",
+        "Span exporters stopped because their output failed (stdout closed); the others go on."
     ),
     counter!(
         export_failures,

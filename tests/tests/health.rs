@@ -25,6 +25,7 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("spans_dropped", "kspan.spans.dropped"),
     ("spans_exported", "kspan.spans.exported"),
     ("export_failures", "kspan.export.failures"),
+    ("exporters_stopped", "kspan.exporters.stopped"),
     ("links_ambiguous", "kspan.links.ambiguous"),
     ("links_mismatched", "kspan.links.mismatched"),
     ("links_late", "kspan.links.late"),

@@ -174,6 +174,10 @@ impl SpanExporter for OtlpTraceExporter {
         Ok(())
     }
 
+    fn name(&self) -> &'static str {
+        "OTLP trace"
+    }
+
     fn shutdown(&mut self) -> std::io::Result<()> {
         let Some(worker) = self.worker.take() else {
             return Ok(());
