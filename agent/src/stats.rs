@@ -59,6 +59,9 @@ pub struct Stats {
     pub scratch_busy: AtomicU64,
     /// Span exporters stopped because their output failed (stdout closed).
     pub exporters_stopped: AtomicU64,
+    /// Metric data points recorded into an overflow series because their instrument had
+    /// reached its series cap (attacker-chosen paths, hosts, methods...).
+    pub series_overflow: AtomicU64,
 }
 
 /// One agent counter as the stop line prints it and as a live metric exports it. Every counter
@@ -228,6 +231,13 @@ pub const COUNTERS: &[Counter] = &[
         "Kafka consumer-to-producer span links not made: the produced-messages table forgot the \
          producer, or a span reached its link limit."
     ),
+    counter!(
+        series_overflow,
+        "kspan.metrics.series_overflow",
+        "{point}",
+        "Metric data points recorded into the _OTHER overflow series of an instrument that \
+         reached its series cap."
+    ),
 ];
 
 impl Stats {
@@ -284,6 +294,6 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(" links_late=3 "), "{line}");
-        assert!(line.ends_with(" message_links_dropped=0"), "{line}");
+        assert!(line.ends_with(" series_overflow=0"), "{line}");
     }
 }

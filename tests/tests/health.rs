@@ -39,6 +39,7 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("scratch_busy", "kspan.kernel.scratch_busy"),
     ("program_misses", "kspan.program.misses"),
     ("message_links_dropped", "kspan.messaging.links.dropped"),
+    ("series_overflow", "kspan.metrics.series_overflow"),
 ];
 
 fn prometheus_name(metric: &str) -> String {

@@ -697,6 +697,14 @@ fn duration_attrs(path: &str, code: i64, port: u16, error: bool) -> BTreeMap<Str
     m
 }
 
+/// Server side: no `server.address` or `server.port`, which the client's Host header chose.
+fn server_duration_attrs(path: &str, code: i64) -> BTreeMap<String, Value> {
+    let mut m = duration_attrs(path, code, 0, code >= 500);
+    m.remove("server.address");
+    m.remove("server.port");
+    m
+}
+
 /// The Prometheus labels of a data point: `service_name`, `process_pid`, then
 /// the attributes (dots as underscores) sorted by key.
 fn prom_labels(service: &str, pid: u32, attrs: &BTreeMap<String, Value>) -> Vec<(String, String)> {
@@ -884,7 +892,7 @@ fn metrics_over_grpc_and_prometheus() {
         );
     }
     for (path, code, n) in traffic {
-        let want = duration_attrs(path, code, server.port, code >= 500);
+        let want = server_duration_attrs(path, code);
         let pts: Vec<&HistogramPoint> =
             server_pts.iter().filter(|p| p.attributes == want).collect();
         assert_eq!(
@@ -990,7 +998,7 @@ fn metrics_over_grpc_and_prometheus() {
     );
     assert_eq!(server_counts.len(), 3, "server _count series:\n{prom_text}");
     for (path, code, n) in traffic {
-        let attrs = duration_attrs(path, code, server.port, code >= 500);
+        let attrs = server_duration_attrs(path, code);
         let want = prom_labels("otlp-metrics-server", server.pid, &attrs);
         let series: Vec<&&Sample> = server_counts.iter().filter(|s| s.labels == want).collect();
         assert_eq!(
