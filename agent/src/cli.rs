@@ -77,9 +77,13 @@ pub struct Args {
     /// Wins over OTEL_EXPORTER_OTLP_PROTOCOL.
     #[arg(long, value_name = "PROTOCOL")]
     pub otlp_protocol: Option<String>,
-    /// Serve metrics in Prometheus text format on this port (GET /metrics).
-    #[arg(long, value_name = "PORT")]
+    /// Serve metrics in Prometheus text format on 127.0.0.1:PORT (GET /metrics).
+    #[arg(long, value_name = "PORT", conflicts_with = "prometheus_address")]
     pub prometheus_port: Option<u16>,
+    /// Serve metrics in Prometheus text format on this address (e.g. 0.0.0.0:9464 for every
+    /// interface, or the pod IP in a DaemonSet).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub prometheus_address: Option<std::net::SocketAddr>,
     /// Keep this fraction of traces (0 to 1): parent-based trace-id ratio sampling. Wins over
     /// OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default: parentbased_always_on).
     #[arg(long, value_name = "RATIO")]
@@ -143,7 +147,12 @@ impl Exports {
             log::info!("exporting traces over OTLP ({target:?})");
             exporters.push(Box::new(OtlpTraceExporter::start(target, stats.clone())?));
         }
-        let metrics = if metrics_target.is_some() || args.prometheus_port.is_some() {
+        // Loopback unless asked: the metrics describe the host's traffic.
+        let prometheus_address = args.prometheus_address.or_else(|| {
+            args.prometheus_port
+                .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        });
+        let metrics = if metrics_target.is_some() || prometheus_address.is_some() {
             let agent = processes.resource(std::process::id());
             Some(Arc::new(MetricsHub::new(&agent, stats.clone())))
         } else {
@@ -157,11 +166,11 @@ impl Exports {
             )?),
             _ => None,
         };
-        if let (Some(port), Some(hub)) = (args.prometheus_port, &metrics) {
+        if let (Some(address), Some(hub)) = (prometheus_address, &metrics) {
             let hub = hub.clone();
-            let (bound, _thread) = prometheus::serve(port, Arc::new(move || hub.collect()))
-                .with_context(|| format!("cannot serve Prometheus metrics on port {port}"))?;
-            log::info!("Prometheus metrics on http://0.0.0.0:{bound}/metrics");
+            let (bound, _thread) = prometheus::serve(address, Arc::new(move || hub.collect()))
+                .with_context(|| format!("cannot serve Prometheus metrics on {address}"))?;
+            log::info!("Prometheus metrics on http://{bound}/metrics");
         }
         Ok(Exports {
             exporters,

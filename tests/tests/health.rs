@@ -1,6 +1,7 @@
 //! End-to-end tests of kspan's own health: every counter of its `kspan: stopped:` line is a
 //! live metric over OTLP and Prometheus while it runs, so a DaemonSet that never exits shows its
-//! losses.
+//! losses; the Prometheus endpoint (`--prometheus-address`) answers while a silent client holds
+//! a connection open.
 //!
 //! Needs root, BTF and tracefs (see `kspan_e2e::preflight`), the kspan binary (KSPAN_BIN),
 //! python3 and curl.
@@ -53,7 +54,7 @@ fn every_stop_line_counter_is_a_live_metric() {
     let _env = preflight();
     let rx = OtlpReceiver::start_grpc(0);
     let prom_port = free_port();
-    let prom_arg = prom_port.to_string();
+    let prom_arg = format!("127.0.0.1:{prom_port}");
     let server = PyServer::start(Some("health-server"));
     let spid = server.pid.to_string();
     let endpoint = rx.endpoint();
@@ -65,13 +66,17 @@ fn every_stop_line_counter_is_a_live_metric() {
             &endpoint,
             "--otlp-protocol",
             "grpc",
-            "--prometheus-port",
+            "--prometheus-address",
             &prom_arg,
         ],
         &[("OTEL_METRIC_EXPORT_INTERVAL", "1000")],
     );
     let kspan_pid = kspan.pid().to_string();
     curl(&["-o", "/dev/null", &server.url("/health")]);
+
+    // A client that connects and sends nothing stays connected through the scrapes below:
+    // it must not stall them.
+    let silent = std::net::TcpStream::connect(("127.0.0.1", prom_port)).expect("connect");
 
     // Prometheus, while kspan runs: poll until events received is counted.
     let deadline = Instant::now() + scaled(10);
@@ -112,6 +117,8 @@ fn every_stop_line_counter_is_a_live_metric() {
             series[0]
         );
     }
+
+    drop(silent);
 
     // OTLP, periodic export while kspan runs.
     let health = |requests: &[proto::collector::metrics::v1::ExportMetricsServiceRequest]| {
