@@ -17,13 +17,13 @@ use kspan_common::{DEFAULT_CAPTURE, MAX_CAPTURE, MAX_CONNECTIONS};
 use crate::{
     clock::Clock,
     export::{
-        SpanExporter,
+        self, SpanExporter,
         json::JsonExporter,
         otlp::{OtlpSettings, Signal, metrics::OtlpMetricsPusher, traces::OtlpTraceExporter},
         prometheus,
         text::TextExporter,
     },
-    linker::Linker,
+    linker::{LinkCounters, Linker},
     metrics::MetricsHub,
     pipeline::{ChannelSink, Finished, Pipeline, SPAN_BATCH},
     probes::{KernelCounters, ProbeOptions, Probes},
@@ -77,9 +77,13 @@ pub struct Args {
     /// Wins over OTEL_EXPORTER_OTLP_PROTOCOL.
     #[arg(long, value_name = "PROTOCOL")]
     pub otlp_protocol: Option<String>,
-    /// Serve metrics in Prometheus text format on this port (GET /metrics).
-    #[arg(long, value_name = "PORT")]
+    /// Serve metrics in Prometheus text format on 127.0.0.1:PORT (GET /metrics).
+    #[arg(long, value_name = "PORT", conflicts_with = "prometheus_address")]
     pub prometheus_port: Option<u16>,
+    /// Serve metrics in Prometheus text format on this address (e.g. 0.0.0.0:9464 for every
+    /// interface, or the pod IP in a DaemonSet).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub prometheus_address: Option<std::net::SocketAddr>,
     /// Keep this fraction of traces (0 to 1): parent-based trace-id ratio sampling. Wins over
     /// OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default: parentbased_always_on).
     #[arg(long, value_name = "RATIO")]
@@ -143,7 +147,12 @@ impl Exports {
             log::info!("exporting traces over OTLP ({target:?})");
             exporters.push(Box::new(OtlpTraceExporter::start(target, stats.clone())?));
         }
-        let metrics = if metrics_target.is_some() || args.prometheus_port.is_some() {
+        // Loopback unless asked: the metrics describe the host's traffic.
+        let prometheus_address = args.prometheus_address.or_else(|| {
+            args.prometheus_port
+                .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        });
+        let metrics = if metrics_target.is_some() || prometheus_address.is_some() {
             let agent = processes.resource(std::process::id());
             Some(Arc::new(MetricsHub::new(&agent, stats.clone())))
         } else {
@@ -157,11 +166,11 @@ impl Exports {
             )?),
             _ => None,
         };
-        if let (Some(port), Some(hub)) = (args.prometheus_port, &metrics) {
+        if let (Some(address), Some(hub)) = (prometheus_address, &metrics) {
             let hub = hub.clone();
-            let (bound, _thread) = prometheus::serve(port, Arc::new(move || hub.collect()))
-                .with_context(|| format!("cannot serve Prometheus metrics on port {port}"))?;
-            log::info!("Prometheus metrics on http://0.0.0.0:{bound}/metrics");
+            let (bound, _thread) = prometheus::serve(address, Arc::new(move || hub.collect()))
+                .with_context(|| format!("cannot serve Prometheus metrics on {address}"))?;
+            log::info!("Prometheus metrics on http://{bound}/metrics");
         }
         Ok(Exports {
             exporters,
@@ -207,10 +216,7 @@ impl Exports {
                         if batch.is_empty() {
                             continue;
                         }
-                        for exporter in &mut self.exporters {
-                            exporter.export(&batch)?;
-                            exporter.flush()?;
-                        }
+                        export::export_to_all(&mut self.exporters, &batch, &stats);
                         batch.clear();
                     }
                     Ok(self)
@@ -302,6 +308,7 @@ pub fn run(args: Args) -> Result<()> {
             pipeline.handle_record(&record);
         }
         pipeline.flush();
+        mirror_link_counters(&stats, &pipeline.linker().counters);
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
             mirror_kernel_counters(&stats, &pipeline.kernel().counters());
             counters_read = Instant::now();
@@ -322,7 +329,7 @@ pub fn run(args: Args) -> Result<()> {
              {skipped:?}; those syscalls were not seen"
         );
     }
-    let links = pipeline.linker().counters;
+    mirror_link_counters(&stats, &pipeline.linker().counters);
     drop(ring);
     drop(pipeline); // closes the span queue: the export thread finishes
     // Detaching takes a kernel grace period per program: overlap it with the export flush.
@@ -333,39 +340,28 @@ pub fn run(args: Args) -> Result<()> {
     exports.shutdown();
     let _ = detach.join();
 
-    eprintln!(
-        "kspan: stopped: events_received={} events_lost={} malformed_events={} parse_errors={} \
-         spans_emitted={} spans_sampled_out={} spans_dropped={} spans_exported={} \
-         export_failures={} links_ambiguous={} links_mismatched={} links_late={} connections_dropped={} \
-         connections_muted={} parse_desynchronised={} parse_limits_hit={} kernel_read_errors={} kernel_map_full={} in_flight_collisions={} scratch_busy={} \
-         program_misses={} message_links_dropped={}",
-        Stats::get(&stats.events_received),
-        Stats::get(&stats.events_lost),
-        Stats::get(&stats.malformed_events),
-        Stats::get(&stats.parse_errors),
-        Stats::get(&stats.spans_emitted),
-        Stats::get(&stats.spans_sampled_out),
-        Stats::get(&stats.spans_dropped),
-        Stats::get(&stats.spans_exported),
-        Stats::get(&stats.export_failures),
-        links.ambiguous,
-        links.mismatched,
-        links.late,
-        Stats::get(&stats.connections_dropped),
-        Stats::get(&stats.connections_muted),
-        Stats::get(&stats.parse_desynchronised),
-        Stats::get(&stats.parse_limits_hit),
-        kernel.read_errors + kernel.socket_lookup_errors,
-        kernel.connections_map_full + kernel.traced_pids_map_full,
-        kernel.in_flight_collisions,
-        kernel.scratch_busy,
-        kernel.program_misses,
-        Stats::get(&stats.message_links_dropped),
-    );
+    eprintln!("kspan: stopped: {}", stats.stop_line());
     Ok(())
 }
 
 fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
     Stats::set(&stats.events_lost, kernel.events_lost);
     Stats::set(&stats.program_misses, kernel.program_misses);
+    Stats::set(
+        &stats.kernel_read_errors,
+        kernel.read_errors + kernel.socket_lookup_errors,
+    );
+    Stats::set(
+        &stats.kernel_map_full,
+        kernel.connections_map_full + kernel.traced_pids_map_full,
+    );
+    Stats::set(&stats.in_flight_collisions, kernel.in_flight_collisions);
+    Stats::set(&stats.scratch_busy, kernel.scratch_busy);
+}
+
+/// Three stores per loop, not per event: the linker's counters stay plain integers.
+fn mirror_link_counters(stats: &Stats, links: &LinkCounters) {
+    Stats::set(&stats.links_ambiguous, links.ambiguous);
+    Stats::set(&stats.links_mismatched, links.mismatched);
+    Stats::set(&stats.links_late, links.late);
 }

@@ -27,7 +27,7 @@ use opentelemetry_sdk::{
 use crate::{
     export::otlp::traces::sdk_resource,
     spans::{AttributeValue, Resource, Span, SpanKind},
-    stats::Stats,
+    stats::{COUNTERS, Stats},
 };
 
 /// Semantic-convention bucket boundaries for http.*.request.duration, in seconds.
@@ -36,6 +36,23 @@ pub const DURATION_BOUNDARIES: [f64; 14] = [
 ];
 /// Most traced processes with their own metrics at once.
 const MAX_PROCESSES: usize = 256;
+/// Most distinct attribute sets per instrument of one process. Past it, new sets go to one
+/// overflow series (attacker-chosen values `_OTHER`), counted. Under the SDK's own limit (2000),
+/// so the SDK never folds series itself.
+pub const MAX_SERIES: usize = 1000;
+/// Value of an attacker-chosen attribute in the overflow series.
+const OVERFLOW_VALUE: &str = "_OTHER";
+/// Attributes whose values come from the traffic (paths, Host or :authority, gRPC paths, topic
+/// and group names): `_OTHER` in the overflow series. The method is already `_OTHER` when
+/// unknown, status codes and error types are few.
+const TRAFFIC_CHOSEN: [&str; 6] = [
+    "http.route",
+    "server.address",
+    "rpc.service",
+    "rpc.method",
+    "messaging.destination.name",
+    "messaging.consumer.group.name",
+];
 
 /// A ManualReader that the hub keeps a handle on after giving it to a provider.
 #[derive(Clone)]
@@ -98,7 +115,70 @@ struct ProcessMetrics {
     messaging_duration: Histogram<f64>,
     messaging_sent: Counter<u64>,
     messaging_consumed: Counter<u64>,
+    /// Attribute sets seen per duration histogram (the message counters share the messaging
+    /// one's), by [`Instrument`].
+    series: [SeriesCap; 5],
     last_used: u64,
+}
+
+/// Index of a duration histogram in `ProcessMetrics::series`.
+#[derive(Clone, Copy)]
+enum Instrument {
+    HttpServer,
+    HttpClient,
+    RpcServer,
+    RpcClient,
+    Messaging,
+}
+
+/// The distinct attribute sets one instrument has recorded, up to [`MAX_SERIES`].
+#[derive(Default)]
+struct SeriesCap {
+    /// Hashes of the attribute sets (a collision only merges two series' accounting).
+    seen: rustc_hash::FxHashSet<u64>,
+}
+
+impl SeriesCap {
+    /// Whether `attributes` may have its own series: seen already, or room left.
+    fn admits(&mut self, attributes: &[KeyValue]) -> bool {
+        let hash = attributes_hash(attributes);
+        if self.seen.contains(&hash) {
+            return true;
+        }
+        if self.seen.len() >= MAX_SERIES {
+            return false;
+        }
+        self.seen.insert(hash);
+        true
+    }
+}
+
+fn attributes_hash(attributes: &[KeyValue]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = rustc_hash::FxHasher::default();
+    for kv in attributes {
+        kv.key.as_str().hash(&mut hasher);
+        match &kv.value {
+            opentelemetry::Value::I64(i) => i.hash(&mut hasher),
+            other => other.as_str().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
+/// The overflow series of `attributes`: traffic-chosen values `_OTHER`, ports dropped.
+fn overflow_attributes(attributes: Vec<KeyValue>) -> Vec<KeyValue> {
+    attributes
+        .into_iter()
+        .filter(|kv| kv.key.as_str() != "server.port")
+        .map(|kv| {
+            if TRAFFIC_CHOSEN.contains(&kv.key.as_str()) {
+                KeyValue::new(kv.key, OVERFLOW_VALUE)
+            } else {
+                kv
+            }
+        })
+        .collect()
 }
 
 impl ProcessMetrics {
@@ -149,6 +229,7 @@ impl ProcessMetrics {
                 .with_description("Number of messages that were delivered to the application.")
                 .build(),
             provider,
+            series: Default::default(),
             last_used: 0,
         }
     }
@@ -162,19 +243,21 @@ struct Registry {
 pub struct MetricsHub {
     registry: Mutex<Registry>,
     agent: Provider,
+    stats: Arc<Stats>,
 }
 
 impl MetricsHub {
     /// `agent_resource`: the resource of kspan itself, for its health counters.
     pub fn new(agent_resource: &Resource, stats: Arc<Stats>) -> Self {
         let agent = Provider::new(sdk_resource(agent_resource));
-        register_health_counters(&agent.provider, stats);
+        register_health_counters(&agent.provider, stats.clone());
         MetricsHub {
             registry: Mutex::new(Registry {
                 processes: FxHashMap::default(),
                 uses: 0,
             }),
             agent,
+            stats,
         }
     }
 
@@ -190,7 +273,7 @@ impl MetricsHub {
             _ if span.attribute("rpc.system").is_some() => Family::Rpc,
             _ => Family::Http,
         };
-        let attributes = match family {
+        let mut attributes = match family {
             Family::Http => metric_attributes(span),
             Family::Rpc => rpc_metric_attributes(span),
             Family::Messaging => messaging_metric_attributes(span),
@@ -209,6 +292,17 @@ impl MetricsHub {
             .entry(key)
             .or_insert_with(|| ProcessMetrics::new(&span.resource));
         process.last_used = uses;
+        let instrument = match (span.kind, family) {
+            (_, Family::Messaging) => Instrument::Messaging,
+            (SpanKind::Server, Family::Rpc) => Instrument::RpcServer,
+            (_, Family::Rpc) => Instrument::RpcClient,
+            (SpanKind::Server, _) => Instrument::HttpServer,
+            (_, _) => Instrument::HttpClient,
+        };
+        if !process.series[instrument as usize].admits(&attributes) {
+            Stats::add(&self.stats.series_overflow, 1);
+            attributes = overflow_attributes(attributes);
+        }
         let histogram = match (span.kind, family) {
             (_, Family::Messaging) => {
                 // Absent on a span of one message.
@@ -261,17 +355,30 @@ fn evict_least_recently_used(processes: &mut FxHashMap<usize, ProcessMetrics>) {
 }
 
 /// Attributes of the duration histograms, from the span's own (semantic-convention) attributes.
+/// Server side without `server.address` and `server.port` (opt-in in the conventions): there they
+/// come from the Host header, which any client chooses.
 fn metric_attributes(span: &Span) -> Vec<KeyValue> {
-    let mut attributes = copied_attributes(
-        span,
-        &[
-            "http.request.method",
-            "http.response.status_code",
-            "server.address",
-            "server.port",
-            "error.type",
-        ],
-    );
+    let mut attributes = if span.kind == SpanKind::Server {
+        copied_attributes(
+            span,
+            &[
+                "http.request.method",
+                "http.response.status_code",
+                "error.type",
+            ],
+        )
+    } else {
+        copied_attributes(
+            span,
+            &[
+                "http.request.method",
+                "http.response.status_code",
+                "server.address",
+                "server.port",
+                "error.type",
+            ],
+        )
+    };
     // The span name is "{METHOD} {route}": the route template is already low-cardinality.
     if let Some((_, route)) = span.name.split_once(' ') {
         attributes.push(KeyValue::new("http.route", route.to_string()));
@@ -305,7 +412,21 @@ fn messaging_metric_attributes(span: &Span) -> Vec<KeyValue> {
     )
 }
 
+/// As for HTTP, the server side leaves out `server.address` and `server.port` (from the client's
+/// `:authority`).
 fn rpc_metric_attributes(span: &Span) -> Vec<KeyValue> {
+    if span.kind == SpanKind::Server {
+        return copied_attributes(
+            span,
+            &[
+                "rpc.system",
+                "rpc.service",
+                "rpc.method",
+                "rpc.grpc.status_code",
+                "error.type",
+            ],
+        );
+    }
     copied_attributes(
         span,
         &[
@@ -334,89 +455,17 @@ fn copied_attributes(span: &Span, keys: &[&'static str]) -> Vec<KeyValue> {
     attributes
 }
 
-/// (name, unit, description, reader) of one health counter.
-type HealthCounter = (&'static str, &'static str, &'static str, fn(&Stats) -> u64);
-
+/// Every counter of the stop line as an observable counter, read from `Stats` at each collection.
 fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
     let meter = provider.meter("kspan");
-    let counters: [HealthCounter; 11] = [
-        (
-            "kspan.events.received",
-            "{event}",
-            "Kernel events received from the ring buffer.",
-            |s| Stats::get(&s.events_received),
-        ),
-        (
-            "kspan.events.lost",
-            "{event}",
-            "Kernel events lost because the ring buffer was full.",
-            |s| Stats::get(&s.events_lost),
-        ),
-        (
-            "kspan.program.misses",
-            "{run}",
-            "Runs of kspan's eBPF programs the kernel skipped because a program was already \
-             running on the CPU: syscalls never seen.",
-            |s| Stats::get(&s.program_misses),
-        ),
-        (
-            "kspan.parse.errors",
-            "{error}",
-            "Protocol parse errors.",
-            |s| Stats::get(&s.parse_errors),
-        ),
-        (
-            "kspan.parse.desynchronised",
-            "{event}",
-            "Times a parser lost protocol state (HPACK entries never seen, uncaptured frames) \
-             and went on without guessing.",
-            |s| Stats::get(&s.parse_desynchronised),
-        ),
-        (
-            "kspan.parse.limits_hit",
-            "{event}",
-            "Times a parser bound was hit (streams per connection, header block size).",
-            |s| Stats::get(&s.parse_limits_hit),
-        ),
-        (
-            "kspan.connections.muted",
-            "{connection}",
-            "Connections muted in the kernel: no known protocol, or the parser gave up.",
-            |s| Stats::get(&s.connections_muted),
-        ),
-        (
-            "kspan.spans.exported",
-            "{span}",
-            "Spans accepted by the OTLP collector.",
-            |s| Stats::get(&s.spans_exported),
-        ),
-        (
-            "kspan.spans.dropped",
-            "{span}",
-            "Spans dropped: queue full, or the collector failed to take them.",
-            |s| Stats::get(&s.spans_dropped),
-        ),
-        (
-            "kspan.export.failures",
-            "{request}",
-            "Failed OTLP export requests, after retries.",
-            |s| Stats::get(&s.export_failures),
-        ),
-        (
-            "kspan.messaging.links.dropped",
-            "{link}",
-            "Kafka consumer-to-producer span links not made: the produced-messages table forgot \
-             the producer, or a span reached its link limit.",
-            |s| Stats::get(&s.message_links_dropped),
-        ),
-    ];
-    for (name, unit, description, read) in counters {
+    for counter in COUNTERS {
         let stats = stats.clone();
+        let read = counter.read;
         // Observable instruments live as long as the provider.
         let _counter = meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
+            .u64_observable_counter(counter.metric)
+            .with_unit(counter.unit)
+            .with_description(counter.description)
             .with_callback(move |observer| observer.observe(read(&stats), &[]))
             .build();
     }
@@ -501,14 +550,13 @@ mod tests {
             .unwrap();
         assert_eq!(ok.1, 3);
         let keys: Vec<&str> = ok.0.iter().map(|kv| kv.key.as_str()).collect();
+        // No server.address/server.port on the server side: the Host header chose them.
         assert_eq!(
             keys,
             [
                 "http.request.method",
                 "http.response.status_code",
                 "http.route",
-                "server.address",
-                "server.port"
             ]
         );
         assert!(
@@ -519,6 +567,66 @@ mod tests {
             histogram_counts(&all, "http.client.request.duration")[0].1,
             1
         );
+    }
+
+    #[test]
+    fn series_per_instrument_are_capped_into_one_overflow_series() {
+        let stats = Arc::new(Stats::default());
+        let hub = MetricsHub::new(&Resource { attributes: vec![] }, stats.clone());
+        let server = Arc::new(Resource {
+            attributes: vec![("service.name", AttributeValue::Str("api".into()))],
+        });
+        let routes = 5000;
+        for i in 0..routes {
+            // Distinct routes on the server; distinct Host values (server.address) on the client.
+            hub.record(&span(&server, SpanKind::Server, 200, &format!("GET /r{i}")));
+            let mut client = span(&server, SpanKind::Client, 200, "GET /");
+            client.attributes[2] = (
+                "server.address",
+                AttributeValue::Str(format!("h{i}.example").into()),
+            );
+            hub.record(&client);
+        }
+        let all = hub.collect();
+        for name in [
+            "http.server.request.duration",
+            "http.client.request.duration",
+        ] {
+            let points = histogram_counts(&all, name);
+            assert_eq!(
+                points.len(),
+                MAX_SERIES + 1,
+                "{name}: capped + one overflow"
+            );
+            let total: u64 = points.iter().map(|(_, n)| n).sum();
+            assert_eq!(total, routes as u64, "{name}: every request still counted");
+            let overflow: Vec<_> = points
+                .iter()
+                .filter(|(attrs, _)| attrs.iter().any(|kv| kv.value.as_str() == OVERFLOW_VALUE))
+                .collect();
+            assert_eq!(overflow.len(), 1, "{name}: one overflow series");
+            assert_eq!(overflow[0].1, (routes - MAX_SERIES) as u64);
+            assert!(
+                overflow[0]
+                    .0
+                    .iter()
+                    .all(|kv| kv.key.as_str() != "server.port"),
+                "{:?}",
+                overflow[0].0
+            );
+        }
+        assert_eq!(
+            Stats::get(&stats.series_overflow),
+            2 * (routes - MAX_SERIES) as u64
+        );
+        // A series admitted before the cap keeps counting into itself.
+        hub.record(&span(&server, SpanKind::Server, 200, "GET /r0"));
+        let points = histogram_counts(&hub.collect(), "http.server.request.duration");
+        let r0 = points
+            .iter()
+            .find(|(attrs, _)| attrs.iter().any(|kv| kv.value.as_str() == "/r0"))
+            .unwrap();
+        assert_eq!(r0.1, 2);
     }
 
     #[test]

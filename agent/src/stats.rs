@@ -1,6 +1,9 @@
 //! Agent-wide counters. Relaxed atomics: each is written by one stage and read for reporting.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -38,7 +41,204 @@ pub struct Stats {
     /// Kafka consumer→producer links not made: the table of produced messages forgot them, or
     /// a span reached its link limit.
     pub message_links_dropped: AtomicU64,
+    /// Client requests left unlinked (their thread was serving several requests), mirrored
+    /// from the linker once per loop.
+    pub links_ambiguous: AtomicU64,
+    /// Cross-process pairs refused because the two ends disagreed, mirrored from the linker.
+    pub links_mismatched: AtomicU64,
+    /// Spans emitted without the parent they waited for, mirrored from the linker.
+    pub links_late: AtomicU64,
+    /// Kernel reads of user memory or socket state that failed, mirrored from the kernel.
+    pub kernel_read_errors: AtomicU64,
+    /// Kernel map inserts refused because the map was full, mirrored from the kernel.
+    pub kernel_map_full: AtomicU64,
+    /// Syscalls entered while another one of the same thread was in flight, mirrored from the
+    /// kernel.
+    pub in_flight_collisions: AtomicU64,
+    /// Program runs that found their per-CPU scratch buffer in use, mirrored from the kernel.
+    pub scratch_busy: AtomicU64,
+    /// Span exporters stopped because their output failed (stdout closed).
+    pub exporters_stopped: AtomicU64,
+    /// Metric data points recorded into an overflow series because their instrument had
+    /// reached its series cap (attacker-chosen paths, hosts, methods...).
+    pub series_overflow: AtomicU64,
 }
+
+/// One agent counter as the stop line prints it and as a live metric exports it. Every counter
+/// of the stop line is in [`COUNTERS`], so none can be visible only at exit.
+pub struct Counter {
+    /// `name=` on the `kspan: stopped:` line.
+    pub stop_name: &'static str,
+    /// OpenTelemetry instrument name (Prometheus: dots become `_`, `_total` appended).
+    pub metric: &'static str,
+    pub unit: &'static str,
+    pub description: &'static str,
+    pub read: fn(&Stats) -> u64,
+}
+
+macro_rules! counter {
+    ($field:ident, $metric:literal, $unit:literal, $description:literal) => {
+        Counter {
+            stop_name: stringify!($field),
+            metric: $metric,
+            unit: $unit,
+            description: $description,
+            read: |s| Stats::get(&s.$field),
+        }
+    };
+}
+
+/// Every agent counter, in stop-line order.
+pub const COUNTERS: &[Counter] = &[
+    counter!(
+        events_received,
+        "kspan.events.received",
+        "{event}",
+        "Kernel events received from the ring buffer."
+    ),
+    counter!(
+        events_lost,
+        "kspan.events.lost",
+        "{event}",
+        "Kernel events lost because the ring buffer was full."
+    ),
+    counter!(
+        malformed_events,
+        "kspan.events.malformed",
+        "{event}",
+        "Kernel events whose bytes did not decode."
+    ),
+    counter!(
+        parse_errors,
+        "kspan.parse.errors",
+        "{error}",
+        "Protocol parse errors."
+    ),
+    counter!(
+        spans_emitted,
+        "kspan.spans.emitted",
+        "{span}",
+        "Spans handed to the exporters."
+    ),
+    counter!(
+        spans_sampled_out,
+        "kspan.spans.sampled_out",
+        "{span}",
+        "Spans of traces the sampler dropped (still counted in RED metrics)."
+    ),
+    counter!(
+        spans_dropped,
+        "kspan.spans.dropped",
+        "{span}",
+        "Spans dropped: queue full, or the collector failed to take them."
+    ),
+    counter!(
+        spans_exported,
+        "kspan.spans.exported",
+        "{span}",
+        "Spans accepted by the OTLP collector."
+    ),
+    counter!(
+        exporters_stopped,
+        "kspan.exporters.stopped",
+        "{exporter}",
+        "Span exporters stopped because their output failed (stdout closed); the others go on."
+    ),
+    counter!(
+        export_failures,
+        "kspan.export.failures",
+        "{request}",
+        "Failed OTLP export requests, after retries."
+    ),
+    counter!(
+        links_ambiguous,
+        "kspan.links.ambiguous",
+        "{span}",
+        "Client spans left without a parent because their thread was serving several requests."
+    ),
+    counter!(
+        links_mismatched,
+        "kspan.links.mismatched",
+        "{span}",
+        "Cross-process client/server pairs refused because the two ends disagreed."
+    ),
+    counter!(
+        links_late,
+        "kspan.links.late",
+        "{span}",
+        "Spans emitted without the parent they waited for (its event came too late)."
+    ),
+    counter!(
+        connections_dropped,
+        "kspan.connections.dropped",
+        "{connection}",
+        "Connections not tracked because the agent's connection table was full."
+    ),
+    counter!(
+        connections_muted,
+        "kspan.connections.muted",
+        "{connection}",
+        "Connections muted in the kernel: no known protocol, or the parser gave up."
+    ),
+    counter!(
+        parse_desynchronised,
+        "kspan.parse.desynchronised",
+        "{event}",
+        "Times a parser lost protocol state (HPACK entries never seen, uncaptured frames) and \
+         went on without guessing."
+    ),
+    counter!(
+        parse_limits_hit,
+        "kspan.parse.limits_hit",
+        "{event}",
+        "Times a parser bound was hit (streams per connection, header block size)."
+    ),
+    counter!(
+        kernel_read_errors,
+        "kspan.kernel.read_errors",
+        "{error}",
+        "Kernel reads of syscall buffers or socket state that failed."
+    ),
+    counter!(
+        kernel_map_full,
+        "kspan.kernel.map_full",
+        "{insert}",
+        "Kernel map inserts refused because the map was full (connections, traced pids)."
+    ),
+    counter!(
+        in_flight_collisions,
+        "kspan.kernel.in_flight_collisions",
+        "{syscall}",
+        "Syscalls whose arguments overwrote another in-flight syscall of the same thread."
+    ),
+    counter!(
+        scratch_busy,
+        "kspan.kernel.scratch_busy",
+        "{run}",
+        "Program runs that found their per-CPU scratch buffer in use and skipped the event."
+    ),
+    counter!(
+        program_misses,
+        "kspan.program.misses",
+        "{run}",
+        "Runs of kspan's eBPF programs the kernel skipped because a program was already \
+         running on the CPU: syscalls never seen."
+    ),
+    counter!(
+        message_links_dropped,
+        "kspan.messaging.links.dropped",
+        "{link}",
+        "Kafka consumer-to-producer span links not made: the produced-messages table forgot the \
+         producer, or a span reached its link limit."
+    ),
+    counter!(
+        series_overflow,
+        "kspan.metrics.series_overflow",
+        "{point}",
+        "Metric data points recorded into the _OTHER overflow series of an instrument that \
+         reached its series cap."
+    ),
+];
 
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -52,5 +252,48 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// `name=value` of every counter, space-separated: the body of the stop line.
+    pub fn stop_line(&self) -> String {
+        let mut line = String::new();
+        for counter in COUNTERS {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            let _ = write!(line, "{}={}", counter.stop_name, (counter.read)(self));
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_names_are_unique() {
+        let mut stop: Vec<&str> = COUNTERS.iter().map(|c| c.stop_name).collect();
+        let mut metric: Vec<&str> = COUNTERS.iter().map(|c| c.metric).collect();
+        stop.sort();
+        stop.dedup();
+        metric.sort();
+        metric.dedup();
+        assert_eq!(stop.len(), COUNTERS.len());
+        assert_eq!(metric.len(), COUNTERS.len());
+    }
+
+    #[test]
+    fn stop_line_reads_each_counter() {
+        let stats = Stats::default();
+        Stats::add(&stats.events_received, 7);
+        Stats::set(&stats.links_late, 3);
+        let line = stats.stop_line();
+        assert!(
+            line.starts_with("events_received=7 events_lost=0 "),
+            "{line}"
+        );
+        assert!(line.contains(" links_late=3 "), "{line}");
+        assert!(line.ends_with(" series_overflow=0"), "{line}");
     }
 }

@@ -539,13 +539,41 @@ impl Kspan {
     /// (a stray OTEL_EXPORTER_OTLP_ENDPOINT would make it export somewhere),
     /// plus `env`.
     fn spawn(args: &[&str], env: &[(&str, &str)], json: bool) -> Kspan {
+        Self::spawn_with_stdout(args, env, json, None)
+    }
+
+    /// Like [`Kspan::start_raw_with_env`], with stdout a pipe whose read end is already closed:
+    /// every write kspan makes there fails with EPIPE (`kspan | head -1`, after head exited).
+    pub fn start_with_closed_stdout(args: &[&str], env: &[(&str, &str)]) -> Kspan {
+        let mut fds = [0; 2];
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just created and are owned here only.
+        let (read_end, write_end) = unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        drop(read_end);
+        Self::spawn_with_stdout(args, env, false, Some(write_end))
+    }
+
+    fn spawn_with_stdout(
+        args: &[&str],
+        env: &[(&str, &str)],
+        json: bool,
+        stdout: Option<std::os::fd::OwnedFd>,
+    ) -> Kspan {
         assert_lock_held("Kspan::start");
         let bin = kspan_bin();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let mut cmd = Command::new(&bin);
+        let own_stdout = stdout.is_none();
         cmd.args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout.map_or_else(Stdio::piped, Stdio::from))
             .stderr(Stdio::piped());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("OTEL_") {
@@ -556,13 +584,13 @@ impl Kspan {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} {:?}: {e}", bin.display(), args));
-        let stdout = spawn_reader(child.stdout.take().expect("piped stdout"));
+        let stdout = own_stdout.then(|| spawn_reader(child.stdout.take().expect("piped stdout")));
         let stderr = LinePump::new(child.stderr.take().expect("piped stderr"));
         let mut k = Kspan {
             child: Some(child),
             args,
             json,
-            stdout: Some(stdout),
+            stdout,
             stderr,
             ready_at: Instant::now(),
             ready_unix_nano: 0,

@@ -697,6 +697,14 @@ fn duration_attrs(path: &str, code: i64, port: u16, error: bool) -> BTreeMap<Str
     m
 }
 
+/// Server side: no `server.address` or `server.port`, which the client's Host header chose.
+fn server_duration_attrs(path: &str, code: i64) -> BTreeMap<String, Value> {
+    let mut m = duration_attrs(path, code, 0, code >= 500);
+    m.remove("server.address");
+    m.remove("server.port");
+    m
+}
+
 /// The Prometheus labels of a data point: `service_name`, `process_pid`, then
 /// the attributes (dots as underscores) sorted by key.
 fn prom_labels(service: &str, pid: u32, attrs: &BTreeMap<String, Value>) -> Vec<(String, String)> {
@@ -884,7 +892,7 @@ fn metrics_over_grpc_and_prometheus() {
         );
     }
     for (path, code, n) in traffic {
-        let want = duration_attrs(path, code, server.port, code >= 500);
+        let want = server_duration_attrs(path, code);
         let pts: Vec<&HistogramPoint> =
             server_pts.iter().filter(|p| p.attributes == want).collect();
         assert_eq!(
@@ -990,7 +998,7 @@ fn metrics_over_grpc_and_prometheus() {
     );
     assert_eq!(server_counts.len(), 3, "server _count series:\n{prom_text}");
     for (path, code, n) in traffic {
-        let attrs = duration_attrs(path, code, server.port, code >= 500);
+        let attrs = server_duration_attrs(path, code);
         let want = prom_labels("otlp-metrics-server", server.pid, &attrs);
         let series: Vec<&&Sample> = server_counts.iter().filter(|s| s.labels == want).collect();
         assert_eq!(
@@ -1094,4 +1102,80 @@ fn metrics_over_grpc_and_prometheus() {
         "one kspan_events_lost_total series:\n{prom_text}"
     );
     assert_eq!(lost[0].value, 0.0, "kspan_events_lost_total");
+}
+
+// ---------------------------------------------------------------------------
+// A closed stdout stops only the stdout exporter
+// ---------------------------------------------------------------------------
+
+/// `kspan | head -1` after head exited: stdout writes fail with EPIPE. The text exporter stops
+/// (logged once, counted), kspan keeps running and OTLP keeps receiving spans, also of requests
+/// made after the pipe broke.
+#[test]
+fn closed_stdout_stops_only_the_stdout_exporter() {
+    let _env = preflight();
+    let rx = OtlpReceiver::start_grpc(0);
+    let server = PyServer::start(Some("epipe-server"));
+    let spid = server.pid.to_string();
+    let endpoint = rx.endpoint();
+    let mut kspan = Kspan::start_with_closed_stdout(
+        &[
+            "--pid",
+            &spid,
+            "--output",
+            "text",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &[],
+    );
+    let server_span = |path: &'static str| {
+        move |s: &ReceivedSpan| {
+            s.span.kind == KIND_SERVER && s.attr_str("url.path").as_deref() == Some(path)
+        }
+    };
+
+    curl(&["-o", "/dev/null", &server.url("/before")]);
+    let before = rx.wait_for_spans_where(1, scaled(10), server_span("/before"));
+    assert_eq!(
+        before.len(),
+        1,
+        "the span of the first request over OTLP\n--- kspan stderr ---\n{}",
+        kspan.stderr_so_far()
+    );
+    // The first batch already hit the closed pipe: wait for the one warning.
+    let deadline = Instant::now() + scaled(5);
+    while !kspan.stderr_so_far().contains("exporter stopped") {
+        assert!(
+            Instant::now() < deadline,
+            "no `exporter stopped` warning:\n{}",
+            kspan.stderr_so_far()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    kspan.assert_running();
+
+    for _ in 0..3 {
+        curl(&["-o", "/dev/null", &server.url("/after")]);
+    }
+    let after = rx.wait_for_spans_where(3, scaled(10), server_span("/after"));
+    assert_eq!(
+        after.len(),
+        3,
+        "spans of requests made after stdout broke still arrive over OTLP\n--- kspan stderr ---\n{}",
+        kspan.stderr_so_far()
+    );
+    kspan.assert_running();
+
+    let run = kspan.stop();
+    assert_eq!(
+        run.stderr.matches("exporter stopped").count(),
+        1,
+        "logged once:\n{}",
+        run.stderr
+    );
+    assert_eq!(counter(&run, "exporters_stopped"), 1, "{}", run.stderr);
+    assert_eq!(counter(&run, "spans_exported"), 4, "{}", run.stderr);
 }

@@ -52,6 +52,10 @@ impl<W: Write + Send> SpanExporter for JsonExporter<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.writer.flush()
     }
+
+    fn name(&self) -> &'static str {
+        "stdout (json)"
+    }
 }
 
 /// Appends the JSON object for `span` to `out` (no trailing newline).

@@ -54,6 +54,10 @@ impl<W: Write + Send> SpanExporter for TextExporter<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.writer.flush()
     }
+
+    fn name(&self) -> &'static str {
+        "stdout (text)"
+    }
 }
 
 /// The line for one span, without the newline.

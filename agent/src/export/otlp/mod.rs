@@ -1,12 +1,14 @@
-//! OTLP export of traces and metrics (gRPC or HTTP/protobuf) through opentelemetry-otlp.
+//! OTLP export of traces and metrics (gRPC or HTTP/protobuf): metrics through opentelemetry-otlp,
+//! traces through kspan's own request (`transport`: many resources per request).
 //!
 //! Configuration follows the OpenTelemetry specification: OTEL_EXPORTER_OTLP_ENDPOINT,
 //! OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL (and the per-signal
-//! variants), OTEL_EXPORTER_OTLP_HEADERS and OTEL_EXPORTER_OTLP_TIMEOUT are read by
-//! opentelemetry-otlp itself; `--otlp-endpoint` and `--otlp-protocol` win over them.
+//! variants), OTEL_EXPORTER_OTLP_HEADERS (and the per-signal variants) and
+//! OTEL_EXPORTER_OTLP_TIMEOUT; `--otlp-endpoint` and `--otlp-protocol` win over them.
 
 pub mod metrics;
 pub mod traces;
+mod transport;
 
 use std::time::Duration;
 
@@ -112,27 +114,6 @@ pub fn export_timeout(signal: Signal) -> Duration {
     .or_else(|| parse("OTEL_EXPORTER_OTLP_TIMEOUT"))
     .map(Duration::from_millis)
     .unwrap_or(Duration::from_secs(10))
-}
-
-pub fn build_span_exporter(target: &SignalTarget) -> Result<opentelemetry_otlp::SpanExporter> {
-    let builder = opentelemetry_otlp::SpanExporter::builder();
-    let exporter = match target.protocol {
-        OtlpProtocol::Grpc => {
-            let mut b = builder.with_tonic();
-            if let Some(endpoint) = &target.endpoint {
-                b = b.with_endpoint(endpoint);
-            }
-            b.build()?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut b = builder.with_http().with_protocol(Protocol::HttpBinary);
-            if let Some(endpoint) = &target.endpoint {
-                b = b.with_endpoint(endpoint);
-            }
-            b.build()?
-        }
-    };
-    Ok(exporter)
 }
 
 pub fn build_metric_exporter(target: &SignalTarget) -> Result<opentelemetry_otlp::MetricExporter> {

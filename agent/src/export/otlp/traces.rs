@@ -1,6 +1,6 @@
 //! Spans → OTLP. The export thread hands spans over without blocking; a worker thread with its
-//! own small tokio runtime batches them and calls opentelemetry-otlp, which retries transient
-//! errors with backoff inside its export timeout. Memory stays bounded when the collector is slow
+//! own small tokio runtime batches them into one request (one ResourceSpans per process) and
+//! sends it, retrying transient errors with backoff inside the export timeout. Memory stays bounded when the collector is slow
 //! or gone: the queue has a fixed capacity, past it spans are dropped and counted.
 
 use rustc_hash::FxHashMap;
@@ -22,9 +22,16 @@ use opentelemetry::{
         Link, SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState,
     },
 };
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use opentelemetry_proto::{
+    tonic::collector::trace::v1::ExportTraceServiceRequest,
+    transform::{
+        common::tonic::ResourceAttributesWithSchema,
+        trace::tonic::group_spans_by_resource_and_scope,
+    },
+};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
-use super::{Signal, SignalTarget, build_span_exporter, export_timeout};
+use super::{Signal, SignalTarget, export_timeout, transport::TraceClient};
 use crate::{
     export::SpanExporter,
     spans::{AttributeValue, Attributes, Resource, Span, SpanKind, SpanStatus},
@@ -119,10 +126,10 @@ impl OtlpTraceExporter {
             .enable_all()
             .build()
             .context("cannot start the OTLP runtime")?;
-        let exporter = {
+        let client = {
             // tonic's lazy channel needs a runtime context to be created.
             let _guard = runtime.enter();
-            build_span_exporter(target).context("cannot configure the OTLP trace exporter")?
+            TraceClient::new(target).context("cannot configure the OTLP trace exporter")?
         };
         let (queue, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
         let worker_stats = stats.clone();
@@ -133,14 +140,11 @@ impl OtlpTraceExporter {
             .spawn(move || {
                 Worker {
                     runtime,
-                    exporter,
+                    client,
                     stats: worker_stats,
                     stop: worker_stop,
                     timeout: export_timeout(Signal::Traces),
-                    resources: FxHashMap::default(),
-                    scope: InstrumentationScope::builder("kspan")
-                        .with_version(env!("CARGO_PKG_VERSION"))
-                        .build(),
+                    requests: RequestBuilder::new(),
                 }
                 .run(receiver)
             })?;
@@ -174,6 +178,10 @@ impl SpanExporter for OtlpTraceExporter {
         Ok(())
     }
 
+    fn name(&self) -> &'static str {
+        "OTLP trace"
+    }
+
     fn shutdown(&mut self) -> std::io::Result<()> {
         let Some(worker) = self.worker.take() else {
             return Ok(());
@@ -194,13 +202,63 @@ impl Drop for OtlpTraceExporter {
 
 struct Worker {
     runtime: tokio::runtime::Runtime,
-    exporter: opentelemetry_otlp::SpanExporter,
+    client: TraceClient,
     stats: Arc<Stats>,
     stop: Arc<Stop>,
     timeout: Duration,
-    /// SDK resources by the address of the agent's resource (held alive by the key's Arc).
-    resources: FxHashMap<usize, (Arc<Resource>, opentelemetry_sdk::Resource)>,
+    requests: RequestBuilder,
+}
+
+/// Batches of spans → export requests.
+struct RequestBuilder {
+    /// Resources in OTLP form by the address of the agent's resource (held alive by the key's
+    /// Arc), converted once per process.
+    resources: FxHashMap<usize, (Arc<Resource>, ResourceAttributesWithSchema)>,
     scope: InstrumentationScope,
+}
+
+impl RequestBuilder {
+    fn new() -> Self {
+        RequestBuilder {
+            resources: FxHashMap::default(),
+            scope: InstrumentationScope::builder("kspan")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        }
+    }
+
+    /// One request for the whole batch: one ResourceSpans per resource, in order of first
+    /// appearance.
+    fn build(&mut self, batch: &mut Vec<Span>) -> ExportTraceServiceRequest {
+        let mut groups: Vec<(Arc<Resource>, Vec<SpanData>)> = Vec::new();
+        for span in batch.drain(..) {
+            let data = span_data(&span, &self.scope);
+            match groups
+                .iter_mut()
+                .find(|(r, _)| Arc::ptr_eq(r, &span.resource))
+            {
+                Some((_, spans)) => spans.push(data),
+                None => groups.push((span.resource.clone(), vec![data])),
+            }
+        }
+        if self.resources.len() > 1024 {
+            self.resources.clear();
+        }
+        let mut resource_spans = Vec::with_capacity(groups.len());
+        for (resource, spans) in groups {
+            let key = Arc::as_ptr(&resource) as usize;
+            let otlp_resource = &self
+                .resources
+                .entry(key)
+                .or_insert_with(|| {
+                    let attributes = (&sdk_resource(&resource)).into();
+                    (resource.clone(), attributes)
+                })
+                .1;
+            resource_spans.extend(group_spans_by_resource_and_scope(spans, otlp_resource));
+        }
+        ExportTraceServiceRequest { resource_spans }
+    }
 }
 
 impl Worker {
@@ -240,58 +298,34 @@ impl Worker {
             let mut chunk: Vec<Span> = batch.drain(..batch.len().min(MAX_BATCH)).collect();
             self.export(&mut chunk, left.min(self.timeout), false);
         }
-        let _ = self.exporter.shutdown();
     }
 
-    /// One request per resource present in the batch (opentelemetry-otlp sends one resource per
-    /// request). Failed spans are dropped and counted: the library already retried them.
-    /// `interruptible`: after a stop request the request in flight gets the rest of the shutdown
-    /// budget (past it its spans count as dropped); the final flush is bounded by its timeout.
+    /// The batch as one request. Failed spans are dropped and counted: the client already
+    /// retried them. `interruptible`: after a stop request the request in flight gets the rest
+    /// of the shutdown budget (past it its spans count as dropped); the final flush is bounded by
+    /// its timeout.
     fn export(&mut self, batch: &mut Vec<Span>, timeout: Duration, interruptible: bool) {
         if batch.is_empty() {
             return;
         }
-        let mut groups: Vec<(Arc<Resource>, Vec<SpanData>)> = Vec::new();
-        for span in batch.drain(..) {
-            let data = span_data(&span, &self.scope);
-            match groups
-                .iter_mut()
-                .find(|(r, _)| Arc::ptr_eq(r, &span.resource))
-            {
-                Some((_, spans)) => spans.push(data),
-                None => groups.push((span.resource.clone(), vec![data])),
+        let count = batch.len() as u64;
+        let request = self.requests.build(batch);
+        let stop = &self.stop;
+        let client = &self.client;
+        let result = self.runtime.block_on(async {
+            // Bounds the retries as well as a hang.
+            let export = tokio::time::timeout(timeout, client.export(request));
+            if interruptible {
+                stop.within_budget(export).await
+            } else {
+                Some(export.await)
             }
-        }
-        if self.resources.len() > 1024 {
-            self.resources.clear();
-        }
-        for (resource, spans) in groups {
-            let key = Arc::as_ptr(&resource) as usize;
-            let sdk_resource = &self
-                .resources
-                .entry(key)
-                .or_insert_with(|| (resource.clone(), sdk_resource(&resource)))
-                .1;
-            self.exporter.set_resource(sdk_resource);
-            let count = spans.len() as u64;
-            let stop = &self.stop;
-            let exporter = &self.exporter;
-            let result = self.runtime.block_on(async {
-                // The library's own deadline is `timeout`; this one bounds the final flush and
-                // guards against a hang.
-                let export = tokio::time::timeout(timeout, exporter.export(spans));
-                if interruptible {
-                    stop.within_budget(export).await
-                } else {
-                    Some(export.await)
-                }
-            });
-            match result {
-                Some(Ok(Ok(()))) => Stats::add(&self.stats.spans_exported, count),
-                Some(Ok(Err(error))) => self.failed(count, &error.to_string()),
-                Some(Err(_)) => self.failed(count, "timed out"),
-                None => self.failed(count, "interrupted by shutdown"),
-            }
+        });
+        match result {
+            Some(Ok(Ok(()))) => Stats::add(&self.stats.spans_exported, count),
+            Some(Ok(Err(error))) => self.failed(count, &error),
+            Some(Err(_)) => self.failed(count, "timed out"),
+            None => self.failed(count, "interrupted by shutdown"),
         }
     }
 
@@ -385,6 +419,74 @@ pub fn span_data(span: &Span, scope: &InstrumentationScope) -> SpanData {
 mod tests {
     use super::*;
     use crate::spans::SpanLink;
+    use prost::Message as _;
+
+    fn span_of(resource: &Arc<Resource>, id: u8) -> Span {
+        Span {
+            trace_id: [id; 16],
+            span_id: [id; 8],
+            parent_span_id: None,
+            trace_state: None,
+            name: format!("GET /{id}").into(),
+            kind: SpanKind::Server,
+            start_unix_nano: 1,
+            end_unix_nano: 2,
+            status: SpanStatus::Unset,
+            attributes: Vec::new(),
+            links: Vec::new(),
+            resource: resource.clone(),
+        }
+    }
+
+    #[test]
+    fn one_request_carries_the_spans_of_every_resource() {
+        let processes: Vec<Arc<Resource>> = (0..3)
+            .map(|pid| {
+                Arc::new(Resource {
+                    attributes: vec![("process.pid", AttributeValue::Int(100 + pid))],
+                })
+            })
+            .collect();
+        // Interleaved: 0, 1, 2, 0, 1, 2, ... (7 spans of process 0, 7 of 1, 6 of 2).
+        let mut batch: Vec<Span> = (0..20u8)
+            .map(|i| span_of(&processes[usize::from(i) % 3], i))
+            .collect();
+        let mut builder = RequestBuilder::new();
+        let request = builder.build(&mut batch);
+        assert!(batch.is_empty());
+
+        // What goes on the wire, decoded back.
+        let decoded = ExportTraceServiceRequest::decode(&*request.encode_to_vec()).unwrap();
+        assert_eq!(decoded.resource_spans.len(), 3, "{decoded:?}");
+        for (i, (rs, want_spans)) in decoded.resource_spans.iter().zip([7, 7, 6]).enumerate() {
+            let attributes = &rs.resource.as_ref().unwrap().attributes;
+            assert_eq!(attributes.len(), 1);
+            assert_eq!(attributes[0].key, "process.pid");
+            assert_eq!(
+                format!("{:?}", attributes[0].value),
+                format!(
+                    "{:?}",
+                    Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                        value: Some(
+                            opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(
+                                100 + i as i64
+                            )
+                        )
+                    })
+                )
+            );
+            assert_eq!(rs.scope_spans.len(), 1);
+            assert_eq!(rs.scope_spans[0].scope.as_ref().unwrap().name, "kspan");
+            let spans = &rs.scope_spans[0].spans;
+            assert_eq!(spans.len(), want_spans);
+            // Each span under its own process, in batch order.
+            for (j, span) in spans.iter().enumerate() {
+                let id = (3 * j + i) as u8;
+                assert_eq!(span.span_id, vec![id; 8]);
+                assert_eq!(span.name, format!("GET /{id}"));
+            }
+        }
+    }
 
     #[test]
     fn kinds_and_links_reach_the_sdk_span() {

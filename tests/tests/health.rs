@@ -1,0 +1,172 @@
+//! End-to-end tests of kspan's own health: every counter of its `kspan: stopped:` line is a
+//! live metric over OTLP and Prometheus while it runs, so a DaemonSet that never exits shows its
+//! losses; the Prometheus endpoint (`--prometheus-address`) answers while a silent client holds
+//! a connection open.
+//!
+//! Needs root, BTF and tracefs (see `kspan_e2e::preflight`), the kspan binary (KSPAN_BIN),
+//! python3 and curl.
+
+use std::collections::BTreeMap;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kspan_e2e::otlp_receiver::*;
+use kspan_e2e::prometheus;
+use kspan_e2e::*;
+use serde_json::Value;
+
+/// Stop-line name → OpenTelemetry metric name (Prometheus: dots to `_`, then `_total`).
+const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
+    ("events_received", "kspan.events.received"),
+    ("events_lost", "kspan.events.lost"),
+    ("malformed_events", "kspan.events.malformed"),
+    ("parse_errors", "kspan.parse.errors"),
+    ("spans_emitted", "kspan.spans.emitted"),
+    ("spans_sampled_out", "kspan.spans.sampled_out"),
+    ("spans_dropped", "kspan.spans.dropped"),
+    ("spans_exported", "kspan.spans.exported"),
+    ("export_failures", "kspan.export.failures"),
+    ("exporters_stopped", "kspan.exporters.stopped"),
+    ("links_ambiguous", "kspan.links.ambiguous"),
+    ("links_mismatched", "kspan.links.mismatched"),
+    ("links_late", "kspan.links.late"),
+    ("connections_dropped", "kspan.connections.dropped"),
+    ("connections_muted", "kspan.connections.muted"),
+    ("parse_desynchronised", "kspan.parse.desynchronised"),
+    ("parse_limits_hit", "kspan.parse.limits_hit"),
+    ("kernel_read_errors", "kspan.kernel.read_errors"),
+    ("kernel_map_full", "kspan.kernel.map_full"),
+    ("in_flight_collisions", "kspan.kernel.in_flight_collisions"),
+    ("scratch_busy", "kspan.kernel.scratch_busy"),
+    ("program_misses", "kspan.program.misses"),
+    ("message_links_dropped", "kspan.messaging.links.dropped"),
+    ("series_overflow", "kspan.metrics.series_overflow"),
+];
+
+fn prometheus_name(metric: &str) -> String {
+    format!("{}_total", metric.replace('.', "_"))
+}
+
+/// kspan's health counters while it runs, over Prometheus and OTLP: every name of the stop
+/// line has its metric (one series under service.name "kspan"), events received is non-zero.
+#[test]
+fn every_stop_line_counter_is_a_live_metric() {
+    let _env = preflight();
+    let rx = OtlpReceiver::start_grpc(0);
+    let prom_port = free_port();
+    let prom_arg = format!("127.0.0.1:{prom_port}");
+    let server = PyServer::start(Some("health-server"));
+    let spid = server.pid.to_string();
+    let endpoint = rx.endpoint();
+    let kspan = Kspan::start_with_env(
+        &[
+            "--pid",
+            &spid,
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--prometheus-address",
+            &prom_arg,
+        ],
+        &[("OTEL_METRIC_EXPORT_INTERVAL", "1000")],
+    );
+    let kspan_pid = kspan.pid().to_string();
+    curl(&["-o", "/dev/null", &server.url("/health")]);
+
+    // A client that connects and sends nothing stays connected through the scrapes below:
+    // it must not stall them.
+    let silent = std::net::TcpStream::connect(("127.0.0.1", prom_port)).expect("connect");
+
+    // Prometheus, while kspan runs: poll until events received is counted.
+    let deadline = Instant::now() + scaled(10);
+    let (samples, text) = loop {
+        let fetched = prometheus::http_get(prom_port, "/metrics");
+        if let Ok((200, _, body)) = &fetched {
+            let samples = prometheus::parse_text(body);
+            let received = samples.iter().any(|s| {
+                s.name == "kspan_events_received_total"
+                    && s.label("service_name") == Some("kspan")
+                    && s.value > 0.0
+            });
+            if received {
+                break (samples, body.clone());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no kspan_events_received_total > 0 on the Prometheus endpoint in time: {fetched:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    for (stop_name, metric) in STOP_LINE_TO_METRIC {
+        let name = prometheus_name(metric);
+        let series: Vec<_> = samples
+            .iter()
+            .filter(|s| s.name == name && s.label("service_name") == Some("kspan"))
+            .collect();
+        assert_eq!(
+            series.len(),
+            1,
+            "one {name} series (stop-line {stop_name}) on the Prometheus endpoint:\n{text}"
+        );
+        assert_eq!(
+            series[0].label("process_pid"),
+            Some(kspan_pid.as_str()),
+            "{name}: {:?}",
+            series[0]
+        );
+    }
+
+    drop(silent);
+
+    // OTLP, periodic export while kspan runs.
+    let health = |requests: &[proto::collector::metrics::v1::ExportMetricsServiceRequest]| {
+        latest_per_resource(requests)
+            .into_iter()
+            .filter(|(r, _)| r.get("service.name") == Some(&Value::from("kspan")))
+            .collect::<Vec<_>>()
+    };
+    let arrived = rx.wait_for_metrics_where(scaled(6), |requests| {
+        let health = health(requests);
+        sum_points(&health, "kspan.events.received")
+            .iter()
+            .any(|p| p.value > 0.0)
+            && STOP_LINE_TO_METRIC
+                .iter()
+                .all(|(_, metric)| !sum_points(&health, metric).is_empty())
+    });
+    let live = health(&rx.metric_requests());
+    let mut otlp_value = BTreeMap::new();
+    for (stop_name, metric) in STOP_LINE_TO_METRIC {
+        let points = sum_points(&live, metric);
+        assert_eq!(
+            points.len(),
+            1,
+            "one {metric} point (stop-line {stop_name}) over OTLP while kspan runs (arrived: \
+             {arrived}); metrics: {:?}",
+            metric_names(&live)
+        );
+        assert!(points[0].is_monotonic, "{metric}: {:?}", points[0]);
+        otlp_value.insert(*stop_name, points[0].value);
+    }
+    assert!(
+        otlp_value["events_received"] > 0.0,
+        "events received over OTLP: {otlp_value:?}"
+    );
+
+    // The table covers the whole stop line: a counter added there must be added here too.
+    let run = kspan.stop();
+    let stop_line = run.counters();
+    for name in stop_line.keys() {
+        assert!(
+            STOP_LINE_TO_METRIC.iter().any(|(s, _)| s == name),
+            "stop-line counter {name} has no live metric in STOP_LINE_TO_METRIC: {stop_line:?}"
+        );
+    }
+    assert_eq!(
+        stop_line.len(),
+        STOP_LINE_TO_METRIC.len(),
+        "stop line: {stop_line:?}"
+    );
+}
