@@ -327,27 +327,29 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     self.finish_connection(header.pid, connection, header.end_ns);
                 }
             }
-            Event::Exec { header, comm } => match self.processes.on_exec(header.pid, &comm) {
-                ExecDecision::Trace => {
-                    log::debug!("tracing pid {} (exec)", header.pid);
-                    self.kernel.trace_pid(header.pid);
-                    self.processes.resource(header.pid);
-                    self.track_open_sockets(header.pid);
-                }
-                ExecDecision::Untrace => {
-                    self.kernel.untrace_pid(header.pid);
-                    self.forget_process(header.pid, header.end_ns);
-                }
-                ExecDecision::Unchanged => {
-                    // Still traced (trace-all, or selected before): read the new image's
-                    // resource while the process surely exists.
-                    if self.processes.selectors().trace_all()
-                        || self.processes.is_traced(header.pid)
-                    {
+            Event::Exec { header, comm, path } => {
+                match self.processes.on_exec(header.pid, &comm, path) {
+                    ExecDecision::Trace => {
+                        log::debug!("tracing pid {} (exec)", header.pid);
+                        self.kernel.trace_pid(header.pid);
                         self.processes.resource(header.pid);
+                        self.track_open_sockets(header.pid);
+                    }
+                    ExecDecision::Untrace => {
+                        self.kernel.untrace_pid(header.pid);
+                        self.forget_process(header.pid, header.end_ns);
+                    }
+                    ExecDecision::Unchanged => {
+                        // Still traced (trace-all, or selected before): read the new image's
+                        // resource while the process surely exists.
+                        if self.processes.selectors().trace_all()
+                            || self.processes.is_traced(header.pid)
+                        {
+                            self.processes.resource(header.pid);
+                        }
                     }
                 }
-            },
+            }
             Event::Exit(header) => {
                 self.forget_process(header.pid, header.end_ns);
                 self.processes.on_exit(header.pid);
@@ -812,6 +814,78 @@ mod tests {
             "back to the default capture at the switch, HTTP/2's once detected"
         );
         assert!(p.kernel().muted.is_empty());
+    }
+
+    /// A client that execs, connects, sends, reads and exits before the agent reads its procfs
+    /// (made certain here with a pid no process has): its span still has the executable's full
+    /// path, from the exec event.
+    #[test]
+    fn a_client_gone_before_procfs_has_its_exec_path() {
+        let mut p = test_pipeline();
+        let pid = 5_000_000; // above the kernel's PID_MAX_LIMIT
+        let header = |kind: EventKind, t: u64| EventHeader {
+            kind: kind as u32,
+            pid,
+            tid: pid,
+            fd: 3,
+            conn_id: 7,
+            start_ns: t,
+            end_ns: t + 10,
+            ..Default::default()
+        };
+        let exec = events::encode_exec(
+            &EventHeader {
+                fd: -1,
+                ..header(EventKind::Exec, 10)
+            },
+            "curl",
+            b"/nonexistent/kspan-test/curl",
+        );
+        p.handle_record(&exec);
+        let mut tuple = kspan_common::SocketTuple {
+            family: kspan_common::AF_INET,
+            local_port: 40000,
+            remote_port: 8080,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        p.handle_event(Event::Socket {
+            kind: EventKind::Connect,
+            header: header(EventKind::Connect, 100),
+            tuple,
+        });
+        let request: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for (t, direction, data) in [
+            (1_000, Direction::Egress, request),
+            (2_000, Direction::Ingress, response),
+        ] {
+            p.handle_event(Event::Data {
+                header: EventHeader {
+                    full_len: data.len() as u64,
+                    copied_len: data.len() as u32,
+                    ..header(EventKind::Data, t)
+                },
+                direction,
+                data,
+                tail: &[],
+            });
+        }
+        p.handle_event(Event::Close(header(EventKind::Close, 3_000)));
+        p.shutdown();
+        let spans = p.sink();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].kind, SpanKind::Client);
+        let resource = &spans[0].resource;
+        assert_eq!(
+            resource.get("process.executable.path"),
+            Some(&AttributeValue::Str("/nonexistent/kspan-test/curl".into()))
+        );
+        assert_eq!(
+            resource.get("service.name"),
+            Some(&AttributeValue::Str("curl".into()))
+        );
     }
 
     /// Bytes of no known protocol: muted in the kernel after a few chunks, counted, no span.

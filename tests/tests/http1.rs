@@ -817,3 +817,44 @@ fn port_selector_traces_existing_and_later_listeners() {
     assert_resource(late_span, "e2e-late", late.pid, &python_exe_name());
     Req::curl("GET", "/users/9", 200, late.port, &to_late).check_server(late_span, "GET /users/*");
 }
+
+/// A client gone before kspan could read its procfs: kspan is stopped (SIGSTOP) while curl
+/// execs, makes its request, exits and is reaped, so the agent finds no /proc/PID when it
+/// handles curl's events, every time (the race `traces_over_grpc_equal_printed_spans` lost now
+/// and then). The kernel keeps the events in the ring; the CLIENT span still carries the full
+/// executable path, from the exec event.
+#[test]
+fn a_client_gone_before_procfs_is_read_keeps_its_executable_path() {
+    let _env = preflight();
+    let server = PyServer::start(Some("short-lived-server"));
+    let spid = server.pid.to_string();
+    // `--exe curl`: the kernel selects curl at exec by its name, without the agent.
+    let kspan = Kspan::start(&["--pid", &spid, "--exe", "curl"]);
+    let agent = kspan.pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGSTOP) }, 0);
+    let out = curl(&[&server.url("/users/7")]);
+    let gone = !std::path::Path::new(&format!("/proc/{}", out.pid)).exists();
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGCONT) }, 0);
+    assert!(gone, "curl (pid {}) still in procfs", out.pid);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let clients: Vec<&Value> = by_pid(&run.spans, out.pid)
+        .into_iter()
+        .filter(|s| s["kind"] == "CLIENT")
+        .collect();
+    let client = exactly_one(clients, "CLIENT span of the gone curl", &run);
+    assert_eq!(attr_str(client, "url.path"), Some("/users/7"));
+    let exe = std::fs::canonicalize(which("curl")).unwrap();
+    assert_eq!(
+        res_str(client, "process.executable.path"),
+        exe.to_str(),
+        "{}",
+        pretty(client)
+    );
+    assert_eq!(
+        res_str(client, "process.executable.name"),
+        exe.file_name().and_then(|n| n.to_str())
+    );
+    assert_eq!(res_str(client, "service.name"), Some("curl"));
+}
