@@ -38,6 +38,8 @@ pub struct Stats {
     /// Kafka consumer→producer links not made: the table of produced messages forgot them, or
     /// a span reached its link limit.
     pub message_links_dropped: AtomicU64,
+    pub socket_table_scans: AtomicU64, // reads of a network namespace's /proc/PID/net/tcp{,6}, for sockets not seen open
+    pub unknown_socket_events_deferred: AtomicU64, // events of a socket not yet in its namespace's tables (read < 100 ms ago): lost
 }
 
 impl Stats {

@@ -2,6 +2,7 @@
 
 pub mod procfs_scan;
 pub mod selectors;
+pub mod socket_tables;
 
 use rustc_hash::FxHashMap;
 use std::{
@@ -103,7 +104,8 @@ impl Processes {
 
     /// Processes to trace at start: every process when there are no selectors, else the ones
     /// selected by pid (and their descendants), executable, or a listening port.
-    pub fn initial_selection(&mut self) -> Vec<u32> {
+    /// `tables`: the TCP tables of the namespaces, read once each for `--port`.
+    pub fn initial_selection(&mut self, tables: &mut socket_tables::SocketTables) -> Vec<u32> {
         let pids = procfs_scan::all_pids();
         let agent = std::process::id();
         let selected: Vec<u32> = pids
@@ -112,7 +114,7 @@ impl Processes {
             .filter(|&pid| {
                 self.selectors.trace_all()
                     || self.selected_by_pid_or_exe(pid)
-                    || self.listens_on_selected_port(pid)
+                    || self.listens_on_selected_port(pid, tables)
             })
             .collect();
         if !self.selectors.trace_all() {
@@ -146,11 +148,23 @@ impl Processes {
         false
     }
 
-    fn listens_on_selected_port(&self, pid: u32) -> bool {
-        !self.selectors.ports.is_empty()
-            && procfs_scan::open_tcp_sockets(pid)
-                .iter()
-                .any(|s| s.listening && self.selectors.matches_port(s.local.port()))
+    fn listens_on_selected_port(&self, pid: u32, tables: &mut socket_tables::SocketTables) -> bool {
+        if self.selectors.ports.is_empty() {
+            return false;
+        }
+        let Some(namespace) = socket_tables::network_namespace(pid) else {
+            return false;
+        };
+        socket_tables::socket_fds(pid)
+            .into_iter()
+            .any(|(_, inode)| {
+                // At start: one read of each namespace's tables serves every process.
+                matches!(
+                    tables.lookup_inode(pid, namespace, inode, std::time::Duration::MAX),
+                    socket_tables::Lookup::Tcp(s)
+                        if s.listening && self.selectors.matches_port(s.local.port())
+                )
+            })
     }
 
     /// A process exec'd a new image: its resource changes, and its selection is re-evaluated
