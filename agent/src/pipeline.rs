@@ -246,14 +246,15 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 self.processes.resource(pid);
             }
             // No table is read twice at start: they all came into being just now.
-            self.track_open_sockets(pid, Duration::MAX);
+            self.track_open_sockets(pid, false);
         }
         self.count_table_scans();
     }
 
-    /// Track the TCP connections `pid` has open (sockets of tables read at least `max_age`
-    /// ago are looked up in a new read).
-    fn track_open_sockets(&mut self, pid: u32, max_age: Duration) {
+    /// Track the TCP connections `pid` has open. `refresh`: a socket the cached tables do not
+    /// list is looked up in one new read of them (a process newly selected, whose sockets may
+    /// be newer than the cache); at most one read per call, whatever its number of sockets.
+    fn track_open_sockets(&mut self, pid: u32, refresh: bool) {
         let conn_id = Clock::monotonic_now();
         let fds = socket_tables::socket_fds(pid);
         if fds.is_empty() {
@@ -262,7 +263,13 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let Some(namespace) = socket_tables::network_namespace(pid) else {
             return;
         };
+        let scans_before = self.socket_tables.scans();
         for (fd, inode) in fds {
+            let max_age = if refresh && self.socket_tables.scans() == scans_before {
+                Duration::ZERO
+            } else {
+                Duration::MAX
+            };
             let Lookup::Tcp(socket) = self
                 .socket_tables
                 .lookup_inode(pid, namespace, inode, max_age)
@@ -332,7 +339,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                         tuple.local_port
                     );
                     self.kernel.trace_pid(header.pid);
-                    self.track_open_sockets(header.pid, MIN_RESCAN_INTERVAL);
+                    self.track_open_sockets(header.pid, true);
                     self.count_table_scans();
                 }
             }
@@ -369,7 +376,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                         log::debug!("tracing pid {} (exec)", header.pid);
                         self.kernel.trace_pid(header.pid);
                         self.processes.resource(header.pid);
-                        self.track_open_sockets(header.pid, MIN_RESCAN_INTERVAL);
+                        self.track_open_sockets(header.pid, true);
                         self.count_table_scans();
                     }
                     ExecDecision::Untrace => {
@@ -732,12 +739,15 @@ mod tests {
         captures: Vec<(i32, u32, u32)>,
         muted: Vec<i32>,
         forgotten: Vec<i32>,
+        tracked: Vec<(u32, i32)>,
     }
 
     impl KernelControl for FakeKernel {
         fn trace_pid(&mut self, _pid: u32) {}
         fn untrace_pid(&mut self, _pid: u32) {}
-        fn track_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
+        fn track_connection(&mut self, pid: u32, fd: i32, _conn_id: u64) {
+            self.tracked.push((pid, fd));
+        }
         fn forget_connection(&mut self, _pid: u32, fd: i32) {
             self.forgotten.push(fd);
         }
@@ -992,6 +1002,82 @@ mod tests {
         data_on_unknown(&mut p, file.as_raw_fd(), b"x");
         assert_eq!(p.kernel().muted, [file.as_raw_fd()]);
         assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
+    }
+
+    /// Start: N processes (children of this test, each holding a connection on fd 3) in one
+    /// network namespace cost one read of its TCP tables, not one per process; each process's
+    /// connection is tracked with its own addresses.
+    #[test]
+    fn the_start_reads_each_namespace_tables_once() {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut children = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let fd = client.as_raw_fd();
+            let mut command = std::process::Command::new("sleep");
+            command.arg("60");
+            // SAFETY: dup2 is async-signal-safe; fd 3 of the child is the connection
+            // (without CLOEXEC).
+            unsafe {
+                command.pre_exec(move || {
+                    // dup2 onto itself would keep CLOEXEC: clear it then.
+                    let ok = if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, 3)
+                    };
+                    if ok < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            children.push(command.spawn().unwrap());
+            clients.push(client);
+        }
+        // The children, selected as descendants of this process; the kernel is faked.
+        let selectors =
+            crate::process::Selectors::new(vec![std::process::id()], &[], vec![]).unwrap();
+        let mut p = Pipeline::new(
+            FakeKernel::default(),
+            Vec::new(),
+            Processes::new(selectors),
+            64,
+            Clock::with_offset(0),
+            Arc::new(Stats::default()),
+            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
+        );
+        // Wait (bounded) until every child has exec'd sleep: its fds are then the final ones.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while children
+            .iter()
+            .any(|c| crate::process::procfs_scan::command_name(c.id()).as_deref() != Some("sleep"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "children did not exec"
+            );
+            std::thread::yield_now();
+        }
+        p.start();
+        let scans = Stats::get(&p.stats.socket_table_scans);
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(scans, 1);
+        for (child, client) in children.iter().zip(&clients) {
+            assert!(
+                p.kernel().tracked.contains(&(child.id(), 3)),
+                "{:?}",
+                p.kernel().tracked
+            );
+            let connection = p.connections.get_mut(child.id(), 3).expect("tracked");
+            assert_eq!(connection.local, client.local_addr().unwrap());
+            assert_eq!(connection.remote, client.peer_addr().unwrap());
+        }
     }
 
     /// A full connection table: the socket is forgotten in the kernel (which stops sending its
