@@ -1004,37 +1004,43 @@ mod tests {
         assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
     }
 
+    /// A `sleep 60` child whose fd 3 is `fd` (a connection of this process).
+    fn sleeper_holding(fd: i32) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("sleep");
+        command.arg("60");
+        // SAFETY: dup2 is async-signal-safe; fd 3 of the child is the connection
+        // (without CLOEXEC).
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto itself would keep CLOEXEC: clear it then.
+                let ok = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if ok < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.spawn().unwrap()
+    }
+
     /// Start: N processes (children of this test, each holding a connection on fd 3) in one
     /// network namespace cost one read of its TCP tables, not one per process; each process's
     /// connection is tracked with its own addresses.
     #[test]
     fn the_start_reads_each_namespace_tables_once() {
-        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        use std::os::fd::AsRawFd;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut children = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..6 {
             let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let fd = client.as_raw_fd();
-            let mut command = std::process::Command::new("sleep");
-            command.arg("60");
-            // SAFETY: dup2 is async-signal-safe; fd 3 of the child is the connection
-            // (without CLOEXEC).
-            unsafe {
-                command.pre_exec(move || {
-                    // dup2 onto itself would keep CLOEXEC: clear it then.
-                    let ok = if fd == 3 {
-                        libc::fcntl(3, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(fd, 3)
-                    };
-                    if ok < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            children.push(command.spawn().unwrap());
+            children.push(sleeper_holding(fd));
             clients.push(client);
         }
         // The children, selected as descendants of this process; the kernel is faked.
@@ -1078,6 +1084,64 @@ mod tests {
             assert_eq!(connection.local, client.local_addr().unwrap());
             assert_eq!(connection.remote, client.peer_addr().unwrap());
         }
+    }
+
+    /// A process selected later (here by a LISTEN on a `--port`) whose connection is newer than
+    /// the cached tables: one new read finds it.
+    #[test]
+    fn a_newly_selected_process_refreshes_the_tables_once() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let selectors = crate::process::Selectors::new(vec![], &[], vec![port]).unwrap();
+        let mut p = Pipeline::new(
+            FakeKernel::default(),
+            Vec::new(),
+            Processes::new(selectors),
+            64,
+            Clock::with_offset(0),
+            Arc::new(Stats::default()),
+            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
+        );
+        // Tables read (an unknown socket of this process), then a newer connection.
+        let early = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        data_on_unknown(&mut p, early.as_raw_fd(), b"x");
+        assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut child = sleeper_holding(client.as_raw_fd());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while crate::process::procfs_scan::command_name(child.id()).as_deref() != Some("sleep") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child did not exec"
+            );
+            std::thread::yield_now();
+        }
+        let mut tuple = kspan_common::SocketTuple {
+            family: kspan_common::AF_INET,
+            local_port: port,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        p.handle_event(Event::Socket {
+            kind: EventKind::Listen,
+            header: EventHeader {
+                kind: EventKind::Listen as u32,
+                pid: child.id(),
+                tid: child.id(),
+                fd: 4,
+                ..Default::default()
+            },
+            tuple,
+        });
+        let scans = Stats::get(&p.stats.socket_table_scans);
+        let tracked = p.kernel().tracked.clone();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tracked, [(child.id(), 3)]);
+        assert_eq!(scans, 2, "one new read");
+        let connection = p.connections.get_mut(child.id(), 3).expect("tracked");
+        assert_eq!(connection.local, client.local_addr().unwrap());
     }
 
     /// A full connection table: the socket is forgotten in the kernel (which stops sending its
