@@ -7,6 +7,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     rc::Rc,
     sync::{Arc, mpsc::SyncSender},
+    time::Duration,
 };
 
 use kspan_common::{CAPTURE_DEFAULT, EventKind};
@@ -20,7 +21,10 @@ use crate::{
         KernelControl,
         events::{self, Event},
     },
-    process::{ExecDecision, Processes, procfs_scan},
+    process::{
+        ExecDecision, Processes,
+        socket_tables::{self, Lookup, SocketTables},
+    },
     protocols::Payload,
     protocols::{Chunk, Exchange, ParserCounts, ParserOutput, SharedState},
     spans::{self, Export, ProducedMessages, Resource, Span, build_spans},
@@ -34,6 +38,8 @@ use crate::{
 const PARENT_WAIT_NS: u64 = 1_000_000_000;
 /// Spans waiting at once, at most; past it a span is emitted without waiting.
 const MAX_WAITING_SPANS: usize = 4096;
+
+use socket_tables::MIN_RESCAN_INTERVAL;
 
 /// A finished exchange whose span waits for its parent to be known.
 struct WaitingSpan {
@@ -137,6 +143,8 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     /// Events handled since the last flush: a plain count per event, one shared atomic add per
     /// drain (the stats are read by other threads).
     events_unflushed: u64,
+    /// TCP tables of the network namespaces, for sockets the agent did not see open.
+    socket_tables: SocketTables,
 }
 
 impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
@@ -162,6 +170,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             output: ParserOutput::default(),
             waiting: VecDeque::new(),
             events_unflushed: 0,
+            socket_tables: SocketTables::default(),
         }
     }
 
@@ -225,9 +234,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
 
     /// Select the processes that exist already and track the TCP connections they have open:
     /// once, from procfs, before events flow.
+    /// Each process's fds are read once, each network namespace's TCP tables once.
     pub fn start(&mut self) {
         let trace_all = self.processes.selectors().trace_all();
-        for pid in self.processes.initial_selection() {
+        for pid in self.processes.initial_selection(&mut self.socket_tables) {
             if !trace_all {
                 self.kernel.trace_pid(pid);
                 // Its resource now, while it surely exists: a selected client may connect, send
@@ -235,13 +245,37 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 // a process gone from procfs is named by its comm only.
                 self.processes.resource(pid);
             }
-            self.track_open_sockets(pid);
+            // No table is read twice at start: they all came into being just now.
+            self.track_open_sockets(pid, false);
         }
+        self.count_table_scans();
     }
 
-    fn track_open_sockets(&mut self, pid: u32) {
+    /// Track the TCP connections `pid` has open. `refresh`: a socket the cached tables do not
+    /// list is looked up in one new read of them (a process newly selected, whose sockets may
+    /// be newer than the cache); at most one read per call, whatever its number of sockets.
+    fn track_open_sockets(&mut self, pid: u32, refresh: bool) {
         let conn_id = Clock::monotonic_now();
-        for socket in procfs_scan::open_tcp_sockets(pid) {
+        let fds = socket_tables::socket_fds(pid);
+        if fds.is_empty() {
+            return;
+        }
+        let Some(namespace) = socket_tables::network_namespace(pid) else {
+            return;
+        };
+        let scans_before = self.socket_tables.scans();
+        for (fd, inode) in fds {
+            let max_age = if refresh && self.socket_tables.scans() == scans_before {
+                Duration::ZERO
+            } else {
+                Duration::MAX
+            };
+            let Lookup::Tcp(socket) = self
+                .socket_tables
+                .lookup_inode(pid, namespace, inode, max_age)
+            else {
+                continue;
+            };
             if socket.listening {
                 continue;
             }
@@ -251,9 +285,17 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 conntrack::unmap_socket(socket.remote),
                 false,
             );
-            if self.open_connection(pid, socket.fd, connection) {
-                self.kernel.track_connection(pid, socket.fd, conn_id);
+            if self.open_connection(pid, fd, connection) {
+                self.kernel.track_connection(pid, fd, conn_id);
             }
+        }
+    }
+
+    /// Publish the table reads made since the last call.
+    fn count_table_scans(&mut self) {
+        let scans = self.socket_tables.take_new_scans();
+        if scans > 0 {
+            Stats::add(&self.stats.socket_table_scans, scans);
         }
     }
 
@@ -297,7 +339,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                         tuple.local_port
                     );
                     self.kernel.trace_pid(header.pid);
-                    self.track_open_sockets(header.pid);
+                    self.track_open_sockets(header.pid, true);
+                    self.count_table_scans();
                 }
             }
             Event::Socket {
@@ -327,27 +370,30 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     self.finish_connection(header.pid, connection, header.end_ns);
                 }
             }
-            Event::Exec { header, comm } => match self.processes.on_exec(header.pid, &comm) {
-                ExecDecision::Trace => {
-                    log::debug!("tracing pid {} (exec)", header.pid);
-                    self.kernel.trace_pid(header.pid);
-                    self.processes.resource(header.pid);
-                    self.track_open_sockets(header.pid);
-                }
-                ExecDecision::Untrace => {
-                    self.kernel.untrace_pid(header.pid);
-                    self.forget_process(header.pid, header.end_ns);
-                }
-                ExecDecision::Unchanged => {
-                    // Still traced (trace-all, or selected before): read the new image's
-                    // resource while the process surely exists.
-                    if self.processes.selectors().trace_all()
-                        || self.processes.is_traced(header.pid)
-                    {
+            Event::Exec { header, comm, path } => {
+                match self.processes.on_exec(header.pid, &comm, path) {
+                    ExecDecision::Trace => {
+                        log::debug!("tracing pid {} (exec)", header.pid);
+                        self.kernel.trace_pid(header.pid);
                         self.processes.resource(header.pid);
+                        self.track_open_sockets(header.pid, true);
+                        self.count_table_scans();
+                    }
+                    ExecDecision::Untrace => {
+                        self.kernel.untrace_pid(header.pid);
+                        self.forget_process(header.pid, header.end_ns);
+                    }
+                    ExecDecision::Unchanged => {
+                        // Still traced (trace-all, or selected before): read the new image's
+                        // resource while the process surely exists.
+                        if self.processes.selectors().trace_all()
+                            || self.processes.is_traced(header.pid)
+                        {
+                            self.processes.resource(header.pid);
+                        }
                     }
                 }
-            },
+            }
             Event::Exit(header) => {
                 self.forget_process(header.pid, header.end_ns);
                 self.processes.on_exit(header.pid);
@@ -393,27 +439,36 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             .get_mut(pid, fd)
             .is_some_and(|c| c.conn_id == conn_id);
         if !known {
-            // Its Accept/Connect event was lost, or the socket came with a fork: resolve it once
-            // from procfs. An unresolvable socket is muted.
-            let socket = procfs_scan::open_tcp_sockets(pid)
-                .into_iter()
-                .find(|s| s.fd == fd);
+            // Its Accept/Connect event was lost, or the socket came with a fork: resolve it from
+            // its namespace's TCP tables (read at most once per MIN_RESCAN_INTERVAL). An
+            // unresolvable socket is muted.
+            let lookup = self.socket_tables.lookup_fd(pid, fd, MIN_RESCAN_INTERVAL);
+            self.count_table_scans();
             let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-            let mut connection = match &socket {
-                Some(s) => Connection::new(
+            let connection = match lookup {
+                Lookup::Tcp(s) => Connection::new(
                     conn_id,
                     conntrack::unmap_socket(s.local),
                     conntrack::unmap_socket(s.remote),
                     false,
                 ),
-                None => Connection::new(conn_id, unspecified, unspecified, false),
+                Lookup::NotTcp => {
+                    self.kernel.mute_connection(pid, fd);
+                    Stats::add(&self.stats.connections_muted, 1);
+                    let mut connection = Connection::new(conn_id, unspecified, unspecified, false);
+                    connection.protocol = ProtocolState::Muted;
+                    connection
+                }
+                // Newer than the tables: its bytes are lost until the next read.
+                Lookup::NotYet => {
+                    Stats::add(&self.stats.unknown_socket_events_deferred, 1);
+                    return;
+                }
             };
-            if socket.is_none() {
-                connection.protocol = ProtocolState::Muted;
-                self.kernel.mute_connection(pid, fd);
-                Stats::add(&self.stats.connections_muted, 1);
-            }
             if !self.open_connection(pid, fd, connection) {
+                // Counted; the kernel stops reporting it, rather than every later event of
+                // the socket coming here again.
+                self.kernel.forget_connection(pid, fd);
                 return;
             }
         }
@@ -683,13 +738,19 @@ mod tests {
     struct FakeKernel {
         captures: Vec<(i32, u32, u32)>,
         muted: Vec<i32>,
+        forgotten: Vec<i32>,
+        tracked: Vec<(u32, i32)>,
     }
 
     impl KernelControl for FakeKernel {
         fn trace_pid(&mut self, _pid: u32) {}
         fn untrace_pid(&mut self, _pid: u32) {}
-        fn track_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
-        fn forget_connection(&mut self, _pid: u32, _fd: i32) {}
+        fn track_connection(&mut self, pid: u32, fd: i32, _conn_id: u64) {
+            self.tracked.push((pid, fd));
+        }
+        fn forget_connection(&mut self, _pid: u32, fd: i32) {
+            self.forgotten.push(fd);
+        }
         fn set_capture(&mut self, _pid: u32, fd: i32, bytes: u32, tail: u32) {
             self.captures.push((fd, bytes, tail));
         }
@@ -699,11 +760,15 @@ mod tests {
     }
 
     fn test_pipeline() -> Pipeline<FakeKernel, Vec<Span>> {
+        pipeline_with_capacity(16)
+    }
+
+    fn pipeline_with_capacity(connections: usize) -> Pipeline<FakeKernel, Vec<Span>> {
         Pipeline::new(
             FakeKernel::default(),
             Vec::new(),
             Processes::new(crate::process::Selectors::default()),
-            16,
+            connections,
             Clock::with_offset(0),
             Arc::new(Stats::default()),
             Linker::new(crate::tracecontext::Sampler::AlwaysOn),
@@ -812,6 +877,287 @@ mod tests {
             "back to the default capture at the switch, HTTP/2's once detected"
         );
         assert!(p.kernel().muted.is_empty());
+    }
+
+    /// A client that execs, connects, sends, reads and exits before the agent reads its procfs
+    /// (made certain here with a pid no process has): its span still has the executable's full
+    /// path, from the exec event.
+    #[test]
+    fn a_client_gone_before_procfs_has_its_exec_path() {
+        let mut p = test_pipeline();
+        let pid = 5_000_000; // above the kernel's PID_MAX_LIMIT
+        let header = |kind: EventKind, t: u64| EventHeader {
+            kind: kind as u32,
+            pid,
+            tid: pid,
+            fd: 3,
+            conn_id: 7,
+            start_ns: t,
+            end_ns: t + 10,
+            ..Default::default()
+        };
+        let exec = events::encode_exec(
+            &EventHeader {
+                fd: -1,
+                ..header(EventKind::Exec, 10)
+            },
+            "curl",
+            b"/nonexistent/kspan-test/curl",
+        );
+        p.handle_record(&exec);
+        let mut tuple = kspan_common::SocketTuple {
+            family: kspan_common::AF_INET,
+            local_port: 40000,
+            remote_port: 8080,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        p.handle_event(Event::Socket {
+            kind: EventKind::Connect,
+            header: header(EventKind::Connect, 100),
+            tuple,
+        });
+        let request: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for (t, direction, data) in [
+            (1_000, Direction::Egress, request),
+            (2_000, Direction::Ingress, response),
+        ] {
+            p.handle_event(Event::Data {
+                header: EventHeader {
+                    full_len: data.len() as u64,
+                    copied_len: data.len() as u32,
+                    ..header(EventKind::Data, t)
+                },
+                direction,
+                data,
+                tail: &[],
+            });
+        }
+        p.handle_event(Event::Close(header(EventKind::Close, 3_000)));
+        p.shutdown();
+        let spans = p.sink();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].kind, SpanKind::Client);
+        let resource = &spans[0].resource;
+        assert_eq!(
+            resource.get("process.executable.path"),
+            Some(&AttributeValue::Str("/nonexistent/kspan-test/curl".into()))
+        );
+        assert_eq!(
+            resource.get("service.name"),
+            Some(&AttributeValue::Str("curl".into()))
+        );
+    }
+
+    /// An event on a socket of this process the pipeline never saw open.
+    fn data_on_unknown(p: &mut Pipeline<FakeKernel, Vec<Span>>, fd: i32, data: &[u8]) {
+        let pid = std::process::id();
+        p.handle_event(Event::Data {
+            header: EventHeader {
+                kind: EventKind::Data as u32,
+                pid,
+                tid: pid,
+                fd,
+                conn_id: 9,
+                full_len: data.len() as u64,
+                copied_len: data.len() as u32,
+                ..Default::default()
+            },
+            direction: Direction::Egress,
+            data,
+            tail: &[],
+        });
+    }
+
+    /// Sockets whose connect or accept the agent never saw (opened before it started, or
+    /// inherited): many events on many of them cost one read of their namespace's TCP tables,
+    /// and each resolves to its own addresses.
+    #[test]
+    fn unknown_sockets_of_one_namespace_cost_one_table_read() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let clients: Vec<_> = (0..10)
+            .map(|_| std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+            .collect();
+        let mut p = test_pipeline();
+        for _ in 0..3 {
+            for client in &clients {
+                data_on_unknown(&mut p, client.as_raw_fd(), b"GET / HTTP/1.1\r\n");
+            }
+        }
+        assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
+        assert_eq!(Stats::get(&p.stats.connections_muted), 0);
+        for client in &clients {
+            let connection = p
+                .connections
+                .get_mut(std::process::id(), client.as_raw_fd())
+                .expect("tracked");
+            assert_eq!(connection.local, client.local_addr().unwrap());
+            assert_eq!(connection.remote, client.peer_addr().unwrap());
+        }
+        // Not a socket at all: muted, without reading the tables again.
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        data_on_unknown(&mut p, file.as_raw_fd(), b"x");
+        assert_eq!(p.kernel().muted, [file.as_raw_fd()]);
+        assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
+    }
+
+    /// A `sleep 60` child whose fd 3 is `fd` (a connection of this process).
+    fn sleeper_holding(fd: i32) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("sleep");
+        command.arg("60");
+        // SAFETY: dup2 is async-signal-safe; fd 3 of the child is the connection
+        // (without CLOEXEC).
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto itself would keep CLOEXEC: clear it then.
+                let ok = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if ok < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.spawn().unwrap()
+    }
+
+    /// Start: N processes (children of this test, each holding a connection on fd 3) in one
+    /// network namespace cost one read of its TCP tables, not one per process; each process's
+    /// connection is tracked with its own addresses.
+    #[test]
+    fn the_start_reads_each_namespace_tables_once() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut children = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let fd = client.as_raw_fd();
+            children.push(sleeper_holding(fd));
+            clients.push(client);
+        }
+        // The children, selected as descendants of this process; the kernel is faked.
+        let selectors =
+            crate::process::Selectors::new(vec![std::process::id()], &[], vec![]).unwrap();
+        let mut p = Pipeline::new(
+            FakeKernel::default(),
+            Vec::new(),
+            Processes::new(selectors),
+            64,
+            Clock::with_offset(0),
+            Arc::new(Stats::default()),
+            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
+        );
+        // Wait (bounded) until every child has exec'd sleep: its fds are then the final ones.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while children
+            .iter()
+            .any(|c| crate::process::procfs_scan::command_name(c.id()).as_deref() != Some("sleep"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "children did not exec"
+            );
+            std::thread::yield_now();
+        }
+        p.start();
+        let scans = Stats::get(&p.stats.socket_table_scans);
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(scans, 1);
+        for (child, client) in children.iter().zip(&clients) {
+            assert!(
+                p.kernel().tracked.contains(&(child.id(), 3)),
+                "{:?}",
+                p.kernel().tracked
+            );
+            let connection = p.connections.get_mut(child.id(), 3).expect("tracked");
+            assert_eq!(connection.local, client.local_addr().unwrap());
+            assert_eq!(connection.remote, client.peer_addr().unwrap());
+        }
+    }
+
+    /// A process selected later (here by a LISTEN on a `--port`) whose connection is newer than
+    /// the cached tables: one new read finds it.
+    #[test]
+    fn a_newly_selected_process_refreshes_the_tables_once() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let selectors = crate::process::Selectors::new(vec![], &[], vec![port]).unwrap();
+        let mut p = Pipeline::new(
+            FakeKernel::default(),
+            Vec::new(),
+            Processes::new(selectors),
+            64,
+            Clock::with_offset(0),
+            Arc::new(Stats::default()),
+            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
+        );
+        // Tables read (an unknown socket of this process), then a newer connection.
+        let early = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        data_on_unknown(&mut p, early.as_raw_fd(), b"x");
+        assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut child = sleeper_holding(client.as_raw_fd());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while crate::process::procfs_scan::command_name(child.id()).as_deref() != Some("sleep") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child did not exec"
+            );
+            std::thread::yield_now();
+        }
+        let mut tuple = kspan_common::SocketTuple {
+            family: kspan_common::AF_INET,
+            local_port: port,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        p.handle_event(Event::Socket {
+            kind: EventKind::Listen,
+            header: EventHeader {
+                kind: EventKind::Listen as u32,
+                pid: child.id(),
+                tid: child.id(),
+                fd: 4,
+                ..Default::default()
+            },
+            tuple,
+        });
+        let scans = Stats::get(&p.stats.socket_table_scans);
+        let tracked = p.kernel().tracked.clone();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tracked, [(child.id(), 3)]);
+        assert_eq!(scans, 2, "one new read");
+        let connection = p.connections.get_mut(child.id(), 3).expect("tracked");
+        assert_eq!(connection.local, client.local_addr().unwrap());
+    }
+
+    /// A full connection table: the socket is forgotten in the kernel (which stops sending its
+    /// events) and counted, instead of every later event resolving it again.
+    #[test]
+    fn an_unknown_socket_past_a_full_table_is_forgotten_in_the_kernel() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let first = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let second = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut p = pipeline_with_capacity(1);
+        data_on_unknown(&mut p, first.as_raw_fd(), b"GET / HTTP/1.1\r\n");
+        data_on_unknown(&mut p, second.as_raw_fd(), b"GET / HTTP/1.1\r\n");
+        assert_eq!(p.kernel().forgotten, [second.as_raw_fd()]);
+        assert_eq!(Stats::get(&p.stats.connections_dropped), 1);
+        assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
     }
 
     /// Bytes of no known protocol: muted in the kernel after a few chunks, counted, no span.

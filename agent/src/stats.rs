@@ -62,6 +62,14 @@ pub struct Stats {
     /// Metric data points recorded into an overflow series because their instrument had
     /// reached its series cap (attacker-chosen paths, hosts, methods...).
     pub series_overflow: AtomicU64,
+    /// Reads of a network namespace's TCP tables (`/proc/PID/net/tcp{,6}`) to resolve sockets
+    /// kspan did not see open.
+    pub socket_table_scans: AtomicU64,
+    /// Events of a socket not yet in its namespace's tables (read less than 100 ms ago): lost.
+    pub unknown_socket_events_deferred: AtomicU64,
+    /// Requests the linker forgot before their exchange completed (in-flight cap per
+    /// connection, retired by a later response, abandoned), mirrored once per loop.
+    pub links_dropped: AtomicU64,
 }
 
 /// One agent counter as the stop line prints it and as a live metric exports it. Every counter
@@ -169,6 +177,13 @@ pub const COUNTERS: &[Counter] = &[
         "Spans emitted without the parent they waited for (its event came too late)."
     ),
     counter!(
+        links_dropped,
+        "kspan.links.dropped",
+        "{request}",
+        "Requests the linker forgot before their exchange completed: past the in-flight cap of \
+         a connection, retired by a later response, or abandoned."
+    ),
+    counter!(
         connections_dropped,
         "kspan.connections.dropped",
         "{connection}",
@@ -192,6 +207,19 @@ pub const COUNTERS: &[Counter] = &[
         "kspan.parse.limits_hit",
         "{event}",
         "Times a parser bound was hit (streams per connection, header block size)."
+    ),
+    counter!(
+        socket_table_scans,
+        "kspan.procfs.socket_table_scans",
+        "{read}",
+        "Reads of a network namespace's TCP tables to resolve sockets kspan did not see open."
+    ),
+    counter!(
+        unknown_socket_events_deferred,
+        "kspan.events.unknown_socket",
+        "{event}",
+        "Events of a socket not yet in its namespace's TCP tables (read less than 100 ms ago): \
+         not parsed."
     ),
     counter!(
         kernel_read_errors,

@@ -156,13 +156,21 @@ pub struct SocketEvent {
     pub tuple: SocketTuple,
 }
 
-/// Body of Exec events: the new program's name as the kernel has it (`comm`), kept by the agent
-/// in case the process is gone before procfs can be read.
+/// Bytes of the executable path an Exec event carries, NUL included: a longer path is cut and
+/// the agent ignores it (a path that fills the buffer may be cut).
+pub const EXEC_PATH_LEN: usize = 256;
+
+/// Body of Exec events: the new program's name as the kernel has it (`comm`) and the path it was
+/// executed by (`sched_process_exec`'s `filename`, as given to execve: maybe relative, maybe a
+/// symlink), kept by the agent in case the process is gone before procfs can be read (a client
+/// that lives a millisecond).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
     pub header: EventHeader,
     pub comm: [u8; COMM_LEN],
+    /// NUL terminated; all zero when the kernel's copy failed.
+    pub path: [u8; EXEC_PATH_LEN],
 }
 
 /// Value of the kernel connection map, keyed by `(pid << 32) | fd`.
@@ -248,7 +256,9 @@ pub struct TracepointOffsets {
     pub sock_protocol: u32,
     pub sock_saddr: u32,
     pub sock_saddr_v6: u32,
-    pub _pad: u32,
+    /// `sched/sched_process_exec`: `filename`, a `__data_loc char[]` (u32: length << 16 |
+    /// offset of the string from the record's start).
+    pub exec_filename: u32,
 }
 
 /// The syscall tracepoint layout of every kernel seen so far (arguments at 16 + 8n, return value

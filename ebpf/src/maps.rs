@@ -54,7 +54,7 @@ pub static TRACEPOINT_OFFSETS: TracepointOffsets = TracepointOffsets {
     sock_protocol: 0,
     sock_saddr: 0,
     sock_saddr_v6: 0,
-    _pad: 0,
+    exec_filename: 0,
 };
 
 #[inline(always)]

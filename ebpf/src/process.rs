@@ -2,11 +2,12 @@
 //! of a traced process are traced from their first instruction), exit (forget the process).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    EbpfContext,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use kspan_common::{EventHeader, EventKind, ExecEvent, counter};
+use kspan_common::{EXEC_PATH_LEN, EventHeader, EventKind, ExecEvent, counter};
 
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
@@ -30,7 +31,7 @@ fn emit(kind: EventKind, pid_tgid: u64) {
 }
 
 #[tracepoint]
-pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     if pid == agent_pid() {
@@ -44,10 +45,29 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) {
-        entry.write(ExecEvent {
-            header: header(EventKind::Exec, pid_tgid, -1, 0, now, now),
-            comm,
-        });
+        // Field by field into the reserved record (the path would take half the stack).
+        let event = entry.as_mut_ptr();
+        unsafe {
+            (*event).header = header(EventKind::Exec, pid_tgid, -1, 0, now, now);
+            (*event).comm = comm;
+            (*event).path[0] = 0;
+        }
+        // The path the program was executed by, for a process gone before the agent reads
+        // /proc/PID/exe. `filename` is a __data_loc: (length << 16) | offset in the record.
+        let at = tracepoint_offsets().exec_filename as usize;
+        if let Ok(location) = unsafe { ctx.read_at::<u32>(at) } {
+            let source = unsafe { (ctx.as_ptr() as *const u8).add((location & 0xffff) as usize) };
+            let copied = unsafe {
+                generated::bpf_probe_read_kernel_str(
+                    (*event).path.as_mut_ptr().cast(),
+                    EXEC_PATH_LEN as u32,
+                    source.cast(),
+                )
+            };
+            if copied < 0 {
+                unsafe { (*event).path[0] = 0 };
+            }
+        }
         // Wake the agent now (execs are rare): it reads the new program's resource from procfs
         // while a short-lived client still exists.
         entry.submit(BPF_RB_FORCE_WAKEUP);

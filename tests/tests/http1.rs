@@ -817,3 +817,109 @@ fn port_selector_traces_existing_and_later_listeners() {
     assert_resource(late_span, "e2e-late", late.pid, &python_exe_name());
     Req::curl("GET", "/users/9", 200, late.port, &to_late).check_server(late_span, "GET /users/*");
 }
+
+/// A client gone before kspan could read its procfs: kspan is stopped (SIGSTOP) while curl
+/// execs, makes its request, exits and is reaped, so the agent finds no /proc/PID when it
+/// handles curl's events, every time (the race `traces_over_grpc_equal_printed_spans` lost now
+/// and then). The kernel keeps the events in the ring; the CLIENT span still carries the full
+/// executable path, from the exec event.
+#[test]
+fn a_client_gone_before_procfs_is_read_keeps_its_executable_path() {
+    let _env = preflight();
+    let server = PyServer::start(Some("short-lived-server"));
+    let spid = server.pid.to_string();
+    // `--exe curl`: the kernel selects curl at exec by its name, without the agent.
+    let kspan = Kspan::start(&["--pid", &spid, "--exe", "curl"]);
+    let agent = kspan.pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGSTOP) }, 0);
+    let out = curl(&[&server.url("/users/7")]);
+    let gone = !std::path::Path::new(&format!("/proc/{}", out.pid)).exists();
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGCONT) }, 0);
+    assert!(gone, "curl (pid {}) still in procfs", out.pid);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let clients: Vec<&Value> = by_pid(&run.spans, out.pid)
+        .into_iter()
+        .filter(|s| s["kind"] == "CLIENT")
+        .collect();
+    let client = exactly_one(clients, "CLIENT span of the gone curl", &run);
+    assert_eq!(attr_str(client, "url.path"), Some("/users/7"));
+    let exe = std::fs::canonicalize(which("curl")).unwrap();
+    assert_eq!(
+        res_str(client, "process.executable.path"),
+        exe.to_str(),
+        "{}",
+        pretty(client)
+    );
+    assert_eq!(
+        res_str(client, "process.executable.name"),
+        exe.file_name().and_then(|n| n.to_str())
+    );
+    assert_eq!(res_str(client, "service.name"), Some("curl"));
+}
+
+/// Sends one GET on `stream` and reads its whole response (the test server always sends
+/// Content-Length).
+fn get_on(stream: &mut std::net::TcpStream, path: &str) -> String {
+    use std::io::{Read, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed mid-response: {response:?}");
+        response.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&response);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .expect("Content-Length");
+            if response.len() >= end + 4 + length {
+                return text.into_owned();
+            }
+        }
+    }
+}
+
+/// A keep-alive connection the traced server accepted before kspan started: kspan finds it at
+/// start (the server's fds, its namespace's TCP tables) and traces the next request on it with
+/// the connection's real addresses.
+#[test]
+fn a_connection_open_before_kspan_started_is_traced_with_its_addresses() {
+    let _env = preflight();
+    let server = PyServer::start(Some("early-server"));
+    let spid = server.pid.to_string();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    // Answered: the server has accepted the connection before kspan starts.
+    assert!(get_on(&mut stream, "/users/1").starts_with("HTTP/1.1 200"));
+    let kspan = Kspan::start(&["--pid", &spid]);
+    // The server's read of /users/2 began before kspan attached: its bytes are not seen (the
+    // response alone is counted as a parse error). /users/3 is read whole.
+    assert!(get_on(&mut stream, "/users/2").starts_with("HTTP/1.1 200"));
+    assert!(get_on(&mut stream, "/users/3").starts_with("HTTP/1.1 200"));
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+    let server_span = exactly_one(
+        run.of_kind("SERVER")
+            .into_iter()
+            .filter(|s| attr_str(s, "url.path") == Some("/users/3"))
+            .collect(),
+        "SERVER span of /users/3",
+        &run,
+    );
+    let client = stream.local_addr().unwrap();
+    assert_eq!(attr_str(server_span, "client.address"), Some("127.0.0.1"));
+    assert_eq!(
+        attr_i64(server_span, "client.port"),
+        Some(client.port() as i64),
+        "{}",
+        pretty(server_span)
+    );
+    assert_eq!(
+        attr_i64(server_span, "server.port"),
+        Some(server.port as i64)
+    );
+}

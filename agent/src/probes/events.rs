@@ -1,7 +1,8 @@
 //! Decoding of ring-buffer records into typed events, without copying the captured bytes.
 
 use kspan_common::{
-    COMM_LEN, EVENT_HEADER_LEN, EventHeader, EventKind, ExecEvent, SocketEvent, SocketTuple,
+    COMM_LEN, EVENT_HEADER_LEN, EXEC_PATH_LEN, EventHeader, EventKind, ExecEvent, SocketEvent,
+    SocketTuple,
 };
 
 use crate::protocols::Direction;
@@ -24,10 +25,13 @@ pub enum Event<'a> {
         tuple: SocketTuple,
     },
     Close(EventHeader),
-    /// `comm`: the new program's name (NUL padded), as the kernel has it.
+    /// `comm`: the new program's name (NUL padded), as the kernel has it. `path`: the path it
+    /// was executed by, as given to execve; empty when the kernel could not copy it or it may
+    /// have been cut (it filled the event's buffer).
     Exec {
         header: EventHeader,
         comm: [u8; COMM_LEN],
+        path: &'a [u8],
     },
     Exit(EventHeader),
 }
@@ -75,13 +79,41 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
         EventKind::Close => Event::Close(header),
         EventKind::Exec => {
             let event: ExecEvent = read(record)?;
+            let path_at = std::mem::offset_of!(ExecEvent, path);
+            let path = &record[path_at..path_at + EXEC_PATH_LEN];
+            let path = match path.iter().position(|&b| b == 0) {
+                // A path that fills the buffer up to its NUL may be cut: no path is better
+                // than a wrong one.
+                Some(end) if end < EXEC_PATH_LEN - 1 => &path[..end],
+                _ => &[],
+            };
             Event::Exec {
                 header,
                 comm: event.comm,
+                path,
             }
         }
         EventKind::Exit => Event::Exit(header),
     })
+}
+
+/// Raw bytes of an Exec event, as the kernel writes them (for tests).
+pub fn encode_exec(header: &EventHeader, comm: &str, path: &[u8]) -> Vec<u8> {
+    let mut event = ExecEvent {
+        header: *header,
+        comm: kspan_common::comm_key(comm),
+        path: [0; EXEC_PATH_LEN],
+    };
+    let n = path.len().min(EXEC_PATH_LEN);
+    event.path[..n].copy_from_slice(&path[..n]);
+    // SAFETY: ExecEvent is #[repr(C)] plain data without padding.
+    unsafe {
+        std::slice::from_raw_parts(
+            (&event as *const ExecEvent).cast::<u8>(),
+            size_of::<ExecEvent>(),
+        )
+    }
+    .to_vec()
 }
 
 /// Raw bytes of an event, as the kernel writes them (for tests and benchmarks).
@@ -137,5 +169,36 @@ mod tests {
             ..header
         };
         assert!(decode(&encode_data(&copied_past_full, b"hello")).is_none());
+    }
+
+    #[test]
+    fn decodes_the_exec_path_up_to_its_nul_and_drops_a_cut_one() {
+        let header = EventHeader {
+            kind: EventKind::Exec as u32,
+            pid: 7,
+            ..Default::default()
+        };
+        let exec = |path: &[u8]| match decode(&encode_exec(&header, "curl", path)) {
+            Some(Event::Exec { comm, path, .. }) => {
+                assert_eq!(&comm[..5], b"curl\0");
+                path.to_vec()
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(exec(b"/usr/bin/curl"), b"/usr/bin/curl");
+        assert_eq!(exec(b""), b"", "the kernel's copy failed");
+        let longest = vec![b'a'; EXEC_PATH_LEN - 2];
+        assert_eq!(
+            exec(&longest),
+            longest,
+            "fits with its NUL and a byte to spare"
+        );
+        assert_eq!(exec(&[b'a'; EXEC_PATH_LEN - 1]), b"", "filled: maybe cut");
+        assert_eq!(exec(&[b'a'; EXEC_PATH_LEN]), b"", "no NUL at all");
+        let record = encode_exec(&header, "curl", b"/bin/x");
+        assert!(
+            decode(&record[..record.len() - 1]).is_none(),
+            "short record"
+        );
     }
 }

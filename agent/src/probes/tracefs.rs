@@ -137,6 +137,7 @@ pub fn tracepoint_offsets(syscalls: &[&str], read: &ReadFormat) -> Result<Tracep
         }
     }
     let fork = format("sched", "sched_process_fork")?;
+    let exec = format("sched", "sched_process_exec")?;
     let sock = format("sock", "inet_sock_set_state")?;
     let field = |format: &Format, tracepoint: &str, name: &str, size: u32| {
         format
@@ -154,8 +155,19 @@ pub fn tracepoint_offsets(syscalls: &[&str], read: &ReadFormat) -> Result<Tracep
         sock_protocol: sock_field("protocol", 2)?,
         sock_saddr: sock_field("saddr", 4)?,
         sock_saddr_v6: sock_field("saddr_v6", 16)?,
-        _pad: 0,
+        exec_filename: data_loc(&exec, "filename")
+            .context("unsupported layout of sched/sched_process_exec")?,
     })
+}
+
+/// The offset of a `__data_loc` field (a u32 locating a string stored after the fixed fields).
+fn data_loc(format: &Format, name: &str) -> Result<u32> {
+    let offset = format.offset_of(name, 4)?;
+    let declaration = &format.field(name).context("no field")?.declaration;
+    if !declaration.starts_with("__data_loc") {
+        bail!("field `{name}` is `{declaration}`, kspan reads a `__data_loc` string");
+    }
+    Ok(offset)
 }
 
 /// A `sys_enter_*` format: `__syscall_nr`, then the arguments, 8 bytes each and contiguous (the

@@ -2,9 +2,16 @@
 
 pub mod procfs_scan;
 pub mod selectors;
+pub mod socket_tables;
 
 use rustc_hash::FxHashMap;
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    ffi::OsStr,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 pub use selectors::Selectors;
 
@@ -19,9 +26,52 @@ pub struct Processes {
     resources: FxHashMap<u32, Arc<Resource>>,
     /// Pids userspace put in the kernel filter (unused when tracing all).
     traced: HashSet<u32>,
-    /// Program name from the exec event of traced processes: the resource's fallback when the
-    /// process is gone before procfs was read (a short-lived client).
-    comms: FxHashMap<u32, String>,
+    /// What the exec event of traced processes said: the resource's fallback when the process
+    /// is gone before procfs was read (a short-lived client).
+    images: FxHashMap<u32, ExecImage>,
+}
+
+/// A program as its exec event named it.
+#[derive(Clone, Debug)]
+struct ExecImage {
+    /// The kernel's `comm`: the file name cut to 15 bytes.
+    comm: String,
+    /// The path given to execve, when the kernel could copy it.
+    path: Option<PathBuf>,
+}
+
+impl ExecImage {
+    fn new(comm: &[u8], path: &[u8]) -> ExecImage {
+        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        ExecImage {
+            comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+            path: (!path.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(path))),
+        }
+    }
+
+    /// The executable's full path, as /proc/PID/exe would have given it (symlinks resolved),
+    /// or None. A relative path (`./server`) is not a full path: it is relative to a working
+    /// directory gone with the process. `/dev/fd/N` and `/proc/...` (fexecve, execveat) name
+    /// the exec'ing process's own files: resolved here they would name the agent's.
+    fn full_path(&self) -> Option<PathBuf> {
+        let path = self.path.as_deref()?;
+        if !path.is_absolute() || path.starts_with("/dev/fd") || path.starts_with("/proc") {
+            return None;
+        }
+        // When the file is not there any more (or not in the agent's mount namespace), the
+        // path as executed is still the best full path known.
+        Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+    }
+
+    /// The executable's file name: the exec path's (even a relative one's) is not cut like
+    /// `comm`.
+    fn name(&self) -> String {
+        self.path
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.comm.clone())
+    }
 }
 
 /// What an exec changes for the process that ran it.
@@ -39,7 +89,7 @@ impl Processes {
             host_name: host_name(),
             resources: FxHashMap::default(),
             traced: HashSet::new(),
-            comms: FxHashMap::default(),
+            images: FxHashMap::default(),
         }
     }
 
@@ -54,7 +104,8 @@ impl Processes {
 
     /// Processes to trace at start: every process when there are no selectors, else the ones
     /// selected by pid (and their descendants), executable, or a listening port.
-    pub fn initial_selection(&mut self) -> Vec<u32> {
+    /// `tables`: the TCP tables of the namespaces, read once each for `--port`.
+    pub fn initial_selection(&mut self, tables: &mut socket_tables::SocketTables) -> Vec<u32> {
         let pids = procfs_scan::all_pids();
         let agent = std::process::id();
         let selected: Vec<u32> = pids
@@ -63,7 +114,7 @@ impl Processes {
             .filter(|&pid| {
                 self.selectors.trace_all()
                     || self.selected_by_pid_or_exe(pid)
-                    || self.listens_on_selected_port(pid)
+                    || self.listens_on_selected_port(pid, tables)
             })
             .collect();
         if !self.selectors.trace_all() {
@@ -97,36 +148,49 @@ impl Processes {
         false
     }
 
-    fn listens_on_selected_port(&self, pid: u32) -> bool {
-        !self.selectors.ports.is_empty()
-            && procfs_scan::open_tcp_sockets(pid)
-                .iter()
-                .any(|s| s.listening && self.selectors.matches_port(s.local.port()))
+    fn listens_on_selected_port(&self, pid: u32, tables: &mut socket_tables::SocketTables) -> bool {
+        if self.selectors.ports.is_empty() {
+            return false;
+        }
+        let Some(namespace) = socket_tables::network_namespace(pid) else {
+            return false;
+        };
+        socket_tables::socket_fds(pid)
+            .into_iter()
+            .any(|(_, inode)| {
+                // At start: one read of each namespace's tables serves every process.
+                matches!(
+                    tables.lookup_inode(pid, namespace, inode, std::time::Duration::MAX),
+                    socket_tables::Lookup::Tcp(s)
+                        if s.listening && self.selectors.matches_port(s.local.port())
+                )
+            })
     }
 
     /// A process exec'd a new image: its resource changes, and its selection is re-evaluated
     /// (a traced shell that execs an unselected program stops being traced).
-    /// `comm`: the new program's name from the kernel (NUL padded).
-    pub fn on_exec(&mut self, pid: u32, comm: &[u8]) -> ExecDecision {
+    /// `comm`: the new program's name from the kernel (NUL padded); `path`: the path it was
+    /// executed by (empty if unknown).
+    pub fn on_exec(&mut self, pid: u32, comm: &[u8], path: &[u8]) -> ExecDecision {
         self.resources.remove(&pid);
-        let remember_comm = |comms: &mut FxHashMap<u32, String>| {
-            let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-            comms.insert(pid, String::from_utf8_lossy(&comm[..end]).into_owned());
-        };
+        let image = ExecImage::new(comm, path);
         if self.selectors.trace_all() {
-            remember_comm(&mut self.comms);
+            self.images.insert(pid, image);
             return ExecDecision::Unchanged;
         }
         let selected = self.selected_by_pid_or_exe(pid)
-            // Gone already: the kernel matched its name at exec (plain --exe names), trust it.
+            // Gone already: match the exec event's path, or trust the kernel's match of its
+            // name at exec (plain --exe names).
             || (procfs_scan::exe_path(pid).is_none()
-                && self.selectors.plain_exe_names().iter().any(|name| {
-                    kspan_common::comm_key(name)[..] == comm[..comm.len().min(16)]
-                }));
+                && ((self.selectors.has_exe_selectors()
+                    && image.full_path().is_some_and(|exe| self.selectors.matches_exe(&exe)))
+                    || self.selectors.plain_exe_names().iter().any(|name| {
+                        kspan_common::comm_key(name)[..] == comm[..comm.len().min(16)]
+                    })));
         if selected {
-            remember_comm(&mut self.comms);
+            self.images.insert(pid, image);
         } else {
-            self.comms.remove(&pid);
+            self.images.remove(&pid);
         }
         let was_traced = self.traced.contains(&pid);
         match (selected, was_traced) {
@@ -154,7 +218,7 @@ impl Processes {
     pub fn on_exit(&mut self, pid: u32) {
         self.resources.remove(&pid);
         self.traced.remove(&pid);
-        self.comms.remove(&pid);
+        self.images.remove(&pid);
     }
 
     /// The resource of a traced process, read from procfs once and cached until exec or exit.
@@ -162,23 +226,21 @@ impl Processes {
         if let Some(resource) = self.resources.get(&pid) {
             return resource.clone();
         }
-        let resource = Arc::new(read_resource(
-            pid,
-            &self.host_name,
-            self.comms.get(&pid).map(String::as_str),
-        ));
+        let resource = Arc::new(read_resource(pid, &self.host_name, self.images.get(&pid)));
         self.resources.insert(pid, resource.clone());
         resource
     }
 }
 
-fn read_resource(pid: u32, host_name: &str, exec_comm: Option<&str>) -> Resource {
-    let exe = procfs_scan::exe_path(pid);
+/// procfs first (the resolved path of the image running now), the exec event when the process
+/// is gone.
+fn read_resource(pid: u32, host_name: &str, exec: Option<&ExecImage>) -> Resource {
+    let exe = procfs_scan::exe_path(pid).or_else(|| exec.and_then(ExecImage::full_path));
     let exe_name = exe
         .as_deref()
         .map(procfs_scan::file_name)
         .or_else(|| procfs_scan::command_name(pid))
-        .or_else(|| exec_comm.map(str::to_string));
+        .or_else(|| exec.map(ExecImage::name));
     let service_name = procfs_scan::environment_variable(pid, "OTEL_SERVICE_NAME")
         .filter(|name| !name.is_empty())
         .or_else(|| exe_name.clone())
@@ -245,5 +307,100 @@ mod tests {
         assert!(processes.descends_from_selected_pid(std::process::id()));
         let other = Processes::new(Selectors::new(vec![u32::MAX - 1], &[], vec![]).unwrap());
         assert!(!other.descends_from_selected_pid(std::process::id()));
+    }
+
+    /// Above the kernel's PID_MAX_LIMIT (4M): no process has it, as for a client gone before
+    /// the agent read procfs.
+    const GONE: u32 = 5_000_000;
+
+    fn exec_of_gone(path: &[u8]) -> Arc<Resource> {
+        let mut processes = Processes::new(Selectors::default());
+        processes.on_exec(GONE, b"curl\0", path);
+        processes.resource(GONE)
+    }
+
+    fn str_attribute(resource: &Resource, key: &str) -> Option<String> {
+        match resource.get(key)? {
+            AttributeValue::Str(s) => Some(s.to_string()),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_process_gone_before_procfs_keeps_the_exec_path_symlinks_resolved() {
+        let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+        let link = std::env::temp_dir().join(format!("kspan-exec-link-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        let resource = exec_of_gone(link.as_os_str().as_bytes());
+        std::fs::remove_file(&link).unwrap();
+        let exe = exe.to_str().unwrap();
+        assert_eq!(
+            str_attribute(&resource, "process.executable.path").as_deref(),
+            Some(exe),
+            "the same answer as /proc/PID/exe: the link's target"
+        );
+        assert_eq!(
+            str_attribute(&resource, "process.executable.name"),
+            Some(procfs_scan::file_name(Path::new(exe)))
+        );
+        assert_eq!(
+            resource.get("process.pid"),
+            Some(&AttributeValue::Int(GONE as i64))
+        );
+        // A file no longer there: the path as executed.
+        let resource = exec_of_gone(b"/nonexistent/kspan-test/client");
+        assert_eq!(
+            str_attribute(&resource, "process.executable.path").as_deref(),
+            Some("/nonexistent/kspan-test/client")
+        );
+    }
+
+    #[test]
+    fn a_relative_or_fd_exec_path_is_no_full_path() {
+        let resource = exec_of_gone(b"./a-client-with-a-long-name");
+        assert_eq!(resource.get("process.executable.path"), None);
+        assert_eq!(
+            str_attribute(&resource, "process.executable.name").as_deref(),
+            Some("a-client-with-a-long-name"),
+            "the file name, not the 15-byte comm"
+        );
+        // fexecve: /dev/fd/N resolved by the agent would name the agent's own fd.
+        let resource = exec_of_gone(b"/dev/fd/0");
+        assert_eq!(resource.get("process.executable.path"), None);
+        // No path from the kernel: the comm.
+        let resource = exec_of_gone(b"");
+        assert_eq!(resource.get("process.executable.path"), None);
+        assert_eq!(
+            str_attribute(&resource, "process.executable.name").as_deref(),
+            Some("curl")
+        );
+    }
+
+    #[test]
+    fn procfs_comes_before_the_exec_path() {
+        let mut processes = Processes::new(Selectors::default());
+        let pid = std::process::id();
+        processes.on_exec(pid, b"other\0", b"/nonexistent/other");
+        let exe = procfs_scan::exe_path(pid).unwrap();
+        assert_eq!(
+            str_attribute(&processes.resource(pid), "process.executable.path"),
+            Some(exe.to_string_lossy().into_owned())
+        );
+    }
+
+    #[test]
+    fn an_exe_selector_matches_the_exec_path_of_a_gone_process() {
+        let mut processes = Processes::new(
+            Selectors::new(vec![], &["/nonexistent/kspan-test/*".to_string()], vec![]).unwrap(),
+        );
+        assert_eq!(
+            processes.on_exec(GONE, b"client\0", b"/nonexistent/kspan-test/client"),
+            ExecDecision::Trace
+        );
+        assert_eq!(
+            processes.on_exec(GONE + 1, b"client\0", b"/elsewhere/client"),
+            ExecDecision::Untrace
+        );
     }
 }

@@ -1,66 +1,9 @@
-//! procfs reads, done once per process (at start, at exec, at LISTEN) and never per event.
+//! procfs reads of a process, done once per process (at start, at exec, at LISTEN) and never per
+//! event. Its sockets: see `socket_tables`.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use procfs::{
-    net::TcpState,
-    process::{FDTarget, Process},
-};
-
-/// A TCP socket a process already had open when it came under tracing.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpenSocket {
-    pub fd: i32,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub listening: bool,
-}
-
-/// Every TCP socket (IPv4 and IPv6) the process has open, resolved through its own network
-/// namespace's /proc/PID/net/tcp{,6}.
-pub fn open_tcp_sockets(pid: u32) -> Vec<OpenSocket> {
-    let Ok(process) = Process::new(pid as i32) else {
-        return Vec::new();
-    };
-    let Ok(fds) = process.fd() else {
-        return Vec::new();
-    };
-    let socket_fds: Vec<(i32, u64)> = fds
-        .flatten()
-        .filter_map(|fd| match fd.target {
-            FDTarget::Socket(inode) => Some((fd.fd, inode)),
-            _ => None,
-        })
-        .collect();
-    if socket_fds.is_empty() {
-        return Vec::new();
-    }
-    let mut by_inode = HashMap::new();
-    for entry in process
-        .tcp()
-        .unwrap_or_default()
-        .into_iter()
-        .chain(process.tcp6().unwrap_or_default())
-    {
-        by_inode.insert(entry.inode, entry);
-    }
-    socket_fds
-        .into_iter()
-        .filter_map(|(fd, inode)| {
-            let entry = by_inode.get(&inode)?;
-            Some(OpenSocket {
-                fd,
-                local: entry.local_address,
-                remote: entry.remote_address,
-                listening: entry.state == TcpState::Listen,
-            })
-        })
-        .collect()
-}
+use procfs::process::Process;
 
 /// Executable path; "(deleted)" suffix removed (an upgraded binary still running).
 pub fn exe_path(pid: u32) -> Option<PathBuf> {
@@ -107,20 +50,10 @@ pub fn file_name(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
-
     use super::*;
 
     #[test]
-    fn finds_this_process_listening_socket_and_exe() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let sockets = open_tcp_sockets(std::process::id());
-        let found = sockets
-            .iter()
-            .find(|s| s.local.port() == port)
-            .expect("own listening socket");
-        assert!(found.listening);
+    fn finds_this_process_exe_and_parent() {
         assert!(exe_path(std::process::id()).is_some());
         assert_eq!(
             parent_pid(std::process::id()),

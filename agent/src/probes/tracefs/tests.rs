@@ -75,7 +75,7 @@ fn inet_sock_set_state_shifts_on_preempt_rt() {
         sock_protocol: 30,
         sock_saddr: 32,
         sock_saddr_v6: 40,
-        _pad: 0,
+        exec_filename: 8,
     };
     assert_eq!(offsets("6.1"), usual);
     assert_eq!(offsets("5.10"), usual);
@@ -91,6 +91,7 @@ fn inet_sock_set_state_shifts_on_preempt_rt() {
             sock_protocol: 38,
             sock_saddr: 40,
             sock_saddr_v6: 48,
+            exec_filename: 12,
             ..usual
         }
     );
@@ -101,6 +102,14 @@ fn inet_sock_set_state_shifts_on_preempt_rt() {
             ..usual
         }
     );
+}
+
+#[test]
+fn exec_filename_is_a_data_loc_after_the_common_fields() {
+    for kernel in ["5.10", "6.1", "6.12", "6.18", "7.2"] {
+        assert_eq!(offsets(kernel).exec_filename, 8, "{kernel}");
+    }
+    assert_eq!(offsets("6.1-rt").exec_filename, 12);
 }
 
 #[test]
@@ -171,6 +180,17 @@ fn unexpected_layouts_are_refused_with_the_tracepoint_named() {
         format!("{err:#}").contains("syscalls/sys_enter_read"),
         "{err:#}"
     );
+
+    // A filename stored in line instead of a `__data_loc` reference.
+    let changed = fixture.replace(
+        "field:__data_loc char[] filename;\toffset:8;\tsize:4;",
+        "field:char filename[4];\toffset:8;\tsize:4;",
+    );
+    assert_ne!(changed, fixture);
+    let err = tracepoint_offsets(&syscalls(), &fixture_reader(&changed)).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("sched/sched_process_exec"), "{message}");
+    assert!(message.contains("__data_loc"), "{message}");
 
     // A missing tracepoint.
     let err = tracepoint_offsets(&["sys_enter_nosuch"], &fixture_reader(fixture)).unwrap_err();
