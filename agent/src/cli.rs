@@ -38,6 +38,9 @@ const SPAN_QUEUE: usize = 16384;
 /// when an eighth of the ring is full (waking per event would cost a context switch per
 /// syscall), so this bounds how late a span can be.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Ring records handled between two checks of the stop flag, flushes and counters (a few
+/// milliseconds of work).
+const DRAIN_SLICE: usize = 4096;
 /// How often the kernel's drop counters are mirrored into the agent's stats.
 const KERNEL_COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -302,15 +305,35 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let mut counters_read = Instant::now();
+    let mut losses = 0;
+    let mut slice_full = false;
     while !stop.load(Ordering::Relaxed) {
-        crate::probes::wait_for_events(&ring, POLL_INTERVAL);
-        while let Some(record) = ring.next() {
-            pipeline.handle_record(&record);
+        // A full slice means more is waiting: no wait before the next one.
+        if !slice_full {
+            crate::probes::wait_for_events(&ring, POLL_INTERVAL);
         }
+        // Bounded slices, so that under sustained load the stop flag, the flushes and the
+        // counters are still served between them.
+        let mut drained = 0;
+        while drained < DRAIN_SLICE
+            && let Some(record) = ring.next()
+        {
+            pipeline.handle_record(&record);
+            drained += 1;
+        }
+        slice_full = drained == DRAIN_SLICE;
         pipeline.flush();
         mirror_link_counters(&stats, &pipeline.linker().counters);
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
-            mirror_kernel_counters(&stats, &pipeline.kernel().counters());
+            let kernel = pipeline.kernel().counters();
+            mirror_kernel_counters(&stats, &kernel);
+            // A lost event may have been a response's start: no thread is left serving a
+            // request that ended unseen.
+            let now_lost = kernel.events_lost + kernel.program_misses;
+            if now_lost > losses {
+                pipeline.on_events_lost();
+                losses = now_lost;
+            }
             counters_read = Instant::now();
         }
     }
@@ -364,4 +387,5 @@ fn mirror_link_counters(stats: &Stats, links: &LinkCounters) {
     Stats::set(&stats.links_ambiguous, links.ambiguous);
     Stats::set(&stats.links_mismatched, links.mismatched);
     Stats::set(&stats.links_late, links.late);
+    Stats::set(&stats.links_dropped, links.dropped);
 }

@@ -174,6 +174,11 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         }
     }
 
+    /// The kernel lost events (ring full, program runs skipped): see [`Linker::on_events_lost`].
+    pub fn on_events_lost(&mut self) {
+        self.linker.on_events_lost();
+    }
+
     pub fn linker(&self) -> &Linker {
         &self.linker
     }
