@@ -278,7 +278,9 @@ pub fn run(args: Args) -> Result<()> {
         attached,
         mut ring,
         maps,
+        census,
     } = probes;
+    let census_thread = spawn_census(census, stats.clone(), stop.clone())?;
 
     let (sender, receiver) = mpsc::sync_channel::<Vec<Finished>>(SPAN_QUEUE / SPAN_BATCH);
     let export_thread = exports.spawn(receiver, stats.clone())?;
@@ -357,6 +359,7 @@ pub fn run(args: Args) -> Result<()> {
     drop(pipeline); // closes the span queue: the export thread finishes
     // Detaching takes a kernel grace period per program: overlap it with the export flush.
     let detach = thread::spawn(move || attached.detach());
+    let _ = census_thread.join();
     let exports = export_thread
         .join()
         .map_err(|_| anyhow::anyhow!("export thread panicked"))??;
@@ -383,6 +386,35 @@ fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
 }
 
 /// Three stores per loop, not per event: the linker's counters stay plain integers.
+/// How often the kernel maps' fill levels are counted (see `probes::census`).
+const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The census thread: counts the kernel maps every [`CENSUS_INTERVAL`] into the stats' gauges
+/// until `stop`.
+fn spawn_census(
+    census: crate::probes::census::MapCensus,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("kspan-census".into())
+        .spawn(move || {
+            let mut counted: Option<Instant> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if counted.is_none_or(|at| at.elapsed() >= CENSUS_INTERVAL) {
+                    let fill = census.count();
+                    Stats::set(&stats.kernel_connections, fill.connections);
+                    Stats::set(&stats.kernel_traced_pids, fill.traced_pids);
+                    Stats::set(&stats.kernel_prefilter_slots, fill.prefilter_slots);
+                    counted = Some(Instant::now());
+                }
+                // Short sleeps: the stop is not held up by a whole interval.
+                thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .context("cannot start the map census thread")
+}
+
 fn mirror_link_counters(stats: &Stats, links: &LinkCounters) {
     Stats::set(&stats.links_ambiguous, links.ambiguous);
     Stats::set(&stats.links_mismatched, links.mismatched);

@@ -8,7 +8,7 @@
 use rustc_hash::FxHashMap;
 use std::{
     fmt,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex, Weak, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -467,6 +467,34 @@ fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
             .with_unit(counter.unit)
             .with_description(counter.description)
             .with_callback(move |observer| observer.observe(read(&stats), &[]))
+            .build();
+    }
+    // Fill levels of the kernel maps (gauges: they go down as processes and sockets go away).
+    let gauges: [(&str, &str, fn(&Stats) -> &AtomicU64); 3] = [
+        (
+            "kspan.kernel.connections",
+            "Sockets tracked in the kernel's CONNECTIONS map (LRU, 65536 entries).",
+            |s| &s.kernel_connections,
+        ),
+        (
+            "kspan.kernel.traced_pids",
+            "Processes in the kernel's pid filter (one per process, threads take none).",
+            |s| &s.kernel_traced_pids,
+        ),
+        (
+            "kspan.kernel.prefilter_slots",
+            "Slots of the kernel's pid pre-filter in use (65536 slots; freed when their \
+             processes exit).",
+            |s| &s.kernel_prefilter_slots,
+        ),
+    ];
+    for (name, description, field) in gauges {
+        let stats = stats.clone();
+        let _gauge = meter
+            .u64_observable_gauge(name)
+            .with_unit("{entry}")
+            .with_description(description)
+            .with_callback(move |observer| observer.observe(Stats::get(field(&stats)), &[]))
             .build();
     }
 }

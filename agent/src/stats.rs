@@ -70,6 +70,11 @@ pub struct Stats {
     /// Requests the linker forgot before their exchange completed (in-flight cap per
     /// connection, retired by a later response, abandoned), mirrored once per loop.
     pub links_dropped: AtomicU64,
+    /// Gauges, set by the census thread: CONNECTIONS entries, TRACED_PIDS entries, non-zero
+    /// MAYBE_TRACED slots (see `probes::census`).
+    pub kernel_connections: AtomicU64,
+    pub kernel_traced_pids: AtomicU64,
+    pub kernel_prefilter_slots: AtomicU64,
 }
 
 /// One agent counter as the stop line prints it and as a live metric exports it. Every counter

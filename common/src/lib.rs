@@ -238,8 +238,9 @@ pub struct KernelOffsets {
 
 /// Byte offsets of the tracepoint fields the programs read, from the running kernel's tracefs
 /// `format` files (read by the agent at load time). Layouts differ between kernels: e.g.
-/// `sched_process_fork` has `char parent_comm[16]` (child_pid at 44) up to 6.12 and `__data_loc`
-/// comm fields (child_pid at 20) from 6.13 on.
+/// PREEMPT_RT adds a common field that moves every other field, `task_newtask`'s `clone_flags`
+/// is `unsigned long` before 7.x and `u64` after, and `sched_process_fork` moved its `child_pid`
+/// in 6.13 (kspan reads `task_newtask` instead, which tells threads from processes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TracepointOffsets {
@@ -247,8 +248,9 @@ pub struct TracepointOffsets {
     pub syscall_args: u32,
     /// `syscalls/sys_exit_*`: the return value.
     pub syscall_ret: u32,
-    /// `sched/sched_process_fork`: `child_pid`.
-    pub fork_child_pid: u32,
+    /// `task/task_newtask`: `pid` of the new task, and `clone_flags` (8 bytes).
+    pub newtask_pid: u32,
+    pub newtask_clone_flags: u32,
     /// `sock/inet_sock_set_state` fields.
     pub sock_newstate: u32,
     pub sock_sport: u32,

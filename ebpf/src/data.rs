@@ -22,8 +22,8 @@ use kspan_common::{
 
 use crate::maps::{
     CONNECTIONS, DataRecord, EVENTS, IOVEC_CONTINUE, InFlight, Iovec, IovecCopy, SCRATCH,
-    SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS, capture_bytes, count, may_be_traced, shape,
-    stash, submit_flags, unstash,
+    SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS, atomic_add, capture_bytes, count,
+    may_be_traced, shape, stash, submit_flags, unstash,
 };
 
 const MSG_PEEK: u64 = 2;
@@ -379,19 +379,6 @@ fn claim_scratch() -> Option<*mut DataRecord> {
 #[inline(always)]
 fn release_scratch(record: *mut DataRecord) {
     atomic_add(unsafe { &raw mut (*record).busy }, u64::MAX);
-}
-
-/// `*counter += delta` (wrapping: `u64::MAX` subtracts one) as one atomic instruction whose old
-/// value is not fetched: `lock *(u64 *)(r + 0) += r`, which every kernel since 4.x accepts
-/// (fetching atomics came in 5.12). core's atomic types have no read-modify-write ops on the BPF
-/// target, hence the intrinsic.
-#[inline(always)]
-fn atomic_add(counter: *mut u64, delta: u64) {
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            counter, delta,
-        );
-    }
 }
 
 /// Copy `want` (≤ MAX_CAPTURE) bytes from one user buffer. Returns the bytes copied (0 on a

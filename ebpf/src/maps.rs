@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
@@ -47,7 +47,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
 pub static TRACEPOINT_OFFSETS: TracepointOffsets = TracepointOffsets {
     syscall_args: USUAL_SYSCALL_ARGS,
     syscall_ret: USUAL_SYSCALL_RET,
-    fork_child_pid: 0,
+    newtask_pid: 0,
+    newtask_clone_flags: 0,
     sock_newstate: 0,
     sock_sport: 0,
     sock_family: 0,
@@ -106,22 +107,30 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PIDS, 0);
 
-/// Pre-filter in front of every hash lookup keyed by pid: slot `pid % TRACED_SLOTS` is set
-/// whenever a pid starts being traced and never cleared. An array lookup is a few instructions
-/// where a hash lookup costs ~60 ns, paid by every read and write of every untraced process on
-/// the host. A stale or shared slot only lets the exact lookup run.
+/// Pre-filter in front of every hash lookup keyed by pid: slot `pid % TRACED_SLOTS` counts the
+/// pids of [`TRACED_PIDS`] that fall in it. An array lookup is a few instructions where a hash
+/// lookup costs ~60 ns, paid by every read and write of every untraced process on the host. A
+/// shared slot only lets the exact lookup run; a slot returns to 0 when its last pid exits or is
+/// untraced, so the filter does not fill up over the months of a node's life. Both sides keep
+/// the counts with atomic adds: the kernel here, the agent through a shared mapping of the array
+/// (`BPF_F_MMAPABLE`). A count goes up before its pid is inserted and down after it is removed,
+/// so a pid in TRACED_PIDS always has a non-zero slot.
 #[map]
-pub static MAYBE_TRACED: Array<u32> = Array::with_max_entries(TRACED_SLOTS, 0);
+pub static MAYBE_TRACED: Array<u64> = Array::with_max_entries(TRACED_SLOTS, BPF_F_MMAPABLE);
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Executable names selected with `--exe NAME` (plain names only), as `comm` keys: a process
 /// exec'ing one is traced from its first syscall, without waiting for userspace.
 #[map]
 pub static EXE_COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(MAX_EXE_NAMES, 0);
 
-/// Tracked TCP sockets: `connection_key(pid, fd)` → identity of the connection.
+/// Tracked TCP sockets: `connection_key(pid, fd)` → identity of the connection. LRU: entries
+/// whose close kspan never sees (exec with CLOEXEC, close_range, dup2 over a socket, a lost
+/// close event) would otherwise fill it for good; when full, the least recently used entry
+/// makes room.
 #[map]
-pub static CONNECTIONS: HashMap<u64, ConnectionValue> =
-    HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+pub static CONNECTIONS: LruHashMap<u64, ConnectionValue> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Arguments of a syscall between its entry and its exit, keyed by pid_tgid (one per thread).
 #[map]
@@ -277,15 +286,46 @@ pub fn may_be_traced(pid: u32) -> bool {
     matches!(MAYBE_TRACED.get(pid & (TRACED_SLOTS - 1)), Some(slot) if *slot != 0)
 }
 
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
 /// Start tracing `pid` (kernel side: exec of a selected name, fork of a traced process).
 #[inline(always)]
 pub fn mark_traced(pid: u32) {
-    if let Some(slot) = MAYBE_TRACED.get_ptr_mut(pid & (TRACED_SLOTS - 1)) {
-        // A plain store of a constant: concurrent writers agree.
-        unsafe { *slot = 1 };
+    let Some(slot) = MAYBE_TRACED.get_ptr_mut(pid & (TRACED_SLOTS - 1)) else {
+        return;
+    };
+    atomic_add(slot, 1);
+    if let Err(err) = TRACED_PIDS.insert(&pid, &1, BPF_NOEXIST) {
+        // Already traced (the agent or another program got there first), or the map is full:
+        // the pid's count is theirs or nobody's.
+        atomic_add(slot, u64::MAX);
+        if err != -EEXIST {
+            count(counter::TRACED_PIDS_MAP_FULL);
+        }
     }
-    if TRACED_PIDS.insert(&pid, &1, 0).is_err() {
-        count(counter::TRACED_PIDS_MAP_FULL);
+}
+
+/// Stop tracing `pid` (its process exited).
+#[inline(always)]
+pub fn unmark_traced(pid: u32) {
+    if TRACED_PIDS.remove(&pid).is_ok()
+        && let Some(slot) = MAYBE_TRACED.get_ptr_mut(pid & (TRACED_SLOTS - 1))
+    {
+        atomic_add(slot, u64::MAX);
+    }
+}
+
+/// `*counter += delta` (wrapping: `u64::MAX` subtracts one) as one atomic instruction whose old
+/// value is not fetched: `lock *(u64 *)(r + 0) += r`, which every kernel since 4.x accepts
+/// (fetching atomics came in 5.12). core's atomic types have no read-modify-write ops on the BPF
+/// target, hence the intrinsic.
+#[inline(always)]
+pub fn atomic_add(counter: *mut u64, delta: u64) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, delta,
+        );
     }
 }
 

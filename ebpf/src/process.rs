@@ -1,5 +1,6 @@
-//! Process lifecycle: exec (userspace decides whether the new image is selected), fork (children
-//! of a traced process are traced from their first instruction), exit (forget the process).
+//! Process lifecycle: exec (userspace decides whether the new image is selected), new tasks
+//! (child processes of a traced process are traced from their first instruction), exit (forget
+//! the process).
 
 use aya_ebpf::{
     EbpfContext,
@@ -14,7 +15,7 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 use crate::{
     maps::{
         EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, mark_traced, may_be_traced,
-        submit_flags, trace_all, tracepoint_offsets,
+        submit_flags, trace_all, tracepoint_offsets, unmark_traced,
     },
     socket::header,
 };
@@ -77,8 +78,15 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `clone(2)`'s flag for a new thread of the same process.
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// A new task: a child process of a traced process is traced from its first instruction. A new
+/// thread is not a new process (it shares the tgid its events are traced by), so it takes no
+/// TRACED_PIDS entry; `sched_process_fork` cannot tell the two apart, `task_newtask` carries the
+/// clone flags. It runs in the parent, before the child can run.
 #[tracepoint]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if trace_all() {
         return 0;
     }
@@ -86,10 +94,12 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     if !may_be_traced(parent) || unsafe { TRACED_PIDS.get(&parent) }.is_none() {
         return 0;
     }
-    // child_pid is a thread id for new threads too; those entries are removed at thread exit.
-    // Its offset comes from tracefs: 44 up to 6.12 (comm fields in line), 20 from 6.13 on.
-    let at = tracepoint_offsets().fork_child_pid as usize;
-    let child: i32 = unsafe { ctx.read_at(at) }.unwrap_or(0);
+    let offsets = tracepoint_offsets();
+    let flags: u64 = unsafe { ctx.read_at(offsets.newtask_clone_flags as usize) }.unwrap_or(0);
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let child: i32 = unsafe { ctx.read_at(offsets.newtask_pid as usize) }.unwrap_or(0);
     if child > 0 {
         mark_traced(child as u32);
     }
@@ -101,12 +111,15 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
+    // The main thread's exit stands for the process's exit.
+    if tid != pid {
+        return 0;
+    }
     let traced = is_traced(pid);
     if !trace_all() {
-        let _ = TRACED_PIDS.remove(&tid);
+        unmark_traced(pid);
     }
-    // The main thread's exit stands for the process's exit.
-    if traced && tid == pid {
+    if traced {
         emit(EventKind::Exit, pid_tgid);
     }
     0

@@ -36,7 +36,10 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("parse_desynchronised", "kspan.parse.desynchronised"),
     ("parse_limits_hit", "kspan.parse.limits_hit"),
     ("socket_table_scans", "kspan.procfs.socket_table_scans"),
-    ("unknown_socket_events_deferred", "kspan.events.unknown_socket"),
+    (
+        "unknown_socket_events_deferred",
+        "kspan.events.unknown_socket",
+    ),
     ("kernel_read_errors", "kspan.kernel.read_errors"),
     ("kernel_map_full", "kspan.kernel.map_full"),
     ("in_flight_collisions", "kspan.kernel.in_flight_collisions"),
@@ -172,4 +175,118 @@ fn every_stop_line_counter_is_a_live_metric() {
         STOP_LINE_TO_METRIC.len(),
         "stop line: {stop_line:?}"
     );
+}
+
+/// A traced process with 50 threads forks 50 children that each connect to it, then the
+/// children are killed: the kernel maps' fill levels, read over Prometheus, show one pid-filter
+/// entry per process (threads take none), and every entry, pre-filter slot and tracked socket of
+/// the children goes away with them.
+#[test]
+fn kernel_maps_return_to_their_baseline() {
+    let _env = preflight();
+    let prom_port = free_port();
+    let prom_arg = format!("127.0.0.1:{prom_port}");
+    // Waits for "go", starts 50 threads (alive until the end), forks 50 children that connect
+    // to its listener and sleep, prints their pids; on "kill" kills and reaps them.
+    let script = r#"
+import os, signal, socket, sys, threading
+sys.stdin.readline()
+listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(128)
+port = listener.getsockname()[1]
+done = threading.Event()
+threads = [threading.Thread(target=done.wait) for _ in range(50)]
+for t in threads: t.start()
+children = []
+for _ in range(50):
+    pid = os.fork()
+    if pid == 0:
+        s = socket.create_connection(("127.0.0.1", port))
+        signal.pause()
+    children.append(pid)
+print("children", flush=True)
+sys.stdin.readline()
+for pid in children: os.kill(pid, signal.SIGKILL)
+for pid in children: os.waitpid(pid, 0)
+print("killed", flush=True)
+sys.stdin.readline()
+done.set()
+"#;
+    let mut parent = std::process::Command::new(python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut stdin = parent.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(parent.stdout.take().unwrap());
+    let parent_pid = parent.id().to_string();
+    let kspan = Kspan::start(&["--pid", &parent_pid, "--prometheus-address", &prom_arg]);
+    let mut say = |line: &str| {
+        use std::io::Write;
+        writeln!(stdin, "{line}").expect("write to the python parent");
+    };
+    let mut expect = |word: &str| {
+        use std::io::BufRead;
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the python parent");
+        assert_eq!(line.trim(), word, "python parent");
+    };
+    let fill = |name: &str| -> Option<f64> {
+        let (status, _, body) = prometheus::http_get(prom_port, "/metrics").ok()?;
+        (status == 200).then_some(())?;
+        prometheus::parse_text(&body)
+            .into_iter()
+            .find(|s| s.name == name && s.label("service_name") == Some("kspan"))
+            .map(|s| s.value)
+    };
+    // The census counts every 5 s: wait for the levels to reach what is expected (or time out
+    // and show what they were).
+    let wait_for = |what: &str, expected: &[(&str, f64)]| {
+        let deadline = Instant::now() + scaled(20);
+        loop {
+            let got: Vec<(&str, Option<f64>)> = expected
+                .iter()
+                .map(|(name, _)| (*name, fill(name)))
+                .collect();
+            if got
+                .iter()
+                .zip(expected)
+                .all(|((_, g), (_, e))| *g == Some(*e))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: expected {expected:?}, got {got:?}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    say("go");
+    expect("children");
+    // 51 processes: the parent and its children; its 50 threads take no entry (they did, one
+    // each, before task_newtask replaced sched_process_fork).
+    wait_for(
+        "with 50 threads and 50 children",
+        &[
+            ("kspan_kernel_traced_pids", 51.0),
+            ("kspan_kernel_connections", 50.0),
+        ],
+    );
+    say("kill");
+    expect("killed");
+    // Back to the parent alone: its pid entry and its one pre-filter slot (the children's slots
+    // were never cleared before), and no socket left of the children (they never closed them).
+    wait_for(
+        "after the children were killed",
+        &[
+            ("kspan_kernel_traced_pids", 1.0),
+            ("kspan_kernel_prefilter_slots", 1.0),
+            ("kspan_kernel_connections", 0.0),
+        ],
+    );
+    say("end");
+    let _ = parent.wait();
+    drop(kspan);
 }

@@ -2,6 +2,7 @@
 //! ring buffer and the control maps (pid filter, tracked connections, drop counters).
 
 pub mod btf;
+pub mod census;
 pub mod events;
 pub mod stack;
 pub mod tracefs;
@@ -9,13 +10,14 @@ pub mod tracefs;
 use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::Path,
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{Program, TracePoint, trace_point::TracePointLinkId},
 };
 use kspan_common::{
@@ -59,7 +61,7 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_close", "syscalls", "sys_enter_close"),
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
     ("sched_process_exec", "sched", "sched_process_exec"),
-    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
@@ -103,10 +105,76 @@ pub trait KernelControl {
     fn mute_connection(&mut self, pid: u32, fd: i32);
 }
 
+const BPF_NOEXIST: u64 = 1;
+
+/// The kernel's MAYBE_TRACED array (one count of traced pids per slot), mapped into the agent
+/// so that both sides change the counts with atomic adds.
+struct SlotCounts {
+    slots: std::ptr::NonNull<AtomicU64>,
+    len: usize,
+    _map: MapData,
+}
+
+impl SlotCounts {
+    fn map(map: aya::maps::Map) -> Result<Self> {
+        let aya::maps::Map::Array(data) = map else {
+            bail!("map MAYBE_TRACED is not an array");
+        };
+        let len = TRACED_SLOTS as usize;
+        let bytes = len * std::mem::size_of::<u64>();
+        // SAFETY: a shared read-write mapping of the map's memory (created BPF_F_MMAPABLE,
+        // exactly `bytes` long, page aligned); unmapped in Drop, while `_map` keeps the map.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot map the kernel's MAYBE_TRACED array into memory");
+        }
+        let slots = std::ptr::NonNull::new(address.cast::<AtomicU64>())
+            .context("mmap returned a null address")?;
+        Ok(SlotCounts {
+            slots,
+            len,
+            _map: data,
+        })
+    }
+
+    fn add(&self, pid: u32, delta: i64) {
+        let index = pid as usize % self.len;
+        // SAFETY: index < len; the memory is mapped for the life of self, and the kernel only
+        // ever changes it with atomic adds too.
+        let slot = unsafe { &*self.slots.as_ptr().add(index) };
+        slot.fetch_add(delta as u64, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: the mapping is plain shared memory changed only through atomics; no thread-affine state.
+unsafe impl Send for SlotCounts {}
+
+impl Drop for SlotCounts {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of this length.
+        unsafe {
+            libc::munmap(
+                self.slots.as_ptr().cast(),
+                self.len * std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
+
 /// Control maps of the loaded programs.
 pub struct KernelMaps {
     traced_pids: HashMap<MapData, u32, u8>,
-    maybe_traced: Array<MapData, u32>,
+    maybe_traced: SlotCounts,
     connections: HashMap<MapData, u64, ConnectionValue>,
     counters: PerCpuArray<MapData, u64>,
     /// Every loaded program by name, for the runs the kernel skipped.
@@ -115,17 +183,27 @@ pub struct KernelMaps {
 
 impl KernelControl for KernelMaps {
     fn trace_pid(&mut self, pid: u32) {
-        // The pre-filter slot first: the exact entry is only looked up behind it.
-        if let Err(e) = self.maybe_traced.set(pid % TRACED_SLOTS, 1, 0) {
-            log::warn!("cannot add pid {pid} to the kernel pre-filter: {e}");
-        }
-        if let Err(e) = self.traced_pids.insert(pid, 1, 0) {
-            log::warn!("cannot add pid {pid} to the kernel pid filter: {e}");
+        // The pre-filter count first: a pid in the exact map always has a non-zero slot (see
+        // MAYBE_TRACED in ebpf/src/maps.rs; the kernel does the same on fork and exec).
+        self.maybe_traced.add(pid, 1);
+        match self.traced_pids.insert(pid, 1, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                self.maybe_traced.add(pid, -1);
+            }
+            Err(e) => {
+                self.maybe_traced.add(pid, -1);
+                log::warn!("cannot add pid {pid} to the kernel pid filter: {e}");
+            }
         }
     }
 
     fn untrace_pid(&mut self, pid: u32) {
-        let _ = self.traced_pids.remove(&pid);
+        if self.traced_pids.remove(&pid).is_ok() {
+            self.maybe_traced.add(pid, -1);
+        }
     }
 
     fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
@@ -243,6 +321,7 @@ pub struct Probes {
     pub attached: Attached,
     pub ring: RingBuf<MapData>,
     pub maps: KernelMaps,
+    pub census: census::MapCensus,
 }
 
 impl Probes {
@@ -305,11 +384,30 @@ impl Probes {
                 Ok((name.to_string(), fd.as_fd().try_clone_to_owned()?))
             })
             .collect::<Result<Vec<_>>>()?;
+        // The census thread's own handles on the maps it counts.
+        let handle = |map: &aya::maps::Map| -> Result<OwnedFd> {
+            let data = match map {
+                aya::maps::Map::HashMap(data)
+                | aya::maps::Map::LruHashMap(data)
+                | aya::maps::Map::Array(data) => data,
+                _ => bail!("unexpected map type"),
+            };
+            Ok(data.fd().as_fd().try_clone_to_owned()?)
+        };
+        let traced_pids = take(&mut ebpf, "TRACED_PIDS")?;
+        let maybe_traced = take(&mut ebpf, "MAYBE_TRACED")?;
+        let connections = take(&mut ebpf, "CONNECTIONS")?;
+        let census = census::MapCensus::new(
+            handle(&connections)?,
+            handle(&traced_pids)?,
+            &handle(&maybe_traced)?,
+        )
+        .context("cannot map the kernel's MAYBE_TRACED array into memory")?;
         let maps = KernelMaps {
             programs,
-            traced_pids: HashMap::try_from(take(&mut ebpf, "TRACED_PIDS")?)?,
-            maybe_traced: Array::try_from(take(&mut ebpf, "MAYBE_TRACED")?)?,
-            connections: HashMap::try_from(take(&mut ebpf, "CONNECTIONS")?)?,
+            traced_pids: HashMap::try_from(traced_pids)?,
+            maybe_traced: SlotCounts::map(maybe_traced)?,
+            connections: HashMap::try_from(connections)?,
             counters: PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?,
         };
         Ok(Probes {
@@ -320,6 +418,7 @@ impl Probes {
             },
             ring,
             maps,
+            census,
         })
     }
 }

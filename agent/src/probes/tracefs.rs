@@ -136,7 +136,7 @@ pub fn tracepoint_offsets(syscalls: &[&str], read: &ReadFormat) -> Result<Tracep
             _ => *slot = Some(offset),
         }
     }
-    let fork = format("sched", "sched_process_fork")?;
+    let newtask = format("task", "task_newtask")?;
     let exec = format("sched", "sched_process_exec")?;
     let sock = format("sock", "inet_sock_set_state")?;
     let field = |format: &Format, tracepoint: &str, name: &str, size: u32| {
@@ -148,7 +148,8 @@ pub fn tracepoint_offsets(syscalls: &[&str], read: &ReadFormat) -> Result<Tracep
     Ok(TracepointOffsets {
         syscall_args: syscall_args.context("no sys_enter_* tracepoint given")?,
         syscall_ret: syscall_ret.context("no sys_exit_* tracepoint given")?,
-        fork_child_pid: field(&fork, "sched/sched_process_fork", "child_pid", 4)?,
+        newtask_pid: field(&newtask, "task/task_newtask", "pid", 4)?,
+        newtask_clone_flags: field(&newtask, "task/task_newtask", "clone_flags", 8)?,
         sock_newstate: sock_field("newstate", 4)?,
         sock_sport: sock_field("sport", 2)?,
         sock_family: sock_field("family", 2)?,

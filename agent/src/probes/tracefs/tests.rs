@@ -50,17 +50,15 @@ fn every_matrix_kernel_has_a_supported_layout() {
 }
 
 #[test]
-fn fork_child_pid_moves_when_comm_fields_become_data_loc() {
-    // `char parent_comm[16]` and `char child_comm[16]` in line up to 6.12 ...
-    for kernel in ["5.10", "6.1", "6.12"] {
-        assert_eq!(offsets(kernel).fork_child_pid, 44, "{kernel}");
+fn task_newtask_has_one_layout_but_on_preempt_rt() {
+    // `clone_flags` is `unsigned long` up to 6.x and `u64` on 7.2: 8 bytes at 32 either way.
+    for kernel in ["5.10", "6.1", "6.12", "6.18", "7.2"] {
+        let o = offsets(kernel);
+        assert_eq!((o.newtask_pid, o.newtask_clone_flags), (8, 32), "{kernel}");
     }
-    // (after one more common field on PREEMPT_RT)
-    assert_eq!(offsets("6.1-rt").fork_child_pid, 48);
-    // ... 4-byte `__data_loc char[]` references from 6.13 on.
-    for kernel in ["6.18", "7.2"] {
-        assert_eq!(offsets(kernel).fork_child_pid, 20, "{kernel}");
-    }
+    // One more common field on PREEMPT_RT moves `pid` and `comm`; `clone_flags` stays aligned.
+    let rt = offsets("6.1-rt");
+    assert_eq!((rt.newtask_pid, rt.newtask_clone_flags), (12, 32));
 }
 
 #[test]
@@ -68,7 +66,8 @@ fn inet_sock_set_state_shifts_on_preempt_rt() {
     let usual = TracepointOffsets {
         syscall_args: 16,
         syscall_ret: 16,
-        fork_child_pid: 44,
+        newtask_pid: 8,
+        newtask_clone_flags: 32,
         sock_newstate: 20,
         sock_sport: 24,
         sock_family: 28,
@@ -84,7 +83,7 @@ fn inet_sock_set_state_shifts_on_preempt_rt() {
     assert_eq!(
         offsets("6.1-rt"),
         TracepointOffsets {
-            fork_child_pid: 48,
+            newtask_pid: 12,
             sock_newstate: 28,
             sock_sport: 32,
             sock_family: 36,
@@ -95,13 +94,7 @@ fn inet_sock_set_state_shifts_on_preempt_rt() {
             ..usual
         }
     );
-    assert_eq!(
-        offsets("7.2"),
-        TracepointOffsets {
-            fork_child_pid: 20,
-            ..usual
-        }
-    );
+    assert_eq!(offsets("7.2"), usual);
 }
 
 #[test]
@@ -158,16 +151,16 @@ fn malformed_field_lines_are_errors() {
 #[test]
 fn unexpected_layouts_are_refused_with_the_tracepoint_named() {
     let (_, fixture) = KERNELS[0];
-    // A child_pid of another size than the 4 bytes the program reads.
+    // clone_flags of another size than the 8 bytes the program reads.
     let changed = fixture.replace(
-        "field:pid_t child_pid;\toffset:44;\tsize:4;",
-        "field:u64 child_pid;\toffset:44;\tsize:8;",
+        "field:unsigned long clone_flags;\toffset:32;\tsize:8;",
+        "field:unsigned int clone_flags;\toffset:32;\tsize:4;",
     );
     assert_ne!(changed, fixture);
     let err = tracepoint_offsets(&syscalls(), &fixture_reader(&changed)).unwrap_err();
     let message = format!("{err:#}");
-    assert!(message.contains("sched/sched_process_fork"), "{message}");
-    assert!(message.contains("child_pid"), "{message}");
+    assert!(message.contains("task/task_newtask"), "{message}");
+    assert!(message.contains("clone_flags"), "{message}");
 
     // Syscall arguments that are not 8-byte slots one after the other.
     let changed = fixture.replace(
