@@ -503,6 +503,30 @@ mod tests {
         }
     }
 
+    /// The seeds go through the whole path, parsers to span builders: the harness is the real
+    /// pipeline's, not a parser fed garbage from its first byte.
+    #[test]
+    fn seeds_become_spans() {
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz")
+            .join("corpus");
+        let spans = |protocol: &str, seed: &str| {
+            let path = corpus.join(protocol).join(format!("seed-{seed}"));
+            connection(registration(protocol), &std::fs::read(path).unwrap())
+        };
+        assert_eq!(
+            spans("http1", "server_keepalive"),
+            ["GET /items/*", "POST /orders"]
+        );
+        let get = "acc.Shop/GetItem";
+        let calls = [get, get, "acc.Shop/Fail", get];
+        assert_eq!(spans("http2", "grpcio_client"), calls);
+        assert_eq!(spans("http2", "grpcio_server"), calls);
+        assert_eq!(spans("kafka", "kcat_produce_client"), ["send kc"]);
+        assert_eq!(spans("kafka", "kcat_produce_broker"), ["send kc"]);
+        assert_eq!(spans("kafka", "confluent_fetch_client"), ["poll orders"]);
+    }
+
     #[test]
     fn script_round_trips_syscalls() {
         let long = vec![7u8; 70_000];
