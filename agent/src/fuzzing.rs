@@ -459,8 +459,11 @@ pub fn ring_event(input: &[u8]) {
     }
 }
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
 /// Every fuzz target: (name, entry point), as agent/fuzz/fuzz_targets names them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("http1", http1),
     ("http2", http2),
     ("grpc", grpc),
