@@ -7,6 +7,8 @@ pub mod cli;
 pub mod clock;
 pub mod conntrack;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod linker;
 pub mod metrics;
 pub mod pipeline;

@@ -4,6 +4,7 @@
 //! peers, installing what is missing), so a fresh machine needs nothing but Rust and this repo.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod vmtest;
 
@@ -65,6 +66,18 @@ enum Task {
         #[arg(long)]
         skip_criterion: bool,
     },
+    /// Install cargo-fuzz if missing, build the fuzz targets of agent/fuzz (nightly, libFuzzer)
+    /// and run each for SECS: `fuzz [--time SECS] [TARGET]...`. Fails on a crash, whose
+    /// reproducer lands in agent/fuzz/artifacts/<target>/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        time: u64,
+        /// Targets to run (default: all of them).
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
+    },
     /// Set up, build, run the end-to-end tests in QEMU guests booting other kernels (Debian's
     /// 5.10, 6.1, 6.1-rt, 6.12, 7.2), downloaded and cached in $KSPAN_VMTEST_DIR (default
     /// /var/cache/kspan/vmtest): `vmtest [--kernel NAME]... [-- TEST ARGS]`.
@@ -115,6 +128,7 @@ fn run_task(task: Task) -> Result<()> {
             pairs,
             skip_criterion,
         }),
+        Task::Fuzz { time, targets } => fuzz::fuzz(&fuzz::Options { time, targets }),
         Task::Vmtest {
             kernels,
             jobs,

@@ -293,6 +293,38 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, pinned: `cargo xtask fuzz` only (not part of `setup`).
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+
+/// Installs cargo-fuzz at [`CARGO_FUZZ_VERSION`] unless that version runs; checks the nightly
+/// toolchain the fuzz targets build with.
+pub fn cargo_fuzz() -> Result<()> {
+    nightly()?;
+    // `command` puts $CARGO_HOME/bin and ~/.cargo/bin on PATH, where cargo install puts it.
+    let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let runs =
+        || output(command("cargo-fuzz").arg("--version")).is_some_and(|v| v.trim() == wanted);
+    if runs() {
+        ok(&wanted);
+        return Ok(());
+    }
+    installing(
+        &wanted,
+        "runs the fuzz targets of agent/fuzz; cargo install takes a few minutes",
+    );
+    run_cmd(&mut crate::cargo(&[
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))?;
+    if !runs() {
+        bail!("cargo-fuzz was installed but `cargo-fuzz --version` is not `{wanted}`");
+    }
+    Ok(())
+}
+
 fn tracefs() -> Result<()> {
     if Path::new(TRACEFS).join("events").is_dir() {
         ok("tracefs");

@@ -201,10 +201,12 @@ impl Btf {
                 continue;
             }
             let (inner, inner_at) = self.resolve(m.type_id)?;
+            // Checked: a corrupt record's offset near u32::MAX wrapped into a wrong offset.
             if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
                 && let Some((bits, size)) = self.find_member(&inner, inner_at, member, depth + 1)
+                && let Some(total) = m.bit_offset.checked_add(bits)
             {
-                return Some((m.bit_offset + bits, size));
+                return Some((total, size));
             }
         }
         None
@@ -349,6 +351,20 @@ mod tests {
         assert_eq!(at("d"), 8);
         assert!(btf.member_offset("outer", "zz").is_err());
         assert!(btf.member_offset("nope", "a").is_err());
+    }
+
+    #[test]
+    fn offsets_past_u32_are_not_found() {
+        // Found by the btf fuzz target (agent/fuzz/artifacts/btf): an anonymous member at a bit
+        // offset near u32::MAX plus its inner member's offset overflowed.
+        let mut data = fixture();
+        // The last word of the type section: the offset of outer's anonymous union.
+        let at = 24 + u32_at(&data, 12).unwrap() as usize - 4;
+        assert_eq!(u32_at(&data, at).unwrap(), 64);
+        data[at..at + 4].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        let btf = Btf::parse(data).unwrap();
+        assert!(btf.member_offset("outer", "c").is_err());
+        assert_eq!(btf.member_offset("outer", "a").unwrap().bytes, 0);
     }
 
     #[test]

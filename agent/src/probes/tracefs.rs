@@ -89,9 +89,11 @@ fn parse_field(line: &str) -> Result<Field> {
         None => (declaration.len(), ""),
     };
     let head = &declaration[..name_end];
+    // After the last character that is not part of a name, whatever its UTF-8 length.
     let name_start = head
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .map_or(0, |i| i + 1);
+        .char_indices()
+        .rfind(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let name = &head[name_start..];
     if name.is_empty() {
         bail!("no field name");

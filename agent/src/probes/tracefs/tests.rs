@@ -189,3 +189,13 @@ fn unexpected_layouts_are_refused_with_the_tracepoint_named() {
     let err = tracepoint_offsets(&["sys_enter_nosuch"], &fixture_reader(fixture)).unwrap_err();
     assert!(format!("{err:#}").contains("sys_enter_nosuch"), "{err:#}");
 }
+
+#[test]
+fn a_multibyte_character_before_the_field_name_is_not_a_panic() {
+    // Found by the tracefs fuzz target (agent/fuzz/artifacts/tracefs): the name was sliced one
+    // byte after the last non-name character, inside a multi-byte one.
+    let format = Format::parse("\tfield:in\u{21b}x;\toffset:8;\tsize:4;\tsigned:1;\n").unwrap();
+    let field = format.field("x").unwrap();
+    assert_eq!(field.declaration, "in\u{21b}");
+    assert_eq!((field.offset, field.size), (8, 4));
+}
