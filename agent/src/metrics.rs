@@ -470,7 +470,8 @@ fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
             .build();
     }
     // Fill levels of the kernel maps (gauges: they go down as processes and sockets go away).
-    let gauges: [(&str, &str, fn(&Stats) -> &AtomicU64); 3] = [
+    type Field = fn(&Stats) -> &AtomicU64;
+    let gauges: [(&str, &str, Field); 3] = [
         (
             "kspan.kernel.connections",
             "Sockets tracked in the kernel's CONNECTIONS map (LRU, 65536 entries).",
