@@ -116,6 +116,7 @@ fn parser(reads: &[&[u8]], writes: &[&[u8]], requests_per_round: usize) -> (f64,
             out.request_starts.clear();
             out.responses_started.clear();
             out.exchanges.clear();
+            out.dropped.clear();
         }
     };
     for _ in 0..100 {
@@ -166,6 +167,7 @@ fn parser_grpc(side: Side) -> (f64, f64) {
         out.responses_started.clear();
         let done = out.exchanges.len();
         out.exchanges.clear();
+        out.dropped.clear();
         done
     };
     for (client, bytes) in &conversation.warm_up {
@@ -230,6 +232,7 @@ fn parser_kafka(scenario: Scenario, side: Side) -> (f64, f64) {
         out.responses_started.clear();
         let done = out.exchanges.len();
         out.exchanges.clear();
+        out.dropped.clear();
         done
     };
     for (client, bytes) in common::kafka::warm_up(scenario) {

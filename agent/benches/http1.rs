@@ -47,6 +47,7 @@ impl Parser {
         let done = self.out.exchanges.len();
         black_box(&self.out.exchanges);
         self.out.exchanges.clear();
+        self.out.dropped.clear();
         done
     }
 }

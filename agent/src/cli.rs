@@ -25,7 +25,7 @@ use crate::{
     },
     linker::{LinkCounters, Linker},
     metrics::MetricsHub,
-    pipeline::{ChannelSink, Finished, Pipeline, SPAN_BATCH},
+    pipeline::{ChannelSink, Finished, Limits, Pipeline, SPAN_BATCH},
     probes::{KernelCounters, ProbeOptions, Probes},
     process::{Processes, Selectors},
     stats::Stats,
@@ -98,6 +98,15 @@ pub struct Args {
     /// Kernel ring buffer size in MiB (power of two).
     #[arg(long, value_name = "MIB", default_value_t = 8)]
     pub ring_mib: u32,
+    /// Memory the protocol parsers may hold in all, in MiB (partial messages, requests in
+    /// flight, HPACK tables). Past it the connections with the oldest partial messages lose
+    /// their parser state (counted as parser_evictions_budget).
+    #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub parser_memory: u32,
+    /// Seconds a message may stay incomplete (headers trickled in, slowloris) before its
+    /// connection's parser state is dropped (counted as parser_evictions_timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub partial_timeout: u64,
 }
 
 /// `kspan [run] ARGS`: `run` is optional, the default command.
@@ -295,7 +304,11 @@ pub fn run(args: Args) -> Result<()> {
         maps,
         ChannelSink::new(sender, stats.clone()),
         processes,
-        MAX_CONNECTIONS as usize,
+        Limits {
+            connections: MAX_CONNECTIONS as usize,
+            parser_memory: (args.parser_memory as usize) << 20,
+            partial_timeout: Duration::from_secs(args.partial_timeout),
+        },
         Clock::calibrate(),
         stats.clone(),
         Linker::new(sampler),

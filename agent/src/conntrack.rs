@@ -91,6 +91,10 @@ pub struct Connection {
     pub protocol: ProtocolState,
     /// Span nodes of requests in flight (trace-context linking).
     pub links: ConnectionLinks,
+    /// Heap bytes its parser held after its last chunk (counted in the pipeline's budget).
+    pub parser_memory: usize,
+    /// Kernel time of the first chunk of the partial message its parser holds (0: none).
+    pub partial_since_ns: u64,
 }
 
 impl Connection {
@@ -102,6 +106,8 @@ impl Connection {
             from_start,
             protocol: ProtocolState::Undetected { attempts: 0 },
             links: ConnectionLinks::default(),
+            parser_memory: 0,
+            partial_since_ns: 0,
         }
     }
 }
@@ -169,6 +175,12 @@ impl ConnTable {
             self.len -= 1;
         }
         removed
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u32, i32, &mut Connection)> {
+        self.by_pid
+            .iter_mut()
+            .flat_map(|(&pid, fds)| fds.iter_mut().map(move |(&fd, c)| (pid, fd, c)))
     }
 
     /// Every connection of a process, removed from the table.

@@ -128,6 +128,7 @@ impl Downstream {
             let _ = tracecontext::extract(&start.context_headers);
         }
         out.responses_started.clear();
+        out.dropped.clear();
         let local = SocketAddr::from(([127, 0, 0, 1], 8080));
         let remote = SocketAddr::from(([127, 0, 0, 2], 40000));
         for exchange in out.exchanges.drain(..) {

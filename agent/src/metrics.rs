@@ -469,31 +469,54 @@ fn register_health_counters(provider: &SdkMeterProvider, stats: Arc<Stats>) {
             .with_callback(move |observer| observer.observe(read(&stats), &[]))
             .build();
     }
-    // Fill levels of the kernel maps (gauges: they go down as processes and sockets go away).
+    // Fill levels of the agent's tables and the kernel maps (gauges: they go down as processes
+    // and sockets go away).
     type Field = fn(&Stats) -> &AtomicU64;
-    let gauges: [(&str, &str, Field); 3] = [
+    let gauges: [(&str, &str, &str, Field); 6] = [
+        (
+            "kspan.parse.memory",
+            "By",
+            "Heap bytes the protocol parsers hold (partial messages, requests in flight, HPACK \
+             tables), bounded by --parser-memory.",
+            |s| &s.parser_memory,
+        ),
+        (
+            "kspan.agent.connections",
+            "{connection}",
+            "Connections the agent tracks (parser and linking state).",
+            |s| &s.agent_connections,
+        ),
+        (
+            "kspan.agent.processes",
+            "{entry}",
+            "Per-process entries the agent holds (resources, selections, exec images).",
+            |s| &s.agent_processes,
+        ),
         (
             "kspan.kernel.connections",
+            "{entry}",
             "Sockets tracked in the kernel's CONNECTIONS map (LRU, 65536 entries).",
             |s| &s.kernel_connections,
         ),
         (
             "kspan.kernel.traced_pids",
+            "{entry}",
             "Processes in the kernel's pid filter (one per process, threads take none).",
             |s| &s.kernel_traced_pids,
         ),
         (
             "kspan.kernel.prefilter_slots",
+            "{entry}",
             "Slots of the kernel's pid pre-filter in use (65536 slots; freed when their \
              processes exit).",
             |s| &s.kernel_prefilter_slots,
         ),
     ];
-    for (name, description, field) in gauges {
+    for (name, unit, description, field) in gauges {
         let stats = stats.clone();
         let _gauge = meter
             .u64_observable_gauge(name)
-            .with_unit("{entry}")
+            .with_unit(unit)
             .with_description(description)
             .with_callback(move |observer| observer.observe(Stats::get(field(&stats)), &[]))
             .build();

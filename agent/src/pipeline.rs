@@ -41,6 +41,40 @@ const MAX_WAITING_SPANS: usize = 4096;
 
 use socket_tables::MIN_RESCAN_INTERVAL;
 
+/// Bounds of the agent's connection state.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections tracked at once; past it new ones are dropped (counted).
+    pub connections: usize,
+    /// Heap bytes all parsers together may hold (buffered partial messages, requests in flight,
+    /// HPACK tables). Past it spare buffers are given back, then the connections holding the
+    /// oldest partial messages (then the most memory) lose their parser state (counted).
+    pub parser_memory: usize,
+    /// A message received only in part for longer than this is dropped with its parser state
+    /// (slowloris: headers trickled forever).
+    pub partial_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: kspan_common::MAX_CONNECTIONS as usize,
+            parser_memory: 32 << 20,
+            partial_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How often connections are checked for partial messages past their timeout.
+const PARTIAL_CHECK_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Why a connection's parser state was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Eviction {
+    Budget,
+    Timeout,
+}
+
 /// A finished exchange whose span waits for its parent to be known.
 struct WaitingSpan {
     exchange: Exchange,
@@ -145,6 +179,13 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     events_unflushed: u64,
     /// TCP tables of the network namespaces, for sockets the agent did not see open.
     socket_tables: SocketTables,
+    limits: Limits,
+    /// Sum of the connections' `parser_memory`.
+    parser_memory: usize,
+    /// Connections whose parser holds a partial message (`partial_since_ns != 0`).
+    partial_connections: usize,
+    /// Kernel time of the next check for partial messages past their timeout.
+    next_partial_check_ns: u64,
 }
 
 impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
@@ -152,7 +193,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         kernel: K,
         sink: S,
         processes: Processes,
-        connection_capacity: usize,
+        limits: Limits,
         clock: Clock,
         stats: Arc<Stats>,
         linker: Linker,
@@ -161,7 +202,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             kernel,
             sink,
             processes,
-            connections: ConnTable::new(connection_capacity),
+            connections: ConnTable::new(limits.connections),
             clock,
             stats,
             linker,
@@ -171,6 +212,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             waiting: VecDeque::new(),
             events_unflushed: 0,
             socket_tables: SocketTables::default(),
+            limits,
+            parser_memory: 0,
+            partial_connections: 0,
+            next_partial_check_ns: 0,
         }
     }
 
@@ -196,10 +241,109 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     pub fn flush(&mut self) {
         Stats::add(&self.stats.events_received, self.events_unflushed);
         self.events_unflushed = 0;
+        let now_ns = Clock::monotonic_now();
         if !self.waiting.is_empty() {
-            self.release_waiting(Clock::monotonic_now());
+            self.release_waiting(now_ns);
         }
+        if self.partial_connections > 0 && now_ns >= self.next_partial_check_ns {
+            self.evict_partials_older_than(now_ns.saturating_sub(self.partial_timeout_ns()));
+            self.next_partial_check_ns = now_ns + PARTIAL_CHECK_INTERVAL_NS;
+        }
+        Stats::set(&self.stats.parser_memory, self.parser_memory as u64);
+        Stats::set(&self.stats.agent_connections, self.connections.len() as u64);
+        Stats::set(&self.stats.agent_processes, self.processes.entries() as u64);
         self.sink.flush()
+    }
+
+    fn partial_timeout_ns(&self) -> u64 {
+        self.limits.partial_timeout.as_nanos().min(u64::MAX as u128) as u64
+    }
+
+    /// Drops the parser state of connections whose partial message began before `cutoff_ns`.
+    fn evict_partials_older_than(&mut self, cutoff_ns: u64) {
+        let stale: Vec<(u32, i32)> = self
+            .connections
+            .iter_mut()
+            .filter(|(_, _, c)| c.partial_since_ns != 0 && c.partial_since_ns < cutoff_ns)
+            .map(|(pid, fd, _)| (pid, fd))
+            .collect();
+        for (pid, fd) in stale {
+            self.evict(pid, fd, Eviction::Timeout);
+        }
+    }
+
+    /// Brings the parsers' memory back under the budget: first by giving back spare buffer
+    /// capacity (no loss), then by dropping the parser state of the connections with the oldest
+    /// partial messages, then of those holding the most, down to 7/8 of the budget so that the
+    /// next pass is not one byte away.
+    fn enforce_budget(&mut self) {
+        let mut total = 0;
+        for (_, _, c) in self.connections.iter_mut() {
+            if let ProtocolState::Parsing { parser, .. } = &mut c.protocol {
+                parser.release_spare();
+                c.parser_memory = parser.memory_bytes();
+            }
+            total += c.parser_memory;
+        }
+        self.parser_memory = total;
+        let target = self.limits.parser_memory / 8 * 7;
+        if total <= target {
+            return;
+        }
+        let mut candidates: Vec<(u32, i32, u64, usize)> = self
+            .connections
+            .iter_mut()
+            .filter(|(_, _, c)| c.parser_memory > 0)
+            .map(|(pid, fd, c)| (pid, fd, c.partial_since_ns, c.parser_memory))
+            .collect();
+        // Oldest partial message first (0 = none: last), then most memory.
+        candidates.sort_unstable_by_key(|&(_, _, since, memory)| {
+            (since == 0, since, std::cmp::Reverse(memory))
+        });
+        for (pid, fd, _, _) in candidates {
+            if self.parser_memory <= target {
+                break;
+            }
+            self.evict(pid, fd, Eviction::Budget);
+        }
+    }
+
+    /// The connection's parser state is dropped: what it had in flight is forgotten (no span
+    /// for it, the linker counts the requests), and the next bytes are detected afresh (a
+    /// slowloris's trickle fails detection and is muted).
+    fn evict(&mut self, pid: u32, fd: i32, why: Eviction) {
+        let Some(connection) = self.connections.get_mut(pid, fd) else {
+            return;
+        };
+        let ProtocolState::Parsing { protocol, .. } = &connection.protocol else {
+            return;
+        };
+        let had_capture = protocol.capture_bytes.is_some();
+        log::debug!("pid {pid} fd {fd}: parser state evicted ({why:?})");
+        connection.protocol = ProtocolState::Undetected { attempts: 0 };
+        self.parser_memory -= connection.parser_memory;
+        connection.parser_memory = 0;
+        if connection.partial_since_ns != 0 {
+            connection.partial_since_ns = 0;
+            self.partial_connections -= 1;
+        }
+        let end = Endpoint {
+            pid,
+            local: connection.local,
+            remote: connection.remote,
+            from_start: connection.from_start,
+        };
+        self.linker.forget_requests(&end, &mut connection.links);
+        if had_capture {
+            self.kernel.set_capture(pid, fd, CAPTURE_DEFAULT, 0);
+        }
+        Stats::add(
+            match why {
+                Eviction::Budget => &self.stats.parser_evictions_budget,
+                Eviction::Timeout => &self.stats.parser_evictions_timeout,
+            },
+            1,
+        );
     }
 
     /// The last flush: spans still waiting for their parent go as they are.
@@ -511,6 +655,28 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         parser.feed(chunk, &mut self.output);
         let gave_up = parser.gave_up();
         let switched = parser.switched();
+        // The memory budget and the partial-message timeout. A message counts as partial from
+        // the first chunk that left one buffered while no message completed: a busy connection
+        // whose chunks end mid-message keeps completing others and is never timed out.
+        let memory = parser.memory_bytes();
+        self.parser_memory = self.parser_memory - connection.parser_memory + memory;
+        connection.parser_memory = memory;
+        let progress = !self.output.request_starts.is_empty()
+            || !self.output.responses_started.is_empty()
+            || !self.output.exchanges.is_empty();
+        match (parser.holds_partial(), connection.partial_since_ns) {
+            (true, 0) => {
+                connection.partial_since_ns = chunk.start_ns.max(1);
+                self.partial_connections += 1;
+            }
+            (true, _) if progress => connection.partial_since_ns = chunk.start_ns.max(1),
+            (false, since) if since != 0 => {
+                connection.partial_since_ns = 0;
+                self.partial_connections -= 1;
+            }
+            _ => {}
+        }
+        let over_budget = self.parser_memory > self.limits.parser_memory;
         let counts = std::mem::take(&mut self.output.counts);
         if counts != ParserCounts::default() {
             count_parser(&self.stats, &counts);
@@ -534,6 +700,9 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         // Requests parsed by this chunk get their span node now, while they are being served.
         for start in self.output.request_starts.drain(..) {
             self.linker.on_request(&end, &start, &mut connection.links);
+        }
+        for id in self.output.dropped.drain(..) {
+            self.linker.abandon_request(&end, &mut connection.links, id);
         }
         if !self.output.responses_started.is_empty() {
             self.linker.on_responses_started(
@@ -569,6 +738,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             else {
                 return;
             };
+            self.parser_memory -= std::mem::take(&mut connection.parser_memory);
+            if std::mem::take(&mut connection.partial_since_ns) != 0 {
+                self.partial_connections -= 1;
+            }
             let mut links = std::mem::take(&mut connection.links);
             parser_close(parser, chunk.end_ns, &mut self.output);
             self.emit(pid, &end, &mut links, protocol.in_order);
@@ -582,9 +755,16 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 self.kernel.set_capture(pid, fd, CAPTURE_DEFAULT, 0);
             }
         }
+        if over_budget {
+            self.enforce_budget();
+        }
     }
 
     fn finish_connection(&mut self, pid: u32, mut connection: Connection, end_ns: u64) {
+        self.parser_memory -= connection.parser_memory;
+        if connection.partial_since_ns != 0 {
+            self.partial_connections -= 1;
+        }
         let end = Endpoint {
             pid,
             local: connection.local,
@@ -659,6 +839,7 @@ fn parser_close(
     // Starts and response starts of a closing connection have no one left to inform.
     output.request_starts.clear();
     output.responses_started.clear();
+    output.dropped.clear();
 }
 
 /// A Kafka fetch whose messages' producer spans may still come (see
@@ -769,11 +950,18 @@ mod tests {
     }
 
     fn pipeline_with_capacity(connections: usize) -> Pipeline<FakeKernel, Vec<Span>> {
+        pipeline_with_limits(Limits {
+            connections,
+            ..Limits::default()
+        })
+    }
+
+    fn pipeline_with_limits(limits: Limits) -> Pipeline<FakeKernel, Vec<Span>> {
         Pipeline::new(
             FakeKernel::default(),
             Vec::new(),
             Processes::new(crate::process::Selectors::default()),
-            connections,
+            limits,
             Clock::with_offset(0),
             Arc::new(Stats::default()),
             Linker::new(crate::tracecontext::Sampler::AlwaysOn),
@@ -1055,7 +1243,10 @@ mod tests {
             FakeKernel::default(),
             Vec::new(),
             Processes::new(selectors),
-            64,
+            Limits {
+                connections: 64,
+                ..Limits::default()
+            },
             Clock::with_offset(0),
             Arc::new(Stats::default()),
             Linker::new(crate::tracecontext::Sampler::AlwaysOn),
@@ -1103,7 +1294,10 @@ mod tests {
             FakeKernel::default(),
             Vec::new(),
             Processes::new(selectors),
-            64,
+            Limits {
+                connections: 64,
+                ..Limits::default()
+            },
             Clock::with_offset(0),
             Arc::new(Stats::default()),
             Linker::new(crate::tracecontext::Sampler::AlwaysOn),
@@ -1174,6 +1368,209 @@ mod tests {
         assert!(p.sink().is_empty());
         assert_eq!(p.kernel().muted, [5], "muted once");
         assert_eq!(Stats::get(&p.stats.connections_muted), 1);
+    }
+
+    /// An accepted connection of this process on `fd` (its conn id is the fd).
+    fn accept(p: &mut Pipeline<FakeKernel, Vec<Span>>, fd: i32) {
+        let mut tuple = kspan_common::SocketTuple {
+            family: kspan_common::AF_INET,
+            local_port: 8080,
+            remote_port: 30000 + fd as u16,
+            ..Default::default()
+        };
+        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let pid = std::process::id();
+        p.handle_event(Event::Socket {
+            kind: EventKind::Accept,
+            header: EventHeader {
+                kind: EventKind::Accept as u32,
+                pid,
+                tid: pid,
+                fd,
+                conn_id: fd as u64,
+                ..Default::default()
+            },
+            tuple,
+        });
+    }
+
+    /// `data` on the connection of `fd`, by a syscall that began at kernel time `t_ns`.
+    fn data_at(
+        p: &mut Pipeline<FakeKernel, Vec<Span>>,
+        fd: i32,
+        t_ns: u64,
+        direction: Direction,
+        data: &[u8],
+    ) {
+        let pid = std::process::id();
+        p.handle_event(Event::Data {
+            header: EventHeader {
+                kind: EventKind::Data as u32,
+                pid,
+                tid: pid,
+                fd,
+                conn_id: fd as u64,
+                start_ns: t_ns,
+                end_ns: t_ns + 10,
+                full_len: data.len() as u64,
+                copied_len: data.len() as u32,
+                ..Default::default()
+            },
+            direction,
+            data,
+            tail: &[],
+        });
+    }
+
+    fn half_header(pad: usize) -> Vec<u8> {
+        let mut bytes = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+        bytes.resize(bytes.len() + pad, b'a');
+        bytes
+    }
+
+    /// 2,000 connections each holding half a header block of 2 KiB: the parsers never hold
+    /// more than the budget, the connections past it lose their partial message (counted, no
+    /// span), and a complete exchange afterwards is still traced.
+    #[test]
+    fn slowloris_connections_cost_at_most_the_budget() {
+        let budget = 1 << 20;
+        let mut p = pipeline_with_limits(Limits {
+            connections: 4096,
+            parser_memory: budget,
+            partial_timeout: Duration::from_secs(30),
+        });
+        let now = Clock::monotonic_now();
+        let half = half_header(2048);
+        for fd in 10..2010 {
+            accept(&mut p, fd);
+            data_at(&mut p, fd, now, Direction::Ingress, &half);
+            assert!(p.parser_memory <= budget, "{} bytes held", p.parser_memory);
+        }
+        let evicted = Stats::get(&p.stats.parser_evictions_budget);
+        assert!(evicted >= 1000, "{evicted} evictions");
+        assert_eq!(Stats::get(&p.stats.parser_evictions_timeout), 0);
+        // The first connection was evicted: the end of its header is no request.
+        data_at(&mut p, 10, now + 1, Direction::Ingress, b"\r\n\r\n");
+        data_at(
+            &mut p,
+            10,
+            now + 2,
+            Direction::Egress,
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        );
+        // A whole exchange on a new connection is traced.
+        accept(&mut p, 3000);
+        data_at(
+            &mut p,
+            3000,
+            now + 3,
+            Direction::Ingress,
+            b"GET /ok HTTP/1.1\r\n\r\n",
+        );
+        data_at(
+            &mut p,
+            3000,
+            now + 4,
+            Direction::Egress,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        );
+        p.flush();
+        let names: Vec<&str> = p.sink().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["GET /ok"], "only the complete exchange");
+        assert_eq!(
+            Stats::get(&p.stats.parser_memory),
+            p.parser_memory as u64,
+            "the gauge is published at the flush"
+        );
+    }
+
+    /// A header block still incomplete past the partial timeout (trickled, as slowloris does)
+    /// loses its parser state at the next flush; a younger one does not.
+    #[test]
+    fn a_message_incomplete_past_the_timeout_is_evicted() {
+        let mut p = pipeline_with_limits(Limits {
+            partial_timeout: Duration::from_secs(30),
+            ..Limits::default()
+        });
+        let now = Clock::monotonic_now();
+        let secs = |s: u64| s * 1_000_000_000;
+        accept(&mut p, 10);
+        data_at(
+            &mut p,
+            10,
+            now - secs(40),
+            Direction::Ingress,
+            &half_header(100),
+        );
+        // The trickle does not make the message younger.
+        data_at(&mut p, 10, now - secs(5), Direction::Ingress, b"aaaa");
+        accept(&mut p, 11);
+        data_at(
+            &mut p,
+            11,
+            now - secs(10),
+            Direction::Ingress,
+            &half_header(100),
+        );
+        assert_eq!(p.partial_connections, 2);
+        p.flush();
+        assert_eq!(Stats::get(&p.stats.parser_evictions_timeout), 1);
+        assert_eq!(p.partial_connections, 1);
+        assert!(matches!(
+            p.connections
+                .get_mut(std::process::id(), 10)
+                .unwrap()
+                .protocol,
+            ProtocolState::Undetected { .. }
+        ));
+        // Its last byte arrives: no request, no span; the trickle is muted as no protocol.
+        for _ in 0..4 {
+            data_at(&mut p, 10, now, Direction::Ingress, b"a\r\n");
+        }
+        assert_eq!(p.kernel().muted, [10]);
+        p.shutdown();
+        assert!(p.sink().is_empty());
+    }
+
+    /// Chunks that end inside a message do not make a busy connection look stuck: the partial
+    /// clock restarts whenever a message completes.
+    #[test]
+    fn a_busy_connection_whose_chunks_end_mid_message_is_not_timed_out() {
+        let mut p = pipeline_with_limits(Limits {
+            partial_timeout: Duration::from_secs(30),
+            ..Limits::default()
+        });
+        let now = Clock::monotonic_now();
+        let secs = |s: u64| s * 1_000_000_000;
+        accept(&mut p, 10);
+        data_at(
+            &mut p,
+            10,
+            now - secs(40),
+            Direction::Ingress,
+            b"GET /a HTTP/1.1\r\nHo",
+        );
+        data_at(
+            &mut p,
+            10,
+            now - secs(2),
+            Direction::Ingress,
+            b"st: x\r\n\r\nGET /b HTTP/1.1\r\nHo",
+        );
+        p.flush();
+        assert_eq!(Stats::get(&p.stats.parser_evictions_timeout), 0);
+        assert_eq!(p.partial_connections, 1);
+        // Closing it returns its memory.
+        p.handle_event(Event::Close(EventHeader {
+            kind: EventKind::Close as u32,
+            pid: std::process::id(),
+            fd: 10,
+            conn_id: 10,
+            end_ns: now,
+            ..Default::default()
+        }));
+        assert_eq!((p.parser_memory, p.partial_connections), (0, 0));
     }
 
     #[test]

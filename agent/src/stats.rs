@@ -70,6 +70,17 @@ pub struct Stats {
     /// Requests the linker forgot before their exchange completed (in-flight cap per
     /// connection, retired by a later response, abandoned), mirrored once per loop.
     pub links_dropped: AtomicU64,
+    /// Connections whose parser state was dropped because the parsers' memory was over budget
+    /// (`--parser-memory`).
+    pub parser_evictions_budget: AtomicU64,
+    /// Connections whose parser state was dropped because a message stayed incomplete past
+    /// `--partial-timeout` (slowloris).
+    pub parser_evictions_timeout: AtomicU64,
+    /// Gauges set by the pipeline after each drain: heap bytes the parsers hold, connections
+    /// tracked, per-process entries.
+    pub parser_memory: AtomicU64,
+    pub agent_connections: AtomicU64,
+    pub agent_processes: AtomicU64,
     /// Gauges, set by the census thread: CONNECTIONS entries, TRACED_PIDS entries, non-zero
     /// MAYBE_TRACED slots (see `probes::census`).
     pub kernel_connections: AtomicU64,
@@ -212,6 +223,20 @@ pub const COUNTERS: &[Counter] = &[
         "kspan.parse.limits_hit",
         "{event}",
         "Times a parser bound was hit (streams per connection, header block size)."
+    ),
+    counter!(
+        parser_evictions_budget,
+        "kspan.parse.evictions.budget",
+        "{connection}",
+        "Connections whose parser state (partial messages, requests in flight) was dropped \
+         because the parsers' memory was over the --parser-memory budget."
+    ),
+    counter!(
+        parser_evictions_timeout,
+        "kspan.parse.evictions.timeout",
+        "{connection}",
+        "Connections whose parser state was dropped because a message stayed incomplete \
+         longer than --partial-timeout (slowloris)."
     ),
     counter!(
         socket_table_scans,

@@ -35,6 +35,8 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("connections_muted", "kspan.connections.muted"),
     ("parse_desynchronised", "kspan.parse.desynchronised"),
     ("parse_limits_hit", "kspan.parse.limits_hit"),
+    ("parser_evictions_budget", "kspan.parse.evictions.budget"),
+    ("parser_evictions_timeout", "kspan.parse.evictions.timeout"),
     ("socket_table_scans", "kspan.procfs.socket_table_scans"),
     (
         "unknown_socket_events_deferred",

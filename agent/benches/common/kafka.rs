@@ -36,7 +36,7 @@ use kafka_protocol::records::{
 use kspan::{
     clock::Clock,
     linker::Linker,
-    pipeline::{Pipeline, SpanSink},
+    pipeline::{Limits, Pipeline, SpanSink},
     process::{Processes, Selectors},
     protocols::Direction,
     stats::Stats,
@@ -515,7 +515,7 @@ pub fn pipeline_with<S: SpanSink>(sink: S) -> Pipeline<NoKernel, S> {
         NoKernel,
         sink,
         Processes::new(Selectors::default()),
-        65_536,
+        Limits::default(),
         Clock::with_offset(0),
         Arc::new(Stats::default()),
         Linker::new(Sampler::default()),

@@ -12,7 +12,7 @@ use std::{hint::black_box, sync::Arc, time::Instant};
 use kspan::{
     clock::Clock,
     linker::Linker,
-    pipeline::{Finished, Pipeline, SpanSink},
+    pipeline::{Finished, Limits, Pipeline, SpanSink},
     probes::{KernelControl, events::encode_data},
     process::{Processes, Selectors},
     protocols::{Chunk, Direction},
@@ -151,7 +151,7 @@ pub fn pipeline() -> BenchPipeline {
         NoKernel,
         CountingSink::default(),
         Processes::new(Selectors::default()),
-        65_536,
+        Limits::default(),
         Clock::with_offset(0),
         Arc::new(Stats::default()),
         Linker::new(Sampler::default()),

@@ -215,6 +215,12 @@ impl Processes {
         self.traced.insert(pid)
     }
 
+    /// Per-process entries held (resources, selections, exec images): a gauge that returns to
+    /// its baseline when the processes are gone.
+    pub fn entries(&self) -> usize {
+        self.resources.len() + self.traced.len() + self.images.len()
+    }
+
     pub fn on_exit(&mut self, pid: u32) {
         self.resources.remove(&pid);
         self.traced.remove(&pid);

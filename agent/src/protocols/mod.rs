@@ -149,6 +149,10 @@ pub struct ParserOutput {
     pub responses_started: Vec<u64>,
     /// Finished exchanges.
     pub exchanges: Vec<Exchange>,
+    /// Ids of started requests the parser dropped without an exchange (an HTTP/2 stream that
+    /// may have ended in bytes never seen, dropped to make room): trace-context linking
+    /// forgets them. In-order protocols need not report theirs: a later exchange retires them.
+    pub dropped: Vec<u64>,
     pub counts: ParserCounts,
 }
 
@@ -169,6 +173,20 @@ pub trait ProtocolParser: std::fmt::Debug {
     fn switched(&self) -> bool {
         false
     }
+    /// Heap bytes the parser holds for its connection (buffers' capacity, requests in flight,
+    /// HPACK tables): an estimate for the agent's memory budget, cheap enough to ask after
+    /// every chunk.
+    fn memory_bytes(&self) -> usize {
+        0
+    }
+    /// A message was received only in part and its bytes are buffered (a header block without
+    /// its end, a Kafka frame without its rest): the partial-message timeout runs.
+    fn holds_partial(&self) -> bool {
+        false
+    }
+    /// Give back buffer capacity holding no bytes (kept between messages to spare an allocation
+    /// per message): the agent is over its memory budget.
+    fn release_spare(&mut self) {}
 }
 
 /// What a new parser is told about its connection, and the state parsers of different

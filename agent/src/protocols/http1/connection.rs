@@ -152,6 +152,32 @@ impl ProtocolParser for Http1Connection {
     fn switched(&self) -> bool {
         self.shared.upgraded
     }
+
+    fn memory_bytes(&self) -> usize {
+        let request = |p: &PendingRequest| p.request.as_ref().map_or(0, HttpRequest::heap_bytes);
+        let sh = &self.shared;
+        let mut bytes = sh.pending.capacity() * std::mem::size_of::<PendingRequest>()
+            + sh.pending.iter().map(request).sum::<usize>();
+        for half in [&self.ingress, &self.egress] {
+            bytes += half.buf.capacity();
+            if let Some(in_flight) = &half.response {
+                bytes += std::mem::size_of::<InFlight>() + request(&in_flight.request);
+            }
+        }
+        bytes
+    }
+
+    fn holds_partial(&self) -> bool {
+        !self.ingress.buf.is_empty() || !self.egress.buf.is_empty()
+    }
+
+    fn release_spare(&mut self) {
+        for half in [&mut self.ingress, &mut self.egress] {
+            if half.buf.is_empty() {
+                half.buf = Vec::new();
+            }
+        }
+    }
 }
 
 /// Connection-wide state shared by both directions.

@@ -106,6 +106,32 @@ impl ProtocolParser for Http2Connection {
     fn gave_up(&self) -> bool {
         self.shared.gave_up
     }
+
+    fn memory_bytes(&self) -> usize {
+        let sh = &self.shared;
+        self.ingress.memory_bytes()
+            + self.egress.memory_bytes()
+            + sh.streams.ids.capacity() * std::mem::size_of::<u32>()
+            + sh.streams.list.capacity() * std::mem::size_of::<Stream>()
+            + sh.streams
+                .list
+                .iter()
+                .map(Stream::heap_bytes)
+                .sum::<usize>()
+            + sh.early.capacity() * std::mem::size_of::<EarlyResponse>()
+    }
+
+    fn holds_partial(&self) -> bool {
+        !self.ingress.block_buf.is_empty() || !self.egress.block_buf.is_empty()
+    }
+
+    fn release_spare(&mut self) {
+        for half in [&mut self.ingress, &mut self.egress] {
+            if half.block_buf.is_empty() {
+                half.block_buf = Vec::new();
+            }
+        }
+    }
 }
 
 /// Syscall facts of a frame's first byte.
@@ -230,6 +256,10 @@ struct Stream {
 }
 
 impl Stream {
+    fn heap_bytes(&self) -> usize {
+        self.request.heap_bytes()
+    }
+
     fn into_exchange(self, role: Role, end_ns: u64, error: Option<ExchangeError>) -> Exchange {
         let response = self.response_seen.then(|| HttpResponse {
             // Unknown: a field the table could not resolve.
@@ -419,7 +449,8 @@ impl Shared {
                 .min_by_key(|&i| self.streams.ids[i]);
             match lost {
                 Some(i) => {
-                    self.streams.remove(i);
+                    let dropped = self.streams.remove(i);
+                    out.dropped.push(u64::from(dropped.id));
                 }
                 None => {
                     out.counts.limits_hit += 1;
@@ -719,6 +750,11 @@ impl Half {
             hpack: hpack::Decoder::new(),
             fields: Fields::default(),
         }
+    }
+
+    /// Heap bytes held by this direction: its block buffer and HPACK decoder.
+    fn memory_bytes(&self) -> usize {
+        self.block_buf.capacity() + self.hpack.memory_bytes()
     }
 
     /// One syscall's bytes: `data`, then the uncaptured gap (skipped by length while it lies

@@ -230,6 +230,15 @@ impl Decoder {
         self.loss_reported = reported;
     }
 
+    /// Heap bytes held: the dynamic table (its HPACK size bounds its entries' bytes) and the
+    /// Huffman buffers.
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.size
+            + self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.name_buf.capacity()
+            + self.value_buf.capacity()
+    }
+
     /// The dynamic table is known entirely (no loss, or it was provably refilled since).
     #[cfg(test)]
     pub(super) fn in_sync(&self) -> bool {

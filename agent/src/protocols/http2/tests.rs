@@ -1112,6 +1112,8 @@ fn streams_that_may_be_lost_make_room_first() {
     ));
     assert_eq!(h.starts().len(), MAX_STREAMS + 1);
     assert_eq!(h.counts().limits_hit, 0);
+    // The stream dropped (the oldest) is reported, for linking to forget it.
+    assert_eq!(h.out.dropped, [1]);
 }
 
 #[test]

@@ -184,6 +184,31 @@ impl ProtocolParser for KafkaParser {
     fn gave_up(&self) -> bool {
         self.gave_up
     }
+
+    fn memory_bytes(&self) -> usize {
+        // A pending exchange's strings (topics, client id) are estimated, not walked.
+        const PENDING_STRINGS: usize = 256;
+        let pending = self
+            .in_flight
+            .iter()
+            .filter(|r| r.exchange.is_some())
+            .count();
+        self.halves.iter().map(|h| h.buf.capacity()).sum::<usize>()
+            + self.in_flight.capacity() * std::mem::size_of::<InFlight>()
+            + pending * (std::mem::size_of::<Pending>() + PENDING_STRINGS)
+    }
+
+    fn holds_partial(&self) -> bool {
+        self.halves.iter().any(|h| !h.buf.is_empty())
+    }
+
+    fn release_spare(&mut self) {
+        for half in &mut self.halves {
+            if half.buf.is_empty() {
+                half.buf = Vec::new();
+            }
+        }
+    }
 }
 
 /// Syscall facts of a frame's first byte.
