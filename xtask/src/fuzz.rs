@@ -19,6 +19,8 @@ use crate::{command, display, run_cmd, setup};
 pub struct Options {
     /// Seconds per target.
     pub time: u64,
+    /// Executions per target instead of a time limit.
+    pub runs: Option<u64>,
     /// Targets to run; empty: all of them.
     pub targets: Vec<String>,
 }
@@ -91,10 +93,13 @@ pub fn fuzz(options: &Options) -> Result<()> {
 
     let mut outcomes = Vec::new();
     for target in &targets {
-        outcomes.push(run_target(target, options.time)?);
+        outcomes.push(run_target(target, options.time, options.runs)?);
     }
 
-    println!("\n==> fuzz summary ({} s per target)", options.time);
+    match options.runs {
+        Some(runs) => println!("\n==> fuzz summary ({runs} executions per target)"),
+        None => println!("\n==> fuzz summary ({} s per target)", options.time),
+    }
     let show = |n: Option<u64>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
     for o in &outcomes {
         println!(
@@ -141,7 +146,7 @@ fn log_path(target: &str) -> PathBuf {
         .join(format!("{target}.log"))
 }
 
-fn run_target(target: &str, secs: u64) -> Result<Outcome> {
+fn run_target(target: &str, secs: u64, runs: Option<u64>) -> Result<Outcome> {
     let work = crate::target_dir().join("fuzz").join("corpus").join(target);
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let seeds = fuzz_dir().join("corpus").join(target);
@@ -151,14 +156,18 @@ fn run_target(target: &str, secs: u64) -> Result<Outcome> {
 
     let mut cmd = cargo_fuzz("run");
     // libFuzzer writes new inputs to the first corpus directory only: the seeds stay as committed.
+    let limit = match runs {
+        Some(runs) => format!("-runs={runs}"),
+        None => format!("-max_total_time={secs}"),
+    };
     cmd.arg(target).arg(&work).arg(&seeds).args([
         "--".to_string(),
-        format!("-max_total_time={secs}"),
+        limit.clone(),
         // A hang is a finding too (the default is 20 minutes per input).
         "-timeout=10".to_string(),
         "-print_final_stats=1".to_string(),
     ]);
-    println!("\n==> fuzz {target} for {secs} s (log: {})", log.display());
+    println!("\n==> fuzz {target} ({limit}; log: {})", log.display());
     println!("$ {}", display(&cmd));
     let start = Instant::now();
     let mut child = cmd

@@ -74,6 +74,11 @@ enum Task {
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         time: u64,
+        /// Stop each target after this many executions instead (the README's long run:
+        /// `--runs 10000000`); with it, --time is not a limit.
+        #[arg(long, value_name = "N")]
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        runs: Option<u64>,
         /// Targets to run (default: all of them).
         #[arg(value_name = "TARGET")]
         targets: Vec<String>,
@@ -128,7 +133,15 @@ fn run_task(task: Task) -> Result<()> {
             pairs,
             skip_criterion,
         }),
-        Task::Fuzz { time, targets } => fuzz::fuzz(&fuzz::Options { time, targets }),
+        Task::Fuzz {
+            time,
+            runs,
+            targets,
+        } => fuzz::fuzz(&fuzz::Options {
+            time,
+            runs,
+            targets,
+        }),
         Task::Vmtest {
             kernels,
             jobs,
