@@ -327,12 +327,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             connection.partial_since_ns = 0;
             self.partial_connections -= 1;
         }
-        let end = Endpoint {
-            pid,
-            local: connection.local,
-            remote: connection.remote,
-            from_start: connection.from_start,
-        };
+        let end = endpoint(pid, connection);
         self.linker.forget_requests(&end, &mut connection.links);
         if had_capture {
             self.kernel.set_capture(pid, fd, CAPTURE_DEFAULT, 0);
@@ -691,12 +686,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 );
             }
         }
-        let end = Endpoint {
-            pid,
-            local: connection.local,
-            remote: connection.remote,
-            from_start: connection.from_start,
-        };
+        let end = endpoint(pid, connection);
         // Requests parsed by this chunk get their span node now, while they are being served.
         for start in self.output.request_starts.drain(..) {
             self.linker.on_request(&end, &start, &mut connection.links);
@@ -765,12 +755,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         if connection.partial_since_ns != 0 {
             self.partial_connections -= 1;
         }
-        let end = Endpoint {
-            pid,
-            local: connection.local,
-            remote: connection.remote,
-            from_start: connection.from_start,
-        };
+        let end = endpoint(pid, &connection);
         if let ProtocolState::Parsing { protocol, parser } = connection.protocol {
             parser_close(parser, end_ns, &mut self.output);
             let counts = std::mem::take(&mut self.output.counts);
@@ -814,6 +799,16 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 &resource,
             );
         }
+    }
+}
+
+/// The connection as the linker knows it.
+fn endpoint(pid: u32, connection: &Connection) -> Endpoint {
+    Endpoint {
+        pid,
+        local: connection.local,
+        remote: connection.remote,
+        from_start: connection.from_start,
     }
 }
 
@@ -1485,48 +1480,32 @@ mod tests {
         );
     }
 
-    /// A header block still incomplete past the partial timeout (trickled, as slowloris does)
-    /// loses its parser state at the next flush; a younger one does not.
+    /// `data` read on the connection of `fd` `secs_ago` seconds ago.
+    fn read_secs_ago(p: &mut Pipeline<FakeKernel, Vec<Span>>, fd: i32, secs_ago: u64, data: &[u8]) {
+        let t_ns = Clock::monotonic_now() - secs_ago * 1_000_000_000;
+        data_at(p, fd, t_ns, Direction::Ingress, data);
+    }
+
+    /// A header block still incomplete past the partial timeout (default 30 s; trickled, as
+    /// slowloris does) loses its parser state at the next flush; a younger one does not.
     #[test]
     fn a_message_incomplete_past_the_timeout_is_evicted() {
-        let mut p = pipeline_with_limits(Limits {
-            partial_timeout: Duration::from_secs(30),
-            ..Limits::default()
-        });
-        let now = Clock::monotonic_now();
-        let secs = |s: u64| s * 1_000_000_000;
+        let mut p = test_pipeline();
         accept(&mut p, 10);
-        data_at(
-            &mut p,
-            10,
-            now - secs(40),
-            Direction::Ingress,
-            &half_header(100),
-        );
+        read_secs_ago(&mut p, 10, 40, &half_header(100));
         // The trickle does not make the message younger.
-        data_at(&mut p, 10, now - secs(5), Direction::Ingress, b"aaaa");
+        read_secs_ago(&mut p, 10, 5, b"aaaa");
         accept(&mut p, 11);
-        data_at(
-            &mut p,
-            11,
-            now - secs(10),
-            Direction::Ingress,
-            &half_header(100),
-        );
+        read_secs_ago(&mut p, 11, 10, &half_header(100));
         assert_eq!(p.partial_connections, 2);
         p.flush();
         assert_eq!(Stats::get(&p.stats.parser_evictions_timeout), 1);
         assert_eq!(p.partial_connections, 1);
-        assert!(matches!(
-            p.connections
-                .get_mut(std::process::id(), 10)
-                .unwrap()
-                .protocol,
-            ProtocolState::Undetected { .. }
-        ));
-        // Its last byte arrives: no request, no span; the trickle is muted as no protocol.
+        let evicted = p.connections.get_mut(std::process::id(), 10).unwrap();
+        assert!(matches!(evicted.protocol, ProtocolState::Undetected { .. }));
+        // Its last bytes arrive: no request, no span; the trickle is muted as no protocol.
         for _ in 0..4 {
-            data_at(&mut p, 10, now, Direction::Ingress, b"a\r\n");
+            read_secs_ago(&mut p, 10, 0, b"a\r\n");
         }
         assert_eq!(p.kernel().muted, [10]);
         p.shutdown();
@@ -1537,27 +1516,11 @@ mod tests {
     /// clock restarts whenever a message completes.
     #[test]
     fn a_busy_connection_whose_chunks_end_mid_message_is_not_timed_out() {
-        let mut p = pipeline_with_limits(Limits {
-            partial_timeout: Duration::from_secs(30),
-            ..Limits::default()
-        });
+        let mut p = test_pipeline();
         let now = Clock::monotonic_now();
-        let secs = |s: u64| s * 1_000_000_000;
         accept(&mut p, 10);
-        data_at(
-            &mut p,
-            10,
-            now - secs(40),
-            Direction::Ingress,
-            b"GET /a HTTP/1.1\r\nHo",
-        );
-        data_at(
-            &mut p,
-            10,
-            now - secs(2),
-            Direction::Ingress,
-            b"st: x\r\n\r\nGET /b HTTP/1.1\r\nHo",
-        );
+        read_secs_ago(&mut p, 10, 40, b"GET /a HTTP/1.1\r\nHo");
+        read_secs_ago(&mut p, 10, 2, b"st: x\r\n\r\nGET /b HTTP/1.1\r\nHo");
         p.flush();
         assert_eq!(Stats::get(&p.stats.parser_evictions_timeout), 0);
         assert_eq!(p.partial_connections, 1);
