@@ -1513,3 +1513,26 @@ fn response_ids(conn: &mut Http1Connection) -> Vec<u64> {
     conn.take_responses_started(&mut ids);
     ids
 }
+
+/// What the agent's memory budget asks of the parser: a header block split across reads is a
+/// partial message holding its bytes; complete, it is not; spare capacity can be given back.
+#[test]
+fn a_partial_header_block_is_reported_with_its_memory() {
+    use crate::protocols::ProtocolParser;
+    let mut h = Harness::new();
+    assert!(!h.conn.holds_partial());
+    let half = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaa";
+    h.rx(half);
+    assert!(h.conn.holds_partial());
+    assert!(h.conn.memory_bytes() >= half.len());
+    h.rx(b"\r\n\r\n");
+    assert!(!h.conn.holds_partial());
+    h.tx(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(h.take().len(), 1);
+    let kept = h.conn.memory_bytes();
+    h.conn.release_spare();
+    assert!(
+        h.conn.memory_bytes() + half.len() <= kept,
+        "the header buffer is given back"
+    );
+}

@@ -108,16 +108,15 @@ impl ProtocolParser for Http2Connection {
     }
 
     fn memory_bytes(&self) -> usize {
+        // A stream's strings (path, authority, context headers) are estimated, not walked:
+        // this runs after every chunk, and a connection may have 256 streams open.
+        const STREAM_STRINGS: usize = 256;
         let sh = &self.shared;
         self.ingress.memory_bytes()
             + self.egress.memory_bytes()
             + sh.streams.ids.capacity() * std::mem::size_of::<u32>()
             + sh.streams.list.capacity() * std::mem::size_of::<Stream>()
-            + sh.streams
-                .list
-                .iter()
-                .map(Stream::heap_bytes)
-                .sum::<usize>()
+            + sh.streams.list.len() * STREAM_STRINGS
             + sh.early.capacity() * std::mem::size_of::<EarlyResponse>()
     }
 
@@ -256,10 +255,6 @@ struct Stream {
 }
 
 impl Stream {
-    fn heap_bytes(&self) -> usize {
-        self.request.heap_bytes()
-    }
-
     fn into_exchange(self, role: Role, end_ns: u64, error: Option<ExchangeError>) -> Exchange {
         let response = self.response_seen.then(|| HttpResponse {
             // Unknown: a field the table could not resolve.

@@ -2134,3 +2134,19 @@ fn resync_offset_rule() {
         assert_eq!(resync_offset(&tail, 1 << 20), None);
     }
 }
+
+/// What the agent's memory budget asks of the parser: a header block whose frame is split
+/// across reads is a partial message holding its bytes (and HPACK state); complete, it is not.
+#[test]
+fn a_partial_header_block_is_reported_with_its_memory() {
+    let mut h = Harness::new();
+    h.tx(&[PREFACE.to_vec(), settings(&[])].concat());
+    let request = Enc::new().headers(1, END_STREAM, &grpc_request_fields("/shop.Shop/Get"));
+    let half = request.len() / 2;
+    h.tx(&request[..half]);
+    assert!(h.conn.holds_partial());
+    assert!(h.conn.memory_bytes() >= half - HEADER_LEN);
+    h.tx(&request[half..]);
+    assert!(!h.conn.holds_partial());
+    assert_eq!(h.starts().len(), 1);
+}

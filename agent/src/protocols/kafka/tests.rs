@@ -2289,3 +2289,17 @@ fn metadata_every_version() {
         assert_eq!(h.exchanges().len(), 1);
     }
 }
+
+/// What the agent's memory budget asks of the parser: a request frame split across reads is a
+/// partial message holding its captured bytes; complete, it is not.
+#[test]
+fn a_partial_frame_is_reported_with_its_memory() {
+    let request = produce_request(9, 7, 1, &topics());
+    let mut h = Harness::new(Role::Client);
+    let half = request.len() / 2;
+    h.client(&request[..half]);
+    assert!(h.parser.holds_partial());
+    assert!(h.parser.memory_bytes() >= half - 4);
+    h.client(&request[half..]);
+    assert!(!h.parser.holds_partial());
+}
