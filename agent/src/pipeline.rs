@@ -963,45 +963,26 @@ mod tests {
         )
     }
 
-    /// This process's accepted connection on fd 5 (conn 1), then `events` on it.
+    /// This process's accepted connection on fd 5, then `events` on it.
     fn feed(p: &mut Pipeline<FakeKernel, Vec<Span>>, events: &[(Direction, &[u8])]) {
-        let pid = std::process::id();
-        let header = |kind: EventKind, t: u64| EventHeader {
-            kind: kind as u32,
-            pid,
-            tid: pid,
-            fd: 5,
-            conn_id: 1,
-            start_ns: t,
-            end_ns: t + 10,
-            ..Default::default()
-        };
+        accept(p, 5);
+        for (i, (direction, data)) in events.iter().enumerate() {
+            data_at(p, 5, 1_000 * (i as u64 + 1), *direction, data);
+        }
+        p.shutdown();
+    }
+
+    /// A TCP tuple between two loopback ports.
+    fn loopback_tuple(local_port: u16, remote_port: u16) -> kspan_common::SocketTuple {
         let mut tuple = kspan_common::SocketTuple {
             family: kspan_common::AF_INET,
-            local_port: 8080,
-            remote_port: 40000,
+            local_port,
+            remote_port,
             ..Default::default()
         };
         tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        p.handle_event(Event::Socket {
-            kind: EventKind::Accept,
-            header: header(EventKind::Accept, 100),
-            tuple,
-        });
-        for (i, (direction, data)) in events.iter().enumerate() {
-            p.handle_event(Event::Data {
-                header: EventHeader {
-                    full_len: data.len() as u64,
-                    copied_len: data.len() as u32,
-                    ..header(EventKind::Data, 1_000 * (i as u64 + 1))
-                },
-                direction: *direction,
-                data,
-                tail: &[],
-            });
-        }
-        p.shutdown();
+        tuple
     }
 
     /// One HTTP/2 frame.
@@ -1093,18 +1074,10 @@ mod tests {
             b"/nonexistent/kspan-test/curl",
         );
         p.handle_record(&exec);
-        let mut tuple = kspan_common::SocketTuple {
-            family: kspan_common::AF_INET,
-            local_port: 40000,
-            remote_port: 8080,
-            ..Default::default()
-        };
-        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         p.handle_event(Event::Socket {
             kind: EventKind::Connect,
             header: header(EventKind::Connect, 100),
-            tuple,
+            tuple: loopback_tuple(40000, 8080),
         });
         let request: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
         let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
@@ -1367,14 +1340,7 @@ mod tests {
 
     /// An accepted connection of this process on `fd` (its conn id is the fd).
     fn accept(p: &mut Pipeline<FakeKernel, Vec<Span>>, fd: i32) {
-        let mut tuple = kspan_common::SocketTuple {
-            family: kspan_common::AF_INET,
-            local_port: 8080,
-            remote_port: 30000 + fd as u16,
-            ..Default::default()
-        };
-        tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        tuple.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let tuple = loopback_tuple(8080, 30000 + fd as u16);
         let pid = std::process::id();
         p.handle_event(Event::Socket {
             kind: EventKind::Accept,
