@@ -41,6 +41,7 @@ use serde_json::Value;
 pub mod chain;
 pub mod grpc;
 pub mod kafka;
+pub mod observed;
 pub mod otlp_receiver;
 pub mod prometheus;
 

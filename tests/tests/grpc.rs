@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use kspan_e2e::chain::random_hex;
 use kspan_e2e::grpc::*;
+use kspan_e2e::observed::Observed;
 use kspan_e2e::otlp_receiver::*;
 use kspan_e2e::*;
 use serde_json::Value;
@@ -776,9 +777,6 @@ fn assert_rpc_histogram(
 #[test]
 fn rpc_duration_metrics_over_otlp_and_prometheus() {
     let _env = preflight();
-    let rx = OtlpReceiver::start_grpc(0);
-    let prom_port = free_port();
-    let prom_arg = prom_port.to_string();
     let mut server = GrpcServer::start(Some(SERVER_SERVICE));
     let calls = [
         "unary:ok",
@@ -789,22 +787,16 @@ fn rpc_duration_metrics_over_otlp_and_prometheus() {
     ];
     let client = GrpcClient::python(server.port, &calls, None);
     let client_pid = client.pid;
-    let endpoint = rx.endpoint();
-    let kspan = Kspan::start_with_env(
-        &[
-            "--pid",
-            &server.pid.to_string(),
-            "--pid",
-            &client_pid.to_string(),
-            "--otlp-endpoint",
-            &endpoint,
-            "--otlp-protocol",
-            "grpc",
-            "--prometheus-port",
-            &prom_arg,
-        ],
-        &[],
-    );
+    let Observed {
+        kspan,
+        rx,
+        prom_port,
+    } = Observed::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client_pid.to_string(),
+    ]);
     let result = client.go();
     let client_exe = python_exe_name();
     let prom = scrape_rpc_counts(prom_port, &client_exe, 5);

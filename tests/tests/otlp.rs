@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kspan_e2e::observed::Observed;
 use kspan_e2e::otlp_receiver::*;
 use kspan_e2e::prometheus::{self, Sample};
 use kspan_e2e::*;
@@ -771,27 +772,13 @@ fn prom_of<'a>(samples: &'a [Sample], name: &str, service: &str) -> Vec<&'a Samp
 #[test]
 fn metrics_over_grpc_and_prometheus() {
     let _env = preflight();
-    let rx = OtlpReceiver::start_grpc(0);
-    let prom_port = free_port();
-    let prom_arg = prom_port.to_string();
     let server = PyServer::start(Some("otlp-metrics-server"));
     let spid = server.pid.to_string();
-    let endpoint = rx.endpoint();
-    let kspan = Kspan::start_with_env(
-        &[
-            "--pid",
-            &spid,
-            "--exe",
-            "curl",
-            "--otlp-endpoint",
-            &endpoint,
-            "--otlp-protocol",
-            "grpc",
-            "--prometheus-port",
-            &prom_arg,
-        ],
-        &[("OTEL_METRIC_EXPORT_INTERVAL", "1000")],
-    );
+    let Observed {
+        kspan,
+        rx,
+        prom_port,
+    } = Observed::start(&["--pid", &spid, "--exe", "curl"]);
     let kspan_pid = kspan.pid();
 
     // (path, status, times); client spans are errors on 4xx and 5xx, server

@@ -10,7 +10,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kspan_e2e::otlp_receiver::*;
+use kspan_e2e::observed::Observed;
 use kspan_e2e::prometheus;
 use kspan_e2e::*;
 
@@ -70,27 +70,13 @@ fn assert_lacks_secrets(what: &str, text: &str) {
 #[test]
 fn no_secret_in_json_otlp_or_prometheus() {
     let _env = preflight();
-    let rx = OtlpReceiver::start_grpc(0);
-    let prom_port = free_port();
-    let prom_arg = prom_port.to_string();
     let server = PyServer::start(Some("privacy-server"));
     let spid = server.pid.to_string();
-    let endpoint = rx.endpoint();
-    let kspan = Kspan::start_with_env(
-        &[
-            "--pid",
-            &spid,
-            "--exe",
-            "curl",
-            "--otlp-endpoint",
-            &endpoint,
-            "--otlp-protocol",
-            "grpc",
-            "--prometheus-port",
-            &prom_arg,
-        ],
-        &[("OTEL_METRIC_EXPORT_INTERVAL", "1000")],
-    );
+    let Observed {
+        kspan,
+        rx,
+        prom_port,
+    } = Observed::start(&["--pid", &spid, "--exe", "curl"]);
     secret_request(&server);
 
     // Prometheus while kspan runs: until both sides' series of the request are there.
