@@ -952,10 +952,17 @@ mod tests {
     }
 
     fn pipeline_with_limits(limits: Limits) -> Pipeline<FakeKernel, Vec<Span>> {
+        pipeline_for(crate::process::Selectors::default(), limits)
+    }
+
+    fn pipeline_for(
+        selectors: crate::process::Selectors,
+        limits: Limits,
+    ) -> Pipeline<FakeKernel, Vec<Span>> {
         Pipeline::new(
             FakeKernel::default(),
             Vec::new(),
-            Processes::new(crate::process::Selectors::default()),
+            Processes::new(selectors),
             limits,
             Clock::with_offset(0),
             Arc::new(Stats::default()),
@@ -1207,18 +1214,7 @@ mod tests {
         // The children, selected as descendants of this process; the kernel is faked.
         let selectors =
             crate::process::Selectors::new(vec![std::process::id()], &[], vec![]).unwrap();
-        let mut p = Pipeline::new(
-            FakeKernel::default(),
-            Vec::new(),
-            Processes::new(selectors),
-            Limits {
-                connections: 64,
-                ..Limits::default()
-            },
-            Clock::with_offset(0),
-            Arc::new(Stats::default()),
-            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
-        );
+        let mut p = pipeline_for(selectors, Limits::default());
         // Wait (bounded) until every child has exec'd sleep: its fds are then the final ones.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while children
@@ -1258,18 +1254,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let selectors = crate::process::Selectors::new(vec![], &[], vec![port]).unwrap();
-        let mut p = Pipeline::new(
-            FakeKernel::default(),
-            Vec::new(),
-            Processes::new(selectors),
-            Limits {
-                connections: 64,
-                ..Limits::default()
-            },
-            Clock::with_offset(0),
-            Arc::new(Stats::default()),
-            Linker::new(crate::tracecontext::Sampler::AlwaysOn),
-        );
+        let mut p = pipeline_for(selectors, Limits::default());
         // Tables read (an unknown socket of this process), then a newer connection.
         let early = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         data_on_unknown(&mut p, early.as_raw_fd(), b"x");
