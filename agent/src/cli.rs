@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use kspan_common::{DEFAULT_CAPTURE, MAX_CAPTURE, MAX_CONNECTIONS};
+use kspan_common::{DEFAULT_CAPTURE, EVENT_HEADER_LEN, MAX_CAPTURE, MAX_CONNECTIONS};
 
 use crate::{
     clock::Clock,
@@ -352,9 +352,16 @@ pub fn run(args: Args) -> Result<()> {
             counters_read = Instant::now();
         }
     }
-    // Everything the kernel queued before the signal.
-    while let Some(record) = ring.next() {
+    // What the kernel queued before the signal, and no more: the programs are still attached,
+    // and under a flood they refill the ring as fast as it is read. The ring holds at most this
+    // many records (each is a header at least, behind the ring's 8-byte record header).
+    let queued_at_most = args.ring_mib as usize * 1024 * 1024 / (8 + EVENT_HEADER_LEN);
+    let mut drained = 0;
+    while drained < queued_at_most
+        && let Some(record) = ring.next()
+    {
         pipeline.handle_record(&record);
+        drained += 1;
     }
     pipeline.shutdown();
     let kernel = pipeline.kernel().counters();

@@ -7,6 +7,7 @@
 //! python3 and curl.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -291,4 +292,109 @@ done.set()
     say("end");
     let _ = parent.wait();
     drop(kspan);
+}
+
+/// Traced processes flood loopback connections with requests (one `send` each, never
+/// answered) for as long as they live: kspan keeps answering scrapes with a growing event count
+/// and stops within its contract while the flood goes on, because the ring buffer is drained in
+/// bounded slices between which the stop flag, flushes and counters are served.
+#[test]
+fn scrapes_and_the_stop_are_served_during_a_flood() {
+    let _env = preflight();
+    let prom_port = free_port();
+    let prom_arg = format!("127.0.0.1:{prom_port}");
+    // Four flooding processes (the parent and three children, traced as its descendants): more
+    // events than kspan can take on this machine's two cores, so the ring never runs empty.
+    let script = r#"
+import os, socket, sys, threading
+sys.stdin.readline()
+parent = True
+for _ in range(3):
+    if os.fork() == 0:
+        parent = False
+        break
+listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(1)
+client = socket.create_connection(listener.getsockname())
+server, _ = listener.accept()
+def drain():
+    while server.recv(65536):
+        pass
+threading.Thread(target=drain, daemon=True).start()
+if parent:
+    print("flooding", flush=True)
+request = b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n"
+while True:
+    client.send(request)
+"#;
+    // Its own process group: the children are killed with it, whatever the test's outcome.
+    let mut flood = ProcessGroup(
+        std::process::Command::new(python())
+            .args(["-c", script])
+            .process_group(0)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start python3"),
+    );
+    let flood_pid = flood.0.id().to_string();
+    let kspan = Kspan::start_with_output(
+        &["--pid", &flood_pid, "--prometheus-address", &prom_arg],
+        "none",
+    );
+    {
+        use std::io::{BufRead, Write};
+        let mut stdin = flood.0.stdin.take().unwrap();
+        writeln!(stdin, "go").expect("start the flood");
+        let mut line = String::new();
+        std::io::BufReader::new(flood.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the flood's start");
+        assert_eq!(line.trim(), "flooding");
+    }
+    let received = || -> f64 {
+        let (status, _, body) =
+            prometheus::http_get(prom_port, "/metrics").expect("a scrape during the flood");
+        assert_eq!(status, 200, "{body}");
+        prometheus::parse_text(&body)
+            .into_iter()
+            .find(|s| s.name == "kspan_events_received_total")
+            .map(|s| s.value)
+            .expect("kspan_events_received_total")
+    };
+    // Three scrapes, each answered, the count growing between them.
+    let mut last = received();
+    for _ in 0..3 {
+        let deadline = Instant::now() + scaled(10);
+        loop {
+            let now = received();
+            if now > last {
+                last = now;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "events received stuck at {now} during the flood"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The flood goes on while kspan stops: `stop` asserts the exit within the contract.
+    let run = kspan.stop();
+    drop(flood);
+    let counters = run.counters();
+    assert!(
+        counters["events_received"] >= 10_000,
+        "a flood: {counters:?}"
+    );
+}
+
+/// A process and its process group, killed on drop.
+struct ProcessGroup(std::process::Child);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a negative pid signals the group the child leads.
+        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
 }
