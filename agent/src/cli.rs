@@ -352,9 +352,19 @@ pub fn run(args: Args) -> Result<()> {
             counters_read = Instant::now();
         }
     }
-    // What the kernel queued before the signal, and no more: the programs are still attached,
-    // and under a flood they refill the ring as fast as it is read. The ring holds at most this
-    // many records (each is a header at least, behind the ring's 8-byte record header).
+    // The programs first stop copying (selected processes: the pre-filter says none is
+    // traced). Detaching them waits for a kernel grace period per tracepoint, serialized in the
+    // kernel, seconds when every core is busy in syscalls: it starts now, alongside the last
+    // drain and the export flush (the maps stay alive: they are the pipeline's). The ring is
+    // drained of what it held at the signal and no more, since until detached the programs may
+    // refill it as fast as it is read (trace-all has no pre-filter): it holds at most this many
+    // records (each is a header at least, behind the ring's 8-byte record header).
+    let stopping = Instant::now();
+    pipeline.kernel().silence();
+    let detach = thread::spawn(move || {
+        attached.detach();
+        log::debug!("stop: programs detached after {:?}", stopping.elapsed());
+    });
     let queued_at_most = args.ring_mib as usize * 1024 * 1024 / (8 + EVENT_HEADER_LEN);
     let mut drained = 0;
     while drained < queued_at_most
@@ -364,6 +374,10 @@ pub fn run(args: Args) -> Result<()> {
         drained += 1;
     }
     pipeline.shutdown();
+    log::debug!(
+        "stop: {drained} records drained in {:?}",
+        stopping.elapsed()
+    );
     let kernel = pipeline.kernel().counters();
     mirror_kernel_counters(&stats, &kernel);
     let skipped = pipeline.kernel().skipped_programs();
@@ -377,13 +391,12 @@ pub fn run(args: Args) -> Result<()> {
     mirror_link_counters(&stats, &pipeline.linker().counters);
     drop(ring);
     drop(pipeline); // closes the span queue: the export thread finishes
-    // Detaching takes a kernel grace period per program: overlap it with the export flush.
-    let detach = thread::spawn(move || attached.detach());
     let _ = census_thread.join();
     let exports = export_thread
         .join()
         .map_err(|_| anyhow::anyhow!("export thread panicked"))??;
     exports.shutdown();
+    log::debug!("stop: exports flushed after {:?}", stopping.elapsed());
     let _ = detach.join();
 
     eprintln!("kspan: stopped: {}", stats.stop_line());

@@ -656,7 +656,12 @@ impl Kspan {
 
     /// Sends SIGINT, waits up to 10 s (kills and fails on timeout), asserts
     /// exit status 0 and a stop within 5 s, and parses stdout.
-    pub fn stop(mut self) -> Run {
+    pub fn stop(self) -> Run {
+        self.stop_within(stop_contract())
+    }
+
+    /// [`stop`](Self::stop) with another contract (the wait before killing is 5 s longer).
+    pub fn stop_within(mut self, contract: Duration) -> Run {
         let pid = self.pid();
         let sent = Instant::now();
         let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
@@ -667,15 +672,15 @@ impl Kspan {
             std::io::Error::last_os_error()
         );
         let child = self.child.as_mut().unwrap();
-        let status = wait_timeout(child, stop_timeout());
+        let wait = contract + stop_timeout() - stop_contract();
+        let status = wait_timeout(child, wait);
         let stop_duration = sent.elapsed();
         let Some(exit_status) = status else {
             kill_and_reap(child);
             let err = self.stderr.finish();
             panic!(
                 "kspan {:?} did not exit within {:?} of SIGINT; killed it.\n--- kspan stderr ---\n{err}",
-                self.args,
-                stop_timeout()
+                self.args, wait
             );
         };
         self.child = None;
@@ -693,9 +698,8 @@ impl Kspan {
             self.args
         );
         assert!(
-            stop_duration <= stop_contract(),
-            "kspan took {stop_duration:?} to exit after SIGINT (contract: within {:?}).\n--- kspan stderr ---\n{stderr}",
-            stop_contract()
+            stop_duration <= contract,
+            "kspan took {stop_duration:?} to exit after SIGINT (contract: within {contract:?}).\n--- kspan stderr ---\n{stderr}",
         );
 
         let mut spans = Vec::new();

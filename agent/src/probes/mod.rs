@@ -147,6 +147,15 @@ impl SlotCounts {
         })
     }
 
+    /// Every slot to 0: the programs return at their first check for every pid.
+    fn zero_all(&self) {
+        for index in 0..self.len {
+            // SAFETY: as in `add`.
+            let slot = unsafe { &*self.slots.as_ptr().add(index) };
+            slot.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn add(&self, pid: u32, delta: i64) {
         let index = pid as usize % self.len;
         // SAFETY: index < len; the memory is mapped for the life of self, and the kernel only
@@ -179,6 +188,14 @@ pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
     /// Every loaded program by name, for the runs the kernel skipped.
     programs: Vec<(String, OwnedFd)>,
+}
+
+impl KernelMaps {
+    /// Stop: the programs stop copying for every selected process (the pre-filter says none
+    /// may be traced), before they are detached.
+    pub fn silence(&self) {
+        self.maybe_traced.zero_all();
+    }
 }
 
 impl KernelControl for KernelMaps {
