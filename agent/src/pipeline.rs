@@ -330,7 +330,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let end = endpoint(pid, connection);
         self.linker.forget_requests(&end, &mut connection.links);
         if had_capture {
-            self.kernel.set_capture(pid, fd, CAPTURE_DEFAULT, 0);
+            self.kernel
+                .set_capture(pid, fd, connection.conn_id, CAPTURE_DEFAULT, 0);
         }
         Stats::add(
             match why {
@@ -501,7 +502,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 }
                 let connection = Connection::new(header.conn_id, local, remote, true);
                 if !self.open_connection(header.pid, header.fd, connection) {
-                    self.kernel.forget_connection(header.pid, header.fd);
+                    self.kernel
+                        .forget_connection(header.pid, header.fd, header.conn_id);
                 }
             }
             Event::Close(header) => {
@@ -563,7 +565,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
 
     fn forget_process(&mut self, pid: u32, end_ns: u64) {
         for (fd, connection) in self.connections.remove_process(pid) {
-            self.kernel.forget_connection(pid, fd);
+            self.kernel.forget_connection(pid, fd, connection.conn_id);
             self.finish_connection(pid, connection, end_ns);
         }
         self.linker.forget_process(pid);
@@ -597,7 +599,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     false,
                 ),
                 Lookup::NotTcp => {
-                    self.kernel.mute_connection(pid, fd);
+                    self.kernel.mute_connection(pid, fd, conn_id);
                     Stats::add(&self.stats.connections_muted, 1);
                     let mut connection = Connection::new(conn_id, unspecified, unspecified, false);
                     connection.protocol = ProtocolState::Muted;
@@ -612,7 +614,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             if !self.open_connection(pid, fd, connection) {
                 // Counted; the kernel stops reporting it, rather than every later event of
                 // the socket coming here again.
-                self.kernel.forget_connection(pid, fd);
+                self.kernel.forget_connection(pid, fd, conn_id);
                 return;
             }
         }
@@ -630,7 +632,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     if let Some(p) = connection.protocol.protocol()
                         && let Some(bytes) = p.capture_bytes
                     {
-                        self.kernel.set_capture(pid, fd, bytes, p.capture_tail);
+                        self.kernel
+                            .set_capture(pid, fd, conn_id, bytes, p.capture_tail);
                     }
                 }
                 Detection::GaveUp => {
@@ -638,7 +641,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                         "pid {pid} fd {fd}: no known protocol, muted: {}",
                         chunk.data[..chunk.data.len().min(32)].escape_ascii()
                     );
-                    self.kernel.mute_connection(pid, fd);
+                    self.kernel.mute_connection(pid, fd, conn_id);
                     Stats::add(&self.stats.connections_muted, 1);
                 }
             }
@@ -737,12 +740,13 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.emit(pid, &end, &mut links, protocol.in_order);
             if gave_up {
                 self.linker.on_close(&end, &mut links);
-                self.kernel.mute_connection(pid, fd);
+                self.kernel.mute_connection(pid, fd, conn_id);
                 Stats::add(&self.stats.connections_muted, 1);
             } else {
                 // The connection goes on (pairing with its other end included).
                 self.linker.forget_requests(&end, &mut links);
-                self.kernel.set_capture(pid, fd, CAPTURE_DEFAULT, 0);
+                self.kernel
+                    .set_capture(pid, fd, conn_id, CAPTURE_DEFAULT, 0);
             }
         }
         if over_budget {
@@ -929,13 +933,13 @@ mod tests {
         fn track_connection(&mut self, pid: u32, fd: i32, _conn_id: u64) {
             self.tracked.push((pid, fd));
         }
-        fn forget_connection(&mut self, _pid: u32, fd: i32) {
+        fn forget_connection(&mut self, _pid: u32, fd: i32, _conn_id: u64) {
             self.forgotten.push(fd);
         }
-        fn set_capture(&mut self, _pid: u32, fd: i32, bytes: u32, tail: u32) {
+        fn set_capture(&mut self, _pid: u32, fd: i32, _conn_id: u64, bytes: u32, tail: u32) {
             self.captures.push((fd, bytes, tail));
         }
-        fn mute_connection(&mut self, _pid: u32, fd: i32) {
+        fn mute_connection(&mut self, _pid: u32, fd: i32, _conn_id: u64) {
             self.muted.push(fd);
         }
     }

@@ -97,12 +97,15 @@ pub trait KernelControl {
     fn trace_pid(&mut self, pid: u32);
     fn untrace_pid(&mut self, pid: u32);
     fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
-    fn forget_connection(&mut self, pid: u32, fd: i32);
+    /// The last three act on the socket `conn_id` only: the agent decides some milliseconds
+    /// after the kernel saw the bytes, when the fd may already hold a newer socket (a server
+    /// closing and accepting quickly), which must keep its own entry and capture.
+    fn forget_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
     /// Copy up to `bytes` per syscall on this connection (its protocol needs more or less than
     /// the default).
-    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32, tail: u32);
+    fn set_capture(&mut self, pid: u32, fd: i32, conn_id: u64, bytes: u32, tail: u32);
     /// Stop copying and reporting this connection's bytes; its close is still reported.
-    fn mute_connection(&mut self, pid: u32, fd: i32);
+    fn mute_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
 }
 
 const BPF_NOEXIST: u64 = 1;
@@ -237,27 +240,38 @@ impl KernelControl for KernelMaps {
         }
     }
 
-    fn forget_connection(&mut self, pid: u32, fd: i32) {
-        let _ = self.connections.remove(&connection_key(pid, fd));
+    fn forget_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
+        let key = connection_key(pid, fd);
+        if self
+            .connections
+            .get(&key, 0)
+            .is_ok_and(|value| value.conn_id == conn_id)
+        {
+            let _ = self.connections.remove(&key);
+        }
     }
 
-    fn set_capture(&mut self, pid: u32, fd: i32, bytes: u32, tail: u32) {
-        self.update_capture(pid, fd, bytes, tail);
+    fn set_capture(&mut self, pid: u32, fd: i32, conn_id: u64, bytes: u32, tail: u32) {
+        self.update_capture(pid, fd, conn_id, bytes, tail);
     }
 
-    fn mute_connection(&mut self, pid: u32, fd: i32) {
-        self.update_capture(pid, fd, CAPTURE_MUTED, 0);
+    fn mute_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
+        self.update_capture(pid, fd, conn_id, CAPTURE_MUTED, 0);
     }
 }
 
 impl KernelMaps {
     /// Rewrites the connection's entry with a new capture size, only if it is still there
-    /// (BPF_EXIST): a connection that closed meanwhile is not brought back.
-    fn update_capture(&mut self, pid: u32, fd: i32, capture: u32, tail: u32) {
+    /// (BPF_EXIST): a connection that closed meanwhile is not brought back, and a newer socket
+    /// on the same fd (another `conn_id`) is left as it is.
+    fn update_capture(&mut self, pid: u32, fd: i32, conn_id: u64, capture: u32, tail: u32) {
         let key = connection_key(pid, fd);
         let Ok(mut value) = self.connections.get(&key, 0) else {
             return;
         };
+        if value.conn_id != conn_id {
+            return;
+        }
         value.capture = capture;
         value.tail = tail;
         // BPF_EXIST: update an existing element only.
