@@ -12,7 +12,7 @@
 //!
 //! Needs root, BTF and tracefs (see `kspan_e2e::preflight`), the kspan binary (KSPAN_BIN),
 //! python3 and curl. `cargo test -p kspan-e2e --test hostile -- --test-threads=1 --nocapture`
-//! (about 3 minutes, one of them the slowloris minute).
+//! (about 2 minutes, one of them the slowloris minute).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -86,8 +86,9 @@ fn assert_alive_and_bounded(kspan: &mut Kspan, bound_mib: u64) -> ProcMemory {
     memory
 }
 
-/// One test's figures on stderr (`--nocapture` shows them): its time, kspan's memory when it
-/// was ready (its peak then is the start's: BTF and the eBPF object) and just before the stop.
+/// One test's figures on stderr (`--nocapture` shows them): its time (from after `preflight()`:
+/// waiting for another e2e run is not counted), kspan's memory when it was ready (its peak then
+/// is the start's: BTF and the eBPF object) and just before the stop.
 fn report(test: &str, started: Instant, ready: ProcMemory, memory: ProcMemory, figures: &str) {
     eprintln!(
         "hostile figures: {test}: {:.1} s; kspan peak RSS {:.1} MiB (at ready: peak {:.1}, RSS \
@@ -98,6 +99,13 @@ fn report(test: &str, started: Instant, ready: ProcMemory, memory: ProcMemory, f
         ready.rss_mib(),
         memory.rss_mib()
     );
+}
+
+/// `12 s`, or `after the minute`.
+fn seconds(at: Option<Duration>) -> String {
+    at.map_or("after the minute".to_string(), |d| {
+        format!("{:.0} s", d.as_secs_f64())
+    })
 }
 
 /// kspan's own series now (its counters and gauges by Prometheus name); fails the test if the
@@ -195,9 +203,9 @@ fn curl_user(server: &PyServer, n: usize) -> (String, u16) {
 // 1. Random bytes on a traced port
 // ---------------------------------------------------------------------------
 
-/// Peak RSS bound of kspan in `random_bytes_on_a_traced_port_make_no_span`: 62.5-66.5 MiB
-/// measured (4 runs on the 2-core development VM), of which 62-64 MiB already at `ready` (the
-/// start's peak: BTF, the eBPF object, with Prometheus on).
+/// Peak RSS bound of kspan in `random_bytes_on_a_traced_port_make_no_span`: 62.5-66.9 MiB
+/// measured (6 runs on the 2-core development VM), of which 62.1-64.2 MiB already at `ready`
+/// (the start's peak: BTF, the eBPF object; Prometheus on).
 const GARBAGE_PEAK_RSS_MIB: u64 = 80;
 const GARBAGE_CONNECTIONS: usize = 200;
 /// python's buffered reader asks for at most this much per read.
@@ -265,8 +273,8 @@ fn send_garbage(port: u16, bytes: &[u8]) {
 /// first 4 chunks); no random one is ever parsed.
 #[test]
 fn random_bytes_on_a_traced_port_make_no_span() {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let mut server = PyServer::start(None);
     let spid = server.pid.to_string();
     let (prom_port, prom_arg) = prometheus_address();
@@ -342,7 +350,7 @@ fn random_bytes_on_a_traced_port_make_no_span() {
 // ---------------------------------------------------------------------------
 
 /// Peak RSS bound of kspan in `header_blocks_beyond_the_capture_and_the_header_buffer`:
-/// 51.6-51.9 MiB measured (4 runs), 51.5-51.6 MiB of it at `ready` (no Prometheus here).
+/// 51.4-51.9 MiB measured (7 runs), 51.4-51.7 MiB of it at `ready` (no Prometheus here).
 const BIG_HEADERS_PEAK_RSS_MIB: u64 = 64;
 /// A piece of a header block sent apart: each is read whole by the server before the next is
 /// sent, so every read is under the capture (4096 bytes by default).
@@ -504,8 +512,8 @@ fn pad_headers(count: usize, size: usize) -> Vec<Header> {
 /// connection is traced exactly.
 #[test]
 fn header_blocks_beyond_the_capture_and_the_header_buffer() {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let mut server = PyServer::start(None);
     let spid = server.pid.to_string();
     let mut kspan = Kspan::start(&["--pid", &spid]);
@@ -579,11 +587,11 @@ fn header_blocks_beyond_the_capture_and_the_header_buffer() {
 // ---------------------------------------------------------------------------
 
 /// Peak RSS bound of kspan in `slowloris_connections_are_evicted_after_the_partial_timeout`:
-/// 62.4-64.8 MiB measured (3 runs), 62.0-64.2 MiB of it at `ready`; the parsers held 4.0 MiB at
+/// 61.9-64.8 MiB measured (6 runs), 61.9-64.2 MiB of it at `ready`; the parsers held 4.0 MiB at
 /// most (1,000 header buffers).
 const SLOWLORIS_PEAK_RSS_MIB: u64 = 80;
-/// Peak RSS bound of kspan in `slowloris_over_the_parser_memory_budget`: 62.4-62.6 MiB measured
-/// (3 runs), 62.1-62.2 MiB of it at `ready`.
+/// Peak RSS bound of kspan in `slowloris_over_the_parser_memory_budget`: 62.4-64.5 MiB measured
+/// (6 runs), 61.9-62.2 MiB of it at `ready`.
 const SLOWLORIS_BUDGET_PEAK_RSS_MIB: u64 = 80;
 const SLOWLORIS_CONNECTIONS: usize = 1000;
 /// Open files for the test process and the server: 1,000 connections and the rest.
@@ -671,8 +679,8 @@ impl Trickler {
 /// them (404) as they close.
 #[test]
 fn slowloris_connections_are_evicted_after_the_partial_timeout() {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let mut server = server_for_many_connections();
     let spid = server.pid.to_string();
     let (prom_port, prom_arg) = prometheus_address();
@@ -692,6 +700,9 @@ fn slowloris_connections_are_evicted_after_the_partial_timeout() {
     let minute = Instant::now();
     let mut expected = BTreeMap::new();
     let (mut peak_memory, mut peak_connections) = (0f64, 0f64);
+    // When (since the connections opened) the scrapes first saw every message evicted, and
+    // every connection muted.
+    let (mut all_evicted, mut all_muted) = (None, None);
     let mut next_request = minute;
     let mut tick = minute;
     while minute.elapsed() < SLOWLORIS_MINUTE {
@@ -703,12 +714,18 @@ fn slowloris_connections_are_evicted_after_the_partial_timeout() {
         let now = scrape(prom_port);
         peak_memory = peak_memory.max(now["kspan_parse_memory_bytes"]);
         peak_connections = peak_connections.max(now["kspan_agent_connections"]);
+        if now["kspan_parse_evictions_timeout_total"] == n {
+            all_evicted.get_or_insert(minute.elapsed());
+        }
+        if now["kspan_connections_muted_total"] == n {
+            all_muted.get_or_insert(minute.elapsed());
+        }
         // The pace of the real requests and of the samples, not a synchronisation.
         tick += Duration::from_secs(1);
         thread::sleep(tick.saturating_duration_since(Instant::now()));
     }
-    // Already so on the development VM after the minute (evictions at ~21 s, mutes at ~40 s);
-    // the trickle goes on until then where everything is slower.
+    // Already so on the development VM within the minute (see the figures); the trickle goes
+    // on until then where everything is slower.
     prometheus::wait_for_kspan_values(
         prom_port,
         "every slowloris message dropped once, every slowloris connection muted",
@@ -765,13 +782,15 @@ fn slowloris_connections_are_evicted_after_the_partial_timeout() {
             "{SLOWLORIS_CONNECTIONS} connections x (2,083-byte half header + {rounds} trickled \
              bytes), {} requests, {} spans, parse memory peak {:.0} KiB then {:.0} while the \
              connections were still open, agent connections peak {peak_connections}, parser_evictions_timeout={} \
-             connections_muted={}",
+             (all by {}) connections_muted={} (all by {})",
             expected.len(),
             run.spans.len(),
             peak_memory / 1024.0,
             held["kspan_parse_memory_bytes"] / 1024.0,
             c["parser_evictions_timeout"],
-            c["connections_muted"]
+            seconds(all_evicted),
+            c["connections_muted"],
+            seconds(all_muted)
         ),
     );
 }
@@ -783,8 +802,8 @@ fn slowloris_connections_are_evicted_after_the_partial_timeout() {
 /// meanwhile are traced.
 #[test]
 fn slowloris_over_the_parser_memory_budget() {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let mut server = server_for_many_connections();
     let spid = server.pid.to_string();
     let (prom_port, prom_arg) = prometheus_address();
@@ -841,7 +860,7 @@ fn slowloris_over_the_parser_memory_budget() {
     let samples = sampler.join().expect("sampler thread");
     let peak = samples.iter().copied().fold(0f64, f64::max);
     assert!(
-        samples.len() >= 10 && peak <= budget,
+        samples.len() >= 5 && peak <= budget,
         "the parsers' memory must never go over the budget ({budget} bytes): peak {peak} in {} \
          samples",
         samples.len()
@@ -891,8 +910,8 @@ fn slowloris_over_the_parser_memory_budget() {
 // 4. 10,000 short connections
 // ---------------------------------------------------------------------------
 
-/// Peak RSS bound of kspan in `ten_thousand_short_connections`: 64.5-64.7 MiB measured (3 runs),
-/// 62.1-62.2 MiB of it at `ready`.
+/// Peak RSS bound of kspan in `ten_thousand_short_connections`: 64.1-64.7 MiB measured (6 runs),
+/// 62.0-62.2 MiB of it at `ready`.
 const SHORT_PEAK_RSS_MIB: u64 = 80;
 const SHORT_CONNECTIONS: usize = 10_000;
 /// Clients sending the short connections side by side.
@@ -904,8 +923,8 @@ const SHORT_CLIENTS: usize = 4;
 /// and the kernel's connection tables back to their baseline once the connections closed.
 #[test]
 fn ten_thousand_short_connections() {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let mut server = PyServer::start(None);
     let spid = server.pid.to_string();
     let (prom_port, prom_arg) = prometheus_address();
@@ -989,8 +1008,8 @@ fn ten_thousand_short_connections() {
 // 5. 500 traced processes started and killed
 // ---------------------------------------------------------------------------
 
-/// Peak RSS bound of kspan in `five_hundred_processes_started_and_killed`: 62.5-62.6 MiB
-/// measured (2 runs), 62.1 MiB of it at `ready`.
+/// Peak RSS bound of kspan in `five_hundred_processes_started_and_killed`: 62.4-62.6 MiB
+/// measured (5 runs), 62.0-62.2 MiB of it at `ready`.
 const PROCESSES_PEAK_RSS_MIB: u64 = 80;
 const PROCESSES: usize = 500;
 
@@ -1000,8 +1019,8 @@ const PROCESSES: usize = 500;
 /// back to what they were with the parent alone.
 #[test]
 fn five_hundred_processes_started_and_killed() {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let mut tree = ProcessTree::start(0, PROCESSES);
     let parent = tree.pid.to_string();
     let (prom_port, prom_arg) = prometheus_address();
@@ -1084,8 +1103,8 @@ fn five_hundred_processes_started_and_killed() {
 // 6. A collector that accepts connections and never answers
 // ---------------------------------------------------------------------------
 
-/// Peak RSS bound of kspan in `a_collector_that_never_answers_*`: 70.9-79.0 MiB measured (3
-/// runs of each protocol; gRPC the higher), 68.8-70.8 MiB of it at `ready` (OTLP exporters and
+/// Peak RSS bound of kspan in `a_collector_that_never_answers_*`: gRPC 73.3-79.3 MiB, HTTP
+/// 68.9-70.9 MiB measured (6 runs each), 68.7-70.9 MiB of it at `ready` (OTLP exporters and
 /// Prometheus on).
 const SILENT_COLLECTOR_PEAK_RSS_MIB: u64 = 96;
 const COLLECTOR_REQUESTS: usize = 500;
@@ -1096,8 +1115,8 @@ const COLLECTOR_REQUESTS: usize = 500;
 /// and exits within the stop contract; nothing was exported and every span is counted as
 /// dropped.
 fn collector_never_answers(protocol: &str) {
-    let started = Instant::now();
     let _env = preflight();
+    let started = Instant::now();
     let collector = SilentCollector::start();
     let mut server = PyServer::start(None);
     let spid = server.pid.to_string();
