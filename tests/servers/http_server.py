@@ -4,6 +4,9 @@
 Binds 127.0.0.1 (port 0 unless --port is given) and prints ``PORT <n>`` on
 stdout, flushed, once the socket is listening. Keep-alive (HTTP/1.1) by
 default; ``--http10`` switches to HTTP/1.0 (one request per connection).
+One thread per connection; the listen backlog takes 1024 connections at once.
+``--nofile N`` raises the open-file limit to N first (1,000 connections held
+open need more than the usual 1024).
 
 Routes (every response carries Content-Length):
   GET  /ok           200 "ok\\n"
@@ -20,6 +23,7 @@ Request logging is silenced so stderr only ever shows real errors.
 
 import argparse
 import json
+import resource
 import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,13 +97,22 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a burst of connections would wait for SYN retries.
+    request_queue_size = 1024
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--http10", action="store_true", help="speak HTTP/1.0 (no keep-alive)")
+    parser.add_argument("--nofile", type=int, default=0, help="raise RLIMIT_NOFILE to this")
     args = parser.parse_args()
+
+    if args.nofile:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < args.nofile:
+            sys.exit("--nofile %d: the hard limit is %d" % (args.nofile, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, args.nofile), hard))
 
     if args.http10:
         Handler.protocol_version = "HTTP/1.0"

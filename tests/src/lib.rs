@@ -23,6 +23,11 @@
 //!
 //! For the trace-context tests, [`chain`] starts chains of `servers/chain_server.py` tiers, the
 //! OpenTelemetry-SDK client and the load client.
+//!
+//! For the state and hostile-traffic tests: [`process_tree::ProcessTree`] forks traced children
+//! that hold a connection and has them killed, [`silent_collector::SilentCollector`] is an OTLP
+//! endpoint that accepts connections and never answers, [`proc_memory`] reads a process's peak
+//! and current resident set, [`raise_open_files_limit`] makes room for many sockets.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,7 +48,9 @@ pub mod grpc;
 pub mod kafka;
 pub mod observed;
 pub mod otlp_receiver;
+pub mod process_tree;
 pub mod prometheus;
+pub mod silent_collector;
 
 /// How long kspan may take to print `ready`.
 pub fn ready_timeout() -> Duration {
@@ -281,6 +288,66 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
+}
+
+/// Memory of a process, from `/proc/<pid>/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcMemory {
+    /// `VmHWM`: the peak resident set over the process's life, KiB.
+    pub peak_kib: u64,
+    /// `VmRSS`: the resident set now, KiB.
+    pub rss_kib: u64,
+}
+
+impl ProcMemory {
+    pub fn peak_mib(&self) -> f64 {
+        self.peak_kib as f64 / 1024.0
+    }
+    pub fn rss_mib(&self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+}
+
+/// `VmHWM` and `VmRSS` of `pid` (panics if the process is gone).
+pub fn proc_memory(pid: u32) -> ProcMemory {
+    let path = format!("/proc/{pid}/status");
+    let status =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{path} has no `{name}` in kB:\n{status}"))
+    };
+    ProcMemory {
+        peak_kib: field("VmHWM:"),
+        rss_kib: field("VmRSS:"),
+    }
+}
+
+/// Raises this process's soft limit of open files to at least `at_least` (up to the hard
+/// limit, which a process without CAP_SYS_RESOURCE cannot raise: it fails the test, naming
+/// it, if it is lower). Children started afterwards inherit it.
+pub fn raise_open_files_limit(at_least: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    if limit.rlim_cur >= at_least {
+        return;
+    }
+    assert!(
+        limit.rlim_max >= at_least,
+        "this test needs {at_least} open files, the hard limit (RLIMIT_NOFILE) is {}; \
+         raise it (e.g. `ulimit -Hn {at_least}` as root) before running the tests",
+        limit.rlim_max
+    );
+    limit.rlim_cur = at_least;
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
 }
 
 /// Waits for `child` to exit 0 within helper_timeout(); returns its stdout and stderr.
@@ -635,6 +702,11 @@ impl Kspan {
     /// kspan's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("kspan running").id()
+    }
+
+    /// kspan's peak and current resident set (read while it runs).
+    pub fn memory(&self) -> ProcMemory {
+        proc_memory(self.pid())
     }
 
     /// Panics (with kspan's stderr) if kspan has exited.

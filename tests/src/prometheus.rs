@@ -38,7 +38,24 @@ impl Sample {
 /// `GET http://127.0.0.1:{port}{path}` over HTTP/1.1 (`Connection: close`).
 /// Returns (status code, content type, body); de-chunks chunked bodies.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, String)> {
+    get(port, path).map(|r| (r.status, r.content_type, r.body))
+}
+
+/// What [`get`] read.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+    /// The client's port: its connection's identity on the server side (`client.port`).
+    pub local_port: u16,
+}
+
+/// Like [`http_get`], with the client's local port (the test process is not traced: its
+/// requests to a traced server make that server's spans only).
+pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let local_port = s.local_addr()?.port();
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     write!(
@@ -56,7 +73,7 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, String)>
     let mut body = raw[split + 4..].to_vec();
     let mut lines = head.lines();
     let status_line = lines.next().unwrap_or("");
-    let code: u16 = status_line
+    let status: u16 = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
@@ -76,11 +93,57 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, String)>
     if chunked {
         body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
     }
-    Ok((
-        code,
+    Ok(Response {
+        status,
         content_type,
-        String::from_utf8_lossy(&body).into_owned(),
-    ))
+        body: String::from_utf8_lossy(&body).into_owned(),
+        local_port,
+    })
+}
+
+/// kspan's own series (`service_name="kspan"`: its counters and gauges) on the endpoint at
+/// `port`, by name; None if the scrape failed.
+pub fn kspan_values(port: u16) -> Option<BTreeMap<String, f64>> {
+    let (status, _, body) = http_get(port, "/metrics").ok()?;
+    (status == 200).then_some(())?;
+    Some(
+        parse_text(&body)
+            .into_iter()
+            .filter(|s| s.label("service_name") == Some("kspan"))
+            .map(|s| (s.name, s.value))
+            .collect(),
+    )
+}
+
+/// One of kspan's own series (see [`kspan_values`]); None if the scrape failed or it is absent.
+pub fn kspan_value(port: u16, name: &str) -> Option<f64> {
+    kspan_values(port)?.remove(name)
+}
+
+/// Polls kspan's series every 200 ms until each of `expected` has its value; fails the test
+/// after `timeout`, naming `what` and the values seen. The kernel maps' gauges are counted
+/// every 5 s, so waits for them should allow for a census or two.
+pub fn wait_for_kspan_values(port: u16, what: &str, expected: &[(&str, f64)], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let values = kspan_values(port);
+        let got: Vec<(&str, Option<f64>)> = expected
+            .iter()
+            .map(|(name, _)| (*name, values.as_ref().and_then(|v| v.get(*name).copied())))
+            .collect();
+        if got
+            .iter()
+            .zip(expected)
+            .all(|((_, g), (_, e))| *g == Some(*e))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: expected {expected:?} within {timeout:?}, got {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {

@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kspan_e2e::otlp_receiver::*;
+use kspan_e2e::process_tree::ProcessTree;
 use kspan_e2e::prometheus;
 use kspan_e2e::*;
 use serde_json::Value;
@@ -189,85 +190,16 @@ fn kernel_maps_return_to_their_baseline() {
     let _env = preflight();
     let prom_port = free_port();
     let prom_arg = format!("127.0.0.1:{prom_port}");
-    // Waits for "go", starts 50 threads (alive until the end), forks 50 children that connect
-    // to its listener and sleep, prints their pids; on "kill" kills and reaps them.
-    let script = r#"
-import os, signal, socket, sys, threading
-sys.stdin.readline()
-listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(128)
-port = listener.getsockname()[1]
-done = threading.Event()
-threads = [threading.Thread(target=done.wait) for _ in range(50)]
-for t in threads: t.start()
-children = []
-for _ in range(50):
-    pid = os.fork()
-    if pid == 0:
-        s = socket.create_connection(("127.0.0.1", port))
-        signal.pause()
-    children.append(pid)
-print("children", flush=True)
-sys.stdin.readline()
-for pid in children: os.kill(pid, signal.SIGKILL)
-for pid in children: os.waitpid(pid, 0)
-print("killed", flush=True)
-sys.stdin.readline()
-done.set()
-"#;
-    let mut parent = std::process::Command::new(python())
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start python3");
-    let mut stdin = parent.stdin.take().unwrap();
-    let mut stdout = std::io::BufReader::new(parent.stdout.take().unwrap());
-    let parent_pid = parent.id().to_string();
+    let mut tree = ProcessTree::start(50, 50);
+    let parent_pid = tree.pid.to_string();
     let kspan = Kspan::start(&["--pid", &parent_pid, "--prometheus-address", &prom_arg]);
-    let mut say = |line: &str| {
-        use std::io::Write;
-        writeln!(stdin, "{line}").expect("write to the python parent");
-    };
-    let mut expect = |word: &str| {
-        use std::io::BufRead;
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the python parent");
-        assert_eq!(line.trim(), word, "python parent");
-    };
-    let fill = |name: &str| -> Option<f64> {
-        let (status, _, body) = prometheus::http_get(prom_port, "/metrics").ok()?;
-        (status == 200).then_some(())?;
-        prometheus::parse_text(&body)
-            .into_iter()
-            .find(|s| s.name == name && s.label("service_name") == Some("kspan"))
-            .map(|s| s.value)
-    };
     // The census counts every 5 s: wait for the levels to reach what is expected (or time out
     // and show what they were).
     let wait_for = |what: &str, expected: &[(&str, f64)]| {
-        let deadline = Instant::now() + scaled(20);
-        loop {
-            let got: Vec<(&str, Option<f64>)> = expected
-                .iter()
-                .map(|(name, _)| (*name, fill(name)))
-                .collect();
-            if got
-                .iter()
-                .zip(expected)
-                .all(|((_, g), (_, e))| *g == Some(*e))
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: expected {expected:?}, got {got:?}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+        prometheus::wait_for_kspan_values(prom_port, what, expected, scaled(20))
     };
 
-    say("go");
-    expect("children");
+    tree.fork();
     // 51 processes: the parent and its children; its 50 threads take no entry (they did, one
     // each, before task_newtask replaced sched_process_fork).
     wait_for(
@@ -277,8 +209,7 @@ done.set()
             ("kspan_kernel_connections", 50.0),
         ],
     );
-    say("kill");
-    expect("killed");
+    tree.kill_children();
     // Back to the parent alone: its pid entry and its one pre-filter slot (the children's slots
     // were never cleared before), and no socket left of the children (they never closed them).
     wait_for(
@@ -289,8 +220,7 @@ done.set()
             ("kspan_kernel_connections", 0.0),
         ],
     );
-    say("end");
-    let _ = parent.wait();
+    drop(tree);
     drop(kspan);
 }
 
