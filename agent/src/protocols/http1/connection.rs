@@ -48,8 +48,15 @@ impl Http1Connection {
                 started: Vec::new(),
                 responses_started: Vec::new(),
                 next_id: 0,
+                limits_hit: 0,
             },
         }
+    }
+
+    /// Header blocks dropped for a bound (capture, header buffer) since the last call; `feed`
+    /// returns the malformed ones.
+    pub fn take_limits_hit(&mut self) -> u64 {
+        std::mem::take(&mut self.shared.limits_hit)
     }
 
     /// Protocol detection on the first bytes of a connection, in either direction: a request
@@ -138,6 +145,7 @@ impl ProtocolParser for Http1Connection {
             &mut out.responses_started,
         );
         out.counts.parse_errors += Http1Connection::feed(self, chunk, &mut out.exchanges);
+        out.counts.limits_hit += self.take_limits_hit();
         std::mem::swap(&mut self.shared.started, &mut out.request_starts);
         std::mem::swap(
             &mut self.shared.responses_started,
@@ -195,6 +203,9 @@ struct Shared {
     /// Id of the next request: its number on the connection (placeholders included, so the
     /// numbers follow the wire).
     next_id: u64,
+    /// Header blocks dropped because they outgrew a bound (the capture, the header buffer)
+    /// since the last chunk: limits hit, not malformed bytes.
+    limits_hit: u64,
 }
 
 impl Shared {
@@ -452,13 +463,15 @@ impl HalfStream {
         let cap = data.len() as u64;
         if *pos >= cap {
             // Uncaptured bytes inside a header block.
-            return 1 + self.drop_message(sh, direction, &h);
+            sh.limits_hit += 1;
+            return self.drop_message(sh, direction, &h);
         }
         let avail = &data[*pos as usize..];
         let end = h.scan.find(avail);
         let take = end.unwrap_or(avail.len());
         if self.buf.len() + take > MAX_HEADER_BYTES {
-            return 1 + self.drop_message(sh, direction, &h);
+            sh.limits_hit += 1;
+            return self.drop_message(sh, direction, &h);
         }
         *pos += take as u64;
         // A header block entirely in this syscall is read in place; otherwise it is buffered.
@@ -475,7 +488,8 @@ impl HalfStream {
             self.state = State::Header(h);
             if *pos == cap && cap < total {
                 // The header block goes on in uncaptured bytes.
-                return 1 + self.drop_message(sh, direction, &h);
+                sh.limits_hit += 1;
+                return self.drop_message(sh, direction, &h);
             }
             return 0;
         }

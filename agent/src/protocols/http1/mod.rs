@@ -5,8 +5,9 @@
 //! - Each direction is a half-stream with its own state: `Idle` (a start line is expected),
 //!   `Header` (the header block is buffered, at most 16 KiB, until its empty line; then parsed
 //!   with httparse), `Body` (skipped without buffering: Content-Length, chunked, until close, or
-//!   lost sync after uncaptured chunked framing) and `Garbage` (after a parse error, skipping
-//!   until a syscall starts with a start line).
+//!   lost sync after uncaptured chunked framing) and `Garbage` (after a parse error, or a header
+//!   block dropped for outgrowing the buffer or the capture — a limit hit, counted apart —,
+//!   skipping until a syscall starts with a start line).
 //! - Requests are queued (FIFO, at most 64) when their header block is parsed; each final
 //!   response pops the oldest, so pipelined and keep-alive exchanges pair in order. Interim 1xx
 //!   responses pop nothing; 101 (and 2xx to CONNECT) stops parsing on the connection.

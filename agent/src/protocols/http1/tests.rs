@@ -78,7 +78,8 @@ impl Harness {
                 Direction::Egress => TX_TID,
             },
         };
-        self.conn.feed(&chunk, &mut self.out)
+        // Messages dropped, malformed or past a bound alike.
+        self.conn.feed(&chunk, &mut self.out) + self.conn.take_limits_hit()
     }
 
     /// The process reads `data`.
@@ -1535,4 +1536,32 @@ fn a_partial_header_block_is_reported_with_its_memory() {
         h.conn.memory_bytes() + half.len() <= kept,
         "the header buffer is given back"
     );
+}
+
+/// A header block past the 16 KiB buffer or cut by the capture is a bound hit, not a parse
+/// error: the pipeline's counters tell malformed traffic from big headers.
+#[test]
+fn header_blocks_past_a_bound_count_as_limits() {
+    use crate::protocols::{ParserOutput, ProtocolParser};
+    let mut conn = Http1Connection::new();
+    let mut out = ParserOutput::default();
+    let mut feed = |data: &[u8], full_len: u64| {
+        let chunk = Chunk {
+            direction: Direction::Ingress,
+            data,
+            tail: &[],
+            full_len,
+            start_ns: 1,
+            end_ns: 2,
+            tid: RX_TID,
+        };
+        ProtocolParser::feed(&mut conn, &chunk, &mut out);
+    };
+    let mut big = b"GET /big HTTP/1.1\r\nX-Pad: ".to_vec();
+    big.resize(20_000, b'a');
+    for piece in big.chunks(4096) {
+        feed(piece, piece.len() as u64);
+    }
+    feed(b"GET /cut HTTP/1.1\r\nX-Long: aaaa", 9000);
+    assert_eq!((out.counts.limits_hit, out.counts.parse_errors), (2, 0));
 }
