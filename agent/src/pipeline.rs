@@ -1125,22 +1125,7 @@ mod tests {
 
     /// An event on a socket of this process the pipeline never saw open.
     fn data_on_unknown(p: &mut Pipeline<FakeKernel, Vec<Span>>, fd: i32, data: &[u8]) {
-        let pid = std::process::id();
-        p.handle_event(Event::Data {
-            header: EventHeader {
-                kind: EventKind::Data as u32,
-                pid,
-                tid: pid,
-                fd,
-                conn_id: 9,
-                full_len: data.len() as u64,
-                copied_len: data.len() as u32,
-                ..Default::default()
-            },
-            direction: Direction::Egress,
-            data,
-            tail: &[],
-        });
+        data_event(p, fd, 9, 0, Direction::Egress, data);
     }
 
     /// Sockets whose connect or accept the agent never saw (opened before it started, or
@@ -1353,6 +1338,18 @@ mod tests {
         direction: Direction,
         data: &[u8],
     ) {
+        data_event(p, fd, fd as u64, t_ns, direction, data);
+    }
+
+    /// A data event of this process on `fd` (socket `conn_id`).
+    fn data_event(
+        p: &mut Pipeline<FakeKernel, Vec<Span>>,
+        fd: i32,
+        conn_id: u64,
+        t_ns: u64,
+        direction: Direction,
+        data: &[u8],
+    ) {
         let pid = std::process::id();
         p.handle_event(Event::Data {
             header: EventHeader {
@@ -1360,7 +1357,7 @@ mod tests {
                 pid,
                 tid: pid,
                 fd,
-                conn_id: fd as u64,
+                conn_id,
                 start_ns: t_ns,
                 end_ns: t_ns + 10,
                 full_len: data.len() as u64,

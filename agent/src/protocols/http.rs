@@ -27,33 +27,6 @@ pub struct HttpRequest {
     pub body_len: u64,
 }
 
-impl HttpRequest {
-    /// Heap bytes its strings hold beyond the struct (short strings are inline), for the
-    /// agent's memory budget.
-    pub fn heap_bytes(&self) -> usize {
-        let heap = |s: &CompactString| {
-            if s.is_heap_allocated() {
-                s.capacity()
-            } else {
-                0
-            }
-        };
-        let optional = |s: &Option<CompactString>| s.as_ref().map_or(0, heap);
-        heap(&self.method)
-            + heap(&self.target)
-            + optional(&self.scheme)
-            + optional(&self.host)
-            + optional(&self.user_agent)
-            + self
-                .context_headers
-                .iter()
-                .map(|(name, value)| {
-                    std::mem::size_of::<(String, String)>() + name.capacity() + value.capacity()
-                })
-                .sum::<usize>()
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpResponse {
     /// 0 when unknown (see `fields_lost`).

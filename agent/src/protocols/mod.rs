@@ -127,6 +127,10 @@ pub enum Payload {
     Kafka(kafka::KafkaPayload),
 }
 
+/// Heap bytes a request in flight is taken to hold in strings (path, host, context headers) by
+/// [`ProtocolParser::memory_bytes`]: estimated, not walked, since it runs after every chunk.
+pub const REQUEST_STRINGS: usize = 256;
+
 /// Counts a parser reports besides its messages (added to the agent's stats).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ParserCounts {

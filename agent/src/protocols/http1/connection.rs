@@ -10,8 +10,8 @@ use super::message::{
 };
 use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse};
 use crate::protocols::{
-    Chunk, Direction, Exchange, ExchangeError, ParserOutput, Payload, ProtocolParser, RequestStart,
-    Role,
+    Chunk, Direction, Exchange, ExchangeError, ParserOutput, Payload, ProtocolParser,
+    REQUEST_STRINGS, RequestStart, Role,
 };
 
 /// Most header bytes buffered per message (start line and terminating empty line included).
@@ -162,17 +162,16 @@ impl ProtocolParser for Http1Connection {
     }
 
     fn memory_bytes(&self) -> usize {
-        let request = |p: &PendingRequest| p.request.as_ref().map_or(0, HttpRequest::heap_bytes);
         let sh = &self.shared;
-        let mut bytes = sh.pending.capacity() * std::mem::size_of::<PendingRequest>()
-            + sh.pending.iter().map(request).sum::<usize>();
-        for half in [&self.ingress, &self.egress] {
-            bytes += half.buf.capacity();
-            if let Some(in_flight) = &half.response {
-                bytes += std::mem::size_of::<InFlight>() + request(&in_flight.request);
-            }
-        }
-        bytes
+        let responses = [&self.ingress, &self.egress]
+            .iter()
+            .filter(|h| h.response.is_some())
+            .count();
+        self.ingress.buf.capacity()
+            + self.egress.buf.capacity()
+            + sh.pending.capacity() * std::mem::size_of::<PendingRequest>()
+            + responses * std::mem::size_of::<InFlight>()
+            + (sh.pending.len() + responses) * REQUEST_STRINGS
     }
 
     fn holds_partial(&self) -> bool {

@@ -10,8 +10,8 @@ use super::frame::{
 use super::hpack::{self, Field};
 use crate::protocols::http::{HttpPayload, HttpRequest, HttpResponse, limited_string};
 use crate::protocols::{
-    Chunk, Direction, Exchange, ExchangeError, ParserOutput, Payload, ProtocolParser, RequestStart,
-    Role,
+    Chunk, Direction, Exchange, ExchangeError, ParserOutput, Payload, ProtocolParser,
+    REQUEST_STRINGS, RequestStart, Role,
 };
 
 /// Most streams followed at once per connection.
@@ -108,15 +108,12 @@ impl ProtocolParser for Http2Connection {
     }
 
     fn memory_bytes(&self) -> usize {
-        // A stream's strings (path, authority, context headers) are estimated, not walked:
-        // this runs after every chunk, and a connection may have 256 streams open.
-        const STREAM_STRINGS: usize = 256;
         let sh = &self.shared;
         self.ingress.memory_bytes()
             + self.egress.memory_bytes()
             + sh.streams.ids.capacity() * std::mem::size_of::<u32>()
             + sh.streams.list.capacity() * std::mem::size_of::<Stream>()
-            + sh.streams.list.len() * STREAM_STRINGS
+            + sh.streams.list.len() * REQUEST_STRINGS
             + sh.early.capacity() * std::mem::size_of::<EarlyResponse>()
     }
 

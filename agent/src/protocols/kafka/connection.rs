@@ -16,7 +16,7 @@ use super::wire::{Reader, Stop};
 use crate::protocols::http::{MAX_STRING, limited_string};
 use crate::protocols::{
     Chunk, Direction, Exchange, ExchangeError, ParserContext, ParserCounts, ParserOutput, Payload,
-    ProtocolParser, RequestStart, Role, SharedState,
+    ProtocolParser, REQUEST_STRINGS, RequestStart, Role, SharedState,
 };
 
 /// Most bytes of a frame's body kept for decoding (its first ones); the rest is skipped by
@@ -186,16 +186,11 @@ impl ProtocolParser for KafkaParser {
     }
 
     fn memory_bytes(&self) -> usize {
-        // A pending exchange's strings (topics, client id) are estimated, not walked.
-        const PENDING_STRINGS: usize = 256;
-        let pending = self
-            .in_flight
-            .iter()
-            .filter(|r| r.exchange.is_some())
-            .count();
+        // Every request in flight is taken to build an exchange (an upper bound: a count, not
+        // a walk of the queue after every chunk).
         self.halves.iter().map(|h| h.buf.capacity()).sum::<usize>()
             + self.in_flight.capacity() * std::mem::size_of::<InFlight>()
-            + pending * (std::mem::size_of::<Pending>() + PENDING_STRINGS)
+            + self.in_flight.len() * (std::mem::size_of::<Pending>() + REQUEST_STRINGS)
     }
 
     fn holds_partial(&self) -> bool {
