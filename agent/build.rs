@@ -76,13 +76,17 @@ fn main() -> Result<()> {
 }
 
 /// The workspace's target directory: OUT_DIR is `<target>/[<triple>/]<profile>/build/<pkg>/out`,
-/// and cargo marks `<target>` with a CACHEDIR.TAG. Falls back to OUT_DIR itself (a build per
-/// profile, as before) if the layout is not the expected one.
+/// and cargo marks `<target>` with a CACHEDIR.TAG (and `<triple>` too, so the outermost one
+/// within those five levels: a `--target` build such as the fuzz targets' shares the object).
+/// Falls back to OUT_DIR itself (a build per profile, as before) if the layout is not the
+/// expected one.
 fn shared_target_dir(out_dir: &Path) -> PathBuf {
     out_dir
         .ancestors()
         .skip(1)
-        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .take(5)
+        .filter(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .last()
         .unwrap_or(out_dir)
         .to_path_buf()
 }

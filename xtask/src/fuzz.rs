@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz`: builds the cargo-fuzz targets of agent/fuzz (nightly, libFuzzer, address
-//! sanitizer, debug assertions) and runs each for a while, one after the other.
+//! sanitizer, debug assertions) and runs each for a while, one after the other. `cargo xtask test`
+//! runs each briefly from an unoptimized build ([`Build::Dev`]).
 //!
 //! Each target starts from its committed seeds (agent/fuzz/corpus/<target>, read only) and grows
 //! a working corpus in <target dir>/fuzz/corpus/<target> that is kept between runs but not
@@ -16,6 +17,19 @@ use anyhow::{Context, Result, bail};
 
 use crate::{command, display, run_cmd, setup};
 
+/// How the targets are compiled. Both have the address sanitizer, debug assertions and overflow
+/// checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// Optimized (`cargo fuzz build -a`): 7.5 min to build from nothing here, then thousands of
+    /// executions per second; for the long runs.
+    Release,
+    /// Unoptimized (`cargo fuzz build --dev`): 1.5 min to build, a few hundred executions per
+    /// second; CI's brief run, which checks that every target builds and survives its seeds and
+    /// a few thousand mutations.
+    Dev,
+}
+
 pub struct Options {
     /// Seconds per target.
     pub time: u64,
@@ -23,6 +37,7 @@ pub struct Options {
     pub runs: Option<u64>,
     /// Targets to run; empty: all of them.
     pub targets: Vec<String>,
+    pub build: Build,
 }
 
 fn fuzz_dir() -> PathBuf {
@@ -47,16 +62,28 @@ fn all_targets() -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// `rustup run nightly cargo fuzz SUBCOMMAND -a ...` in agent/fuzz; `-a`: debug assertions and
-/// overflow checks, so arithmetic that would wrap silently in the agent is a finding too. The
-/// build and every run pass the same flags, so the runs reuse the build.
-fn cargo_fuzz(subcommand: &str) -> Command {
+/// `rustup run nightly cargo fuzz SUBCOMMAND -a|--dev ...` in agent/fuzz; `-a`: debug
+/// assertions and overflow checks (on by default in `--dev`), so arithmetic that would wrap
+/// silently in the agent is a finding too. The build and every run pass the same flags, so the
+/// runs reuse the build.
+fn cargo_fuzz(subcommand: &str, build: Build) -> Command {
     let mut cmd = command("rustup");
-    cmd.args(["run", "nightly", "cargo", "fuzz", subcommand, "-a"])
+    cmd.args(["run", "nightly", "cargo", "fuzz", subcommand])
+        .arg(match build {
+            Build::Release => "-a",
+            Build::Dev => "--dev",
+        })
         .current_dir(fuzz_dir())
-        // A relative CARGO_TARGET_DIR would be taken from agent/fuzz: pass ours, absolute.
+        // A relative CARGO_TARGET_DIR would be taken from agent/fuzz: pass ours, absolute. The
+        // targets land in <target>/<triple>/, beside the workspace's own builds, and share its
+        // eBPF object (agent/build.rs).
         .env("CARGO_TARGET_DIR", crate::target_dir());
     cmd
+}
+
+/// The command that builds the targets, for `cargo xtask test` to start in the background.
+pub fn build_command(build: Build) -> Command {
+    cargo_fuzz("build", build)
 }
 
 /// One target's run: what libFuzzer's final stats say.
@@ -85,7 +112,7 @@ pub fn fuzz(options: &Options) -> Result<()> {
     };
 
     let build_start = Instant::now();
-    run_cmd(&mut cargo_fuzz("build"))?;
+    run_cmd(&mut build_command(options.build))?;
     println!(
         "fuzz targets built in {:.0} s",
         build_start.elapsed().as_secs_f64()
@@ -93,7 +120,7 @@ pub fn fuzz(options: &Options) -> Result<()> {
 
     let mut outcomes = Vec::new();
     for target in &targets {
-        outcomes.push(run_target(target, options.time, options.runs)?);
+        outcomes.push(run_target(target, options)?);
     }
 
     match options.runs {
@@ -119,8 +146,13 @@ pub fn fuzz(options: &Options) -> Result<()> {
         match &o.crash {
             Some(path) => println!(
                 "{}: reproducer {path}; replay it with `cd agent/fuzz && rustup run nightly \
-                 cargo fuzz run -a {} {path}`",
-                o.target, o.target
+                 cargo fuzz run {} {} {path}`",
+                o.target,
+                match options.build {
+                    Build::Release => "-a",
+                    Build::Dev => "--dev",
+                },
+                o.target
             ),
             None => println!(
                 "{}: failed without a reproducer (see its log in {})",
@@ -146,7 +178,7 @@ fn log_path(target: &str) -> PathBuf {
         .join(format!("{target}.log"))
 }
 
-fn run_target(target: &str, secs: u64, runs: Option<u64>) -> Result<Outcome> {
+fn run_target(target: &str, options: &Options) -> Result<Outcome> {
     let work = crate::target_dir().join("fuzz").join("corpus").join(target);
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let seeds = fuzz_dir().join("corpus").join(target);
@@ -154,11 +186,11 @@ fn run_target(target: &str, secs: u64, runs: Option<u64>) -> Result<Outcome> {
     let mut log_file =
         std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
 
-    let mut cmd = cargo_fuzz("run");
+    let mut cmd = cargo_fuzz("run", options.build);
     // libFuzzer writes new inputs to the first corpus directory only: the seeds stay as committed.
-    let limit = match runs {
+    let limit = match options.runs {
         Some(runs) => format!("-runs={runs}"),
-        None => format!("-max_total_time={secs}"),
+        None => format!("-max_total_time={}", options.time),
     };
     cmd.arg(target).arg(&work).arg(&seeds).args([
         "--".to_string(),

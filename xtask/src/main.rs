@@ -79,6 +79,10 @@ enum Task {
         #[arg(long, value_name = "N")]
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         runs: Option<u64>,
+        /// Build unoptimized: 1.5 min instead of 7.5, but ~30 times fewer executions per
+        /// second (what `cargo xtask test` runs, 5 s per target).
+        #[arg(long)]
+        dev: bool,
         /// Targets to run (default: all of them).
         #[arg(value_name = "TARGET")]
         targets: Vec<String>,
@@ -136,11 +140,17 @@ fn run_task(task: Task) -> Result<()> {
         Task::Fuzz {
             time,
             runs,
+            dev,
             targets,
         } => fuzz::fuzz(&fuzz::Options {
             time,
             runs,
             targets,
+            build: if dev {
+                fuzz::Build::Dev
+            } else {
+                fuzz::Build::Release
+            },
         }),
         Task::Vmtest {
             kernels,
@@ -188,10 +198,17 @@ const HOST_ONLY_E2E: &str = "tests/hostile.rs";
 /// Guests booted at once by `cargo xtask test`: the CI machine has two cores.
 const MATRIX_JOBS: usize = 2;
 
+/// `cargo xtask test`'s fuzzing: each target this long, from the quick-to-build unoptimized build.
+const FUZZ_SECONDS: u64 = 5;
+const FUZZ_BUILD: fuzz::Build = fuzz::Build::Dev;
+
 fn test() -> Result<()> {
     let mut steps = Steps::default();
     let result = (|| {
-        steps.run("setup", || setup::setup_with(vmtest::PACKAGES))?;
+        steps.run("setup", || {
+            setup::setup_with(vmtest::PACKAGES)?;
+            setup::cargo_fuzz()
+        })?;
         steps.run("build (release)", || build(false))?;
         // The unit tests and the end-to-end tests select the same packages (the workspace), so
         // cargo resolves the dependencies' features once and the e2e step builds only its own
@@ -221,10 +238,11 @@ fn test() -> Result<()> {
             binaries.retain(|b| !b.source.ends_with(HOST_ONLY_E2E));
             Ok(())
         })?;
-        // `cargo xtask lint`'s clippy, started now at the lowest priority: it runs on the cores
-        // the guests leave idle (a guest waiting on a timer or a kernel grace period sleeps in
-        // real time, see vmtest's QEMU_FLAGS), and the lint step finds its work done.
-        let warmup = clippy_warmup();
+        // `cargo xtask lint`'s clippy and the fuzz targets' build, started now at the lowest
+        // priority: they run on the cores the guests leave idle (a guest waiting on a timer or a
+        // kernel grace period sleeps in real time, see vmtest's QEMU_FLAGS), and the lint and
+        // fuzz steps find their builds done.
+        let warmups = start_warmups();
         // Two guests at once, one per core (each guest is one emulation thread); every kernel
         // runs, one failing does not hide the others' results.
         let matrix = steps.run("e2e on the kernel matrix", || {
@@ -238,13 +256,28 @@ fn test() -> Result<()> {
             };
             vmtest::run_matrix(&kernels, &command, MATRIX_JOBS)
         });
-        if let Some(child) = warmup {
-            // Not a check of its own (the lint step reports clippy's findings): only the wait.
-            let _ = steps.run("clippy warm-up (waiting)", || finish_clippy_warmup(child));
-        }
+        // Not a check of its own (the lint and fuzz steps report the builds' findings).
+        let _ = steps.run("warm-ups (waiting)", || {
+            warmups
+                .join()
+                .map_err(|_| anyhow::anyhow!("the warm-up thread panicked"))
+        });
+        // Every fuzz target briefly, from its seeds: they build, and survive a few thousand
+        // mutations each. `cargo xtask fuzz` runs them for longer, optimized.
+        let fuzzing = steps.run(
+            &format!("fuzz ({FUZZ_SECONDS} s per target, unoptimized)"),
+            || {
+                fuzz::fuzz(&fuzz::Options {
+                    time: FUZZ_SECONDS,
+                    runs: None,
+                    targets: Vec::new(),
+                    build: FUZZ_BUILD,
+                })
+            },
+        );
         // The criterion benchmarks are run by `cargo xtask bench`; `cargo xtask lint` (clippy
         // on all targets) checks that they compile, without building them a third time here.
-        matrix
+        matrix.and(fuzzing)
     })();
     steps.print_summary();
     result
@@ -276,46 +309,61 @@ const CLIPPY: &[&str] = &[
     "warnings",
 ];
 
-fn clippy_warmup_log() -> PathBuf {
-    target_dir().join("clippy-warmup.log")
+/// Start the builds that `test`'s last steps need, one after the other in a background thread,
+/// each under `nice -n 19` with its output in a log file: [`CLIPPY`] (a cache warm-up for `cargo
+/// xtask lint`, whatever its result) and the fuzz targets' unoptimized build. The fuzz step
+/// builds again in the foreground, so a failure here is reported there.
+fn start_warmups() -> std::thread::JoinHandle<()> {
+    let mut clippy = command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    clippy.args(CLIPPY);
+    let warmups = [
+        (
+            "clippy (for `cargo xtask lint`)",
+            clippy,
+            "clippy-warmup.log",
+        ),
+        (
+            "the fuzz targets (for the fuzz step)",
+            fuzz::build_command(FUZZ_BUILD),
+            "fuzz-warmup.log",
+        ),
+    ];
+    std::thread::spawn(move || {
+        for (what, cmd, log) in warmups {
+            let log = target_dir().join(log);
+            match run_niced(&cmd, &log) {
+                Ok(status) => println!("warm-up of {what}: {status} (output in {})", log.display()),
+                Err(err) => println!("warm-up of {what} did not run: {err:#}"),
+            }
+        }
+    })
 }
 
-/// Start [`CLIPPY`] in the background under `nice -n 19`, its output in a log file: a cache
-/// warm-up for `cargo xtask lint`, whatever its result. None if it could not start.
-fn clippy_warmup() -> Option<std::process::Child> {
-    let log = clippy_warmup_log();
-    let file = std::fs::File::create(&log).ok()?;
-    let mut cmd = command("nice");
-    cmd.args(["-n", "19"])
-        .arg(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(CLIPPY)
+/// Run CMD under `nice -n 19`, stdout and stderr into LOG.
+fn run_niced(cmd: &Command, log: &Path) -> Result<std::process::ExitStatus> {
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut niced = command("nice");
+    niced
+        .args(["-n", "19"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
         .stdin(Stdio::null())
-        .stdout(file.try_clone().ok()?)
+        .stdout(file.try_clone()?)
         .stderr(file);
-    let shown = display(&cmd);
-    match cmd.spawn() {
-        Ok(child) => {
-            println!(
-                "$ {shown} (in the background for `cargo xtask lint`, output in {})",
-                log.display()
-            );
-            Some(child)
-        }
-        Err(err) => {
-            println!("cannot start `{shown}` ({err}); `cargo xtask lint` will do it all");
-            None
-        }
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => niced.env(key, value),
+            None => niced.env_remove(key),
+        };
     }
-}
-
-/// Wait for the warm-up; its failures are the lint step's to report.
-fn finish_clippy_warmup(mut child: std::process::Child) -> Result<()> {
-    let status = child.wait().context("cannot wait for the clippy warm-up")?;
-    println!(
-        "clippy warm-up: {status} (output in {})",
-        clippy_warmup_log().display()
-    );
-    Ok(())
+    if let Some(dir) = cmd.get_current_dir() {
+        niced.current_dir(dir);
+    }
+    println!("$ {} (in the background)", display(&niced));
+    niced
+        .status()
+        .with_context(|| format!("cannot run {}", display(&niced)))
 }
 
 fn run(args: &[OsString]) -> Result<()> {
