@@ -1,5 +1,6 @@
 //! Discovery: which processes are traced, and what each traced process is (its resource).
 
+pub mod container;
 pub mod procfs_scan;
 pub mod selectors;
 pub mod socket_tables;
