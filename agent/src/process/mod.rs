@@ -2,6 +2,7 @@
 
 pub mod container;
 pub mod procfs_scan;
+pub mod resource;
 pub mod selectors;
 pub mod socket_tables;
 
@@ -16,7 +17,7 @@ use std::{
 
 pub use selectors::Selectors;
 
-use crate::spans::{AttributeValue, Resource};
+use crate::spans::Resource;
 
 /// How many ancestors to walk when deciding whether a process descends from a `--pid`.
 const MAX_ANCESTRY: usize = 64;
@@ -87,7 +88,7 @@ impl Processes {
     pub fn new(selectors: Selectors) -> Self {
         Processes {
             selectors,
-            host_name: host_name(),
+            host_name: resource::host_name(),
             resources: FxHashMap::default(),
             traced: HashSet::new(),
             images: FxHashMap::default(),
@@ -233,57 +234,21 @@ impl Processes {
         if let Some(resource) = self.resources.get(&pid) {
             return resource.clone();
         }
-        let resource = Arc::new(read_resource(pid, &self.host_name, self.images.get(&pid)));
+        let resource = Arc::new(resource::read_resource(
+            pid,
+            &self.host_name,
+            self.images.get(&pid),
+            None,
+        ));
         self.resources.insert(pid, resource.clone());
         resource
     }
 }
 
-/// procfs first (the resolved path of the image running now), the exec event when the process
-/// is gone.
-fn read_resource(pid: u32, host_name: &str, exec: Option<&ExecImage>) -> Resource {
-    let exe = procfs_scan::exe_path(pid).or_else(|| exec.and_then(ExecImage::full_path));
-    let exe_name = exe
-        .as_deref()
-        .map(procfs_scan::file_name)
-        .or_else(|| procfs_scan::command_name(pid))
-        .or_else(|| exec.map(ExecImage::name));
-    let service_name = procfs_scan::environment_variable(pid, "OTEL_SERVICE_NAME")
-        .filter(|name| !name.is_empty())
-        .or_else(|| exe_name.clone())
-        // The process is gone before we could look at it.
-        .unwrap_or_else(|| "unknown_service".to_string());
-    let mut attributes = vec![
-        ("service.name", AttributeValue::Str(service_name.into())),
-        ("process.pid", AttributeValue::Int(pid as i64)),
-    ];
-    if let Some(name) = exe_name {
-        attributes.push(("process.executable.name", AttributeValue::Str(name.into())));
-    }
-    if let Some(path) = exe {
-        attributes.push((
-            "process.executable.path",
-            AttributeValue::Str(path.to_string_lossy().into()),
-        ));
-    }
-    attributes.push(("host.name", AttributeValue::Str(host_name.into())));
-    attributes.push(("telemetry.distro.name", AttributeValue::Str("kspan".into())));
-    attributes.push((
-        "telemetry.distro.version",
-        AttributeValue::Str(env!("CARGO_PKG_VERSION").into()),
-    ));
-    Resource { attributes }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spans::AttributeValue;
 
     #[test]
     fn resource_of_this_process_names_its_executable() {

@@ -23,6 +23,18 @@ pub fn environment_variable(pid: u32, name: &str) -> Option<String> {
         .map(|v| v.to_string_lossy().into_owned())
 }
 
+/// Values of several environment variables of the process, as it was at exec, from one read
+/// of its environment: `let [a, b] = environment_variables(pid, ["A", "B"]);`.
+pub fn environment_variables<const N: usize>(pid: u32, names: [&str; N]) -> [Option<String>; N] {
+    let environ = Process::new(pid as i32).ok().and_then(|p| p.environ().ok());
+    names.map(|name| {
+        environ
+            .as_ref()?
+            .get(std::ffi::OsStr::new(name))
+            .map(|v| v.to_string_lossy().into_owned())
+    })
+}
+
 pub fn parent_pid(pid: u32) -> Option<u32> {
     let ppid = Process::new(pid as i32).ok()?.stat().ok()?.ppid;
     u32::try_from(ppid).ok()
