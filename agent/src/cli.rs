@@ -1,6 +1,7 @@
 //! Command line and the top-level run loop.
 
 use std::{
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,6 +17,7 @@ use kspan_common::{DEFAULT_CAPTURE, EVENT_HEADER_LEN, MAX_CAPTURE, MAX_CONNECTIO
 
 use crate::{
     clock::Clock,
+    config::ConfigFile,
     export::{
         self, SpanExporter,
         json::JsonExporter,
@@ -27,7 +29,7 @@ use crate::{
     metrics::MetricsHub,
     pipeline::{ChannelSink, Finished, Limits, Pipeline, SPAN_BATCH},
     probes::{KernelCounters, ProbeOptions, Probes},
-    process::{Processes, Selectors},
+    process::{Discovery, Processes, Rule},
     stats::Stats,
     tracecontext::Sampler,
 };
@@ -44,7 +46,8 @@ const DRAIN_SLICE: usize = 4096;
 /// How often the kernel's drop counters are mirrored into the agent's stats.
 const KERNEL_COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Output {
     /// One readable line per span.
     Text,
@@ -59,7 +62,13 @@ pub enum Output {
 #[derive(Debug, Parser)]
 #[command(name = "kspan", version, about)]
 pub struct Args {
-    /// Trace this process (and the children it forks). Repeatable.
+    /// Settings and discovery rules from this YAML file (or the KSPAN_CONFIG variable); flags
+    /// win over it. SIGHUP rereads its discovery rules. See the README's configuration
+    /// reference.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Trace this process (and the children it forks). Repeatable. Selection flags replace the
+    /// config file's include rules.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Trace processes whose executable file name matches NAME (glob), or whose full path
@@ -91,22 +100,127 @@ pub struct Args {
     /// OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default: parentbased_always_on).
     #[arg(long, value_name = "RATIO")]
     pub sample_ratio: Option<f64>,
-    /// Bytes captured per syscall (1 to 16384). Enough for request and status lines and headers;
-    /// bodies are skipped by length without being copied.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CAPTURE)]
-    pub capture_bytes: u32,
-    /// Kernel ring buffer size in MiB (power of two).
-    #[arg(long, value_name = "MIB", default_value_t = 8)]
-    pub ring_mib: u32,
+    /// Bytes captured per syscall (1 to 16384; default 4096). Enough for request and status
+    /// lines and headers; bodies are skipped by length without being copied.
+    #[arg(long, value_name = "N")]
+    pub capture_bytes: Option<u32>,
+    /// Kernel ring buffer size in MiB (power of two; default 8).
+    #[arg(long, value_name = "MIB")]
+    pub ring_mib: Option<u32>,
     /// Memory the protocol parsers may hold in all, in MiB (partial messages, requests in
-    /// flight, HPACK tables). Past it the connections with the oldest partial messages lose
-    /// their parser state (counted as parser_evictions_budget).
-    #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub parser_memory: u32,
+    /// flight, HPACK tables; default 32). Past it the connections with the oldest partial
+    /// messages lose their parser state (counted as parser_evictions_budget).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub parser_memory: Option<u32>,
     /// Seconds a message may stay incomplete (headers trickled in, slowloris) before its
-    /// connection's parser state is dropped (counted as parser_evictions_timeout).
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    pub partial_timeout: u64,
+    /// connection's parser state is dropped (counted as parser_evictions_timeout; default 30).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub partial_timeout: Option<u64>,
+}
+
+/// What the flags, the config file and the defaults say together: flags first, then the file.
+/// (The OpenTelemetry environment variables come after both, where they apply.)
+pub struct Settings {
+    /// Reread on SIGHUP.
+    config_path: Option<PathBuf>,
+    /// The `--pid`, `--exe` and `--port` rules, kept for the rereads.
+    flag_rules: Vec<Rule>,
+    pub discovery: Discovery,
+    pub output: Option<Output>,
+    pub otlp: OtlpSettings,
+    pub prometheus_address: Option<std::net::SocketAddr>,
+    pub sample_ratio: Option<f64>,
+    pub capture_bytes: u32,
+    pub ring_mib: u32,
+    pub parser_memory_mib: u32,
+    pub partial_timeout: Duration,
+}
+
+impl Settings {
+    pub fn resolve(args: Args) -> Result<Settings> {
+        let config_path = args.config.clone().or_else(|| {
+            std::env::var_os("KSPAN_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let config = match &config_path {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let mut flag_rules: Vec<Rule> = args.pids.iter().map(|&pid| Rule::pid(pid)).collect();
+        for exe in &args.exes {
+            flag_rules.push(Rule::exe(exe)?);
+        }
+        flag_rules.extend(args.ports.iter().map(|&port| Rule::port(port)));
+        let discovery = Discovery::from_config(&config.discovery, flag_rules.clone());
+
+        let capture_bytes = args
+            .capture_bytes
+            .or(config.capture.bytes.map(|v| v.0))
+            .unwrap_or(DEFAULT_CAPTURE);
+        if capture_bytes == 0 || capture_bytes as usize > MAX_CAPTURE {
+            bail!("--capture-bytes must be between 1 and {MAX_CAPTURE}");
+        }
+        let ring_mib = args
+            .ring_mib
+            .or(config.capture.ring_mib.map(|v| v.0))
+            .unwrap_or(8);
+        if !ring_mib.is_power_of_two() || ring_mib > 1024 {
+            bail!("--ring-mib must be a power of two up to 1024");
+        }
+        let sample_ratio = args.sample_ratio.or(config.sampling.ratio.map(|v| v.0));
+        if let Some(ratio) = args.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            bail!("--sample-ratio must be between 0 and 1, got {ratio}");
+        }
+        // Loopback unless asked: the metrics describe the host's traffic.
+        let prometheus_address = args
+            .prometheus_address
+            .or_else(|| {
+                args.prometheus_port
+                    .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            })
+            .or(config.prometheus.address);
+        Ok(Settings {
+            config_path,
+            flag_rules,
+            discovery,
+            output: args.output.or(config.output),
+            otlp: OtlpSettings {
+                endpoint_flag: args.otlp_endpoint.or(config.otlp.endpoint),
+                protocol_flag: args
+                    .otlp_protocol
+                    .or(config.otlp.protocol.map(|p| p.as_str().to_string())),
+            },
+            prometheus_address,
+            sample_ratio,
+            capture_bytes,
+            ring_mib,
+            parser_memory_mib: args
+                .parser_memory
+                .or(config.limits.parser_memory_mib.map(|v| v.0))
+                .unwrap_or(32),
+            partial_timeout: Duration::from_secs(
+                args.partial_timeout
+                    .or(config.limits.partial_timeout_secs.map(|v| v.0))
+                    .unwrap_or(30),
+            ),
+        })
+    }
+
+    /// SIGHUP: the config file's discovery rules as they are now (the flags' still replace its
+    /// include rules). Other settings need a restart.
+    fn reread_discovery(&self) -> Result<Option<Discovery>> {
+        let Some(path) = &self.config_path else {
+            return Ok(None);
+        };
+        let config = ConfigFile::load(path)?;
+        Ok(Some(Discovery::from_config(
+            &config.discovery,
+            self.flag_rules.clone(),
+        )))
+    }
 }
 
 /// `kspan [run] ARGS`: `run` is optional, the default command.
@@ -137,20 +251,16 @@ struct Exports {
 }
 
 impl Exports {
-    fn start(args: &Args, processes: &mut Processes, stats: &Arc<Stats>) -> Result<Self> {
-        let settings = OtlpSettings {
-            endpoint_flag: args.otlp_endpoint.clone(),
-            protocol_flag: args.otlp_protocol.clone(),
-        };
-        let traces = settings.target(Signal::Traces)?;
-        let metrics_target = settings.target(Signal::Metrics)?;
+    fn start(settings: &Settings, processes: &mut Processes, stats: &Arc<Stats>) -> Result<Self> {
+        let traces = settings.otlp.target(Signal::Traces)?;
+        let metrics_target = settings.otlp.target(Signal::Metrics)?;
         let default_output = if traces.is_some() {
             Output::None
         } else {
             Output::Text
         };
         let mut exporters: Vec<Box<dyn SpanExporter>> = Vec::new();
-        match args.output.unwrap_or(default_output) {
+        match settings.output.unwrap_or(default_output) {
             Output::Text => exporters.push(Box::new(TextExporter::new(std::io::stdout()))),
             Output::Json => exporters.push(Box::new(JsonExporter::new(std::io::stdout()))),
             Output::None => {}
@@ -159,11 +269,7 @@ impl Exports {
             log::info!("exporting traces over OTLP ({target:?})");
             exporters.push(Box::new(OtlpTraceExporter::start(target, stats.clone())?));
         }
-        // Loopback unless asked: the metrics describe the host's traffic.
-        let prometheus_address = args.prometheus_address.or_else(|| {
-            args.prometheus_port
-                .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        });
+        let prometheus_address = settings.prometheus_address;
         let metrics = if metrics_target.is_some() || prometheus_address.is_some() {
             let agent = processes.resource(std::process::id());
             Some(Arc::new(MetricsHub::new(&agent, stats.clone())))
@@ -255,33 +361,25 @@ impl Exports {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.capture_bytes == 0 || args.capture_bytes as usize > MAX_CAPTURE {
-        bail!("--capture-bytes must be between 1 and {MAX_CAPTURE}");
-    }
-    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
-        bail!("--ring-mib must be a power of two up to 1024");
-    }
-    if let Some(ratio) = args.sample_ratio
-        && !(0.0..=1.0).contains(&ratio)
-    {
-        bail!("--sample-ratio must be between 0 and 1, got {ratio}");
-    }
-    let selectors = Selectors::new(args.pids.clone(), &args.exes, args.ports.clone())?;
+    let settings = Settings::resolve(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())
             .context("cannot install signal handler")?;
     }
+    let reread = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reread.clone())
+        .context("cannot install signal handler")?;
 
     let stats = Arc::new(Stats::default());
-    let mut processes = Processes::new(selectors);
-    let exports = Exports::start(&args, &mut processes, &stats)?;
+    let mut processes = Processes::new(settings.discovery.clone());
+    let exports = Exports::start(&settings, &mut processes, &stats)?;
 
     let probes = Probes::load(&ProbeOptions {
-        trace_all: processes.selectors().trace_all(),
-        capture_bytes: args.capture_bytes,
-        ring_bytes: args.ring_mib * 1024 * 1024,
-        exe_names: processes.selectors().plain_exe_names(),
+        trace_all: processes.discovery().trace_all(),
+        capture_bytes: settings.capture_bytes,
+        ring_bytes: settings.ring_mib * 1024 * 1024,
+        exe_names: processes.discovery().plain_exe_names(),
     })?;
     let Probes {
         attached,
@@ -296,18 +394,18 @@ pub fn run(args: Args) -> Result<()> {
     let sampler = Sampler::from_env_and_flag(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
-        args.sample_ratio,
+        settings.sample_ratio,
     );
     log::debug!("sampler: {sampler:?}");
-    let description = processes.selectors().describe();
+    let description = processes.discovery().describe();
     let mut pipeline = Pipeline::new(
         maps,
         ChannelSink::new(sender, stats.clone()),
         processes,
         Limits {
             connections: MAX_CONNECTIONS as usize,
-            parser_memory: (args.parser_memory as usize) << 20,
-            partial_timeout: Duration::from_secs(args.partial_timeout),
+            parser_memory: (settings.parser_memory_mib as usize) << 20,
+            partial_timeout: settings.partial_timeout,
         },
         Clock::calibrate(),
         stats.clone(),
@@ -337,6 +435,9 @@ pub fn run(args: Args) -> Result<()> {
             drained += 1;
         }
         slice_full = drained == DRAIN_SLICE;
+        if reread.swap(false, Ordering::Relaxed) {
+            reread_discovery(&settings, &mut pipeline);
+        }
         pipeline.flush();
         mirror_link_counters(&stats, &pipeline.linker().counters);
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
@@ -365,7 +466,7 @@ pub fn run(args: Args) -> Result<()> {
         attached.detach();
         log::debug!("stop: programs detached after {:?}", stopping.elapsed());
     });
-    let queued_at_most = args.ring_mib as usize * 1024 * 1024 / (8 + EVENT_HEADER_LEN);
+    let queued_at_most = settings.ring_mib as usize * 1024 * 1024 / (8 + EVENT_HEADER_LEN);
     let mut drained = 0;
     while drained < queued_at_most
         && let Some(record) = ring.next()
@@ -401,6 +502,34 @@ pub fn run(args: Args) -> Result<()> {
 
     eprintln!("kspan: stopped: {}", stats.stop_line());
     Ok(())
+}
+
+/// SIGHUP: the config file's discovery rules again, every process judged by them. A file that
+/// does not read leaves the running rules in place.
+fn reread_discovery<K: crate::probes::KernelControl, S: crate::pipeline::SpanSink>(
+    settings: &Settings,
+    pipeline: &mut Pipeline<K, S>,
+) {
+    let discovery = match settings.reread_discovery() {
+        Ok(Some(discovery)) => discovery,
+        Ok(None) => {
+            log::info!("SIGHUP: no config file to reread (--config or KSPAN_CONFIG)");
+            return;
+        }
+        Err(error) => {
+            log::error!("SIGHUP: {error:#}; the running discovery rules stay");
+            return;
+        }
+    };
+    let description = discovery.describe();
+    match pipeline.reselect(discovery) {
+        Ok(change) => eprintln!(
+            "kspan: rules reread: tracing {description} ({} more processes, {} fewer)",
+            change.newly_selected.len(),
+            change.dropped
+        ),
+        Err(error) => log::error!("SIGHUP: {error:#}; the running discovery rules stay"),
+    }
 }
 
 fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {

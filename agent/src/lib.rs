@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod conntrack;
 pub mod export;
 #[doc(hidden)]

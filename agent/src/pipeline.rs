@@ -381,7 +381,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     /// once, from procfs, before events flow.
     /// Each process's fds are read once, each network namespace's TCP tables once.
     pub fn start(&mut self) {
-        let trace_all = self.processes.selectors().trace_all();
+        let trace_all = self.processes.discovery().trace_all();
         for pid in self.processes.initial_selection(&mut self.socket_tables) {
             if !trace_all {
                 self.kernel.trace_pid(pid);
@@ -394,6 +394,30 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.track_open_sockets(pid, false);
         }
         self.count_table_scans();
+    }
+
+    /// New discovery rules (SIGHUP): the processes they select are traced from now on, the
+    /// others are taken out of the kernel filter and their connections forgotten. Returns how
+    /// many processes changed each way.
+    pub fn reselect(
+        &mut self,
+        discovery: crate::process::Discovery,
+    ) -> anyhow::Result<crate::process::Reselection> {
+        let change = self
+            .processes
+            .reselect(discovery, &mut self.socket_tables)?;
+        let now = Clock::monotonic_now();
+        for &pid in &change.unselected {
+            self.kernel.untrace_pid(pid);
+            self.forget_process(pid, now);
+        }
+        for &pid in &change.newly_selected {
+            self.kernel.trace_pid(pid);
+            self.processes.resource(pid);
+            self.track_open_sockets(pid, true);
+        }
+        self.count_table_scans();
+        Ok(change)
     }
 
     /// Track the TCP connections `pid` has open. `refresh`: a socket the cached tables do not
@@ -517,7 +541,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 }
             }
             Event::Exec { header, comm, path } => {
-                match self.processes.on_exec(header.pid, &comm, path) {
+                match self
+                    .processes
+                    .on_exec(header.pid, &comm, path, &mut self.socket_tables)
+                {
                     ExecDecision::Trace => {
                         log::debug!("tracing pid {} (exec)", header.pid);
                         self.kernel.trace_pid(header.pid);
@@ -532,7 +559,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     ExecDecision::Unchanged => {
                         // Still traced (trace-all, or selected before): read the new image's
                         // resource while the process surely exists.
-                        if self.processes.selectors().trace_all()
+                        if self.processes.discovery().trace_all()
                             || self.processes.is_traced(header.pid)
                         {
                             self.processes.resource(header.pid);
@@ -956,17 +983,17 @@ mod tests {
     }
 
     fn pipeline_with_limits(limits: Limits) -> Pipeline<FakeKernel, Vec<Span>> {
-        pipeline_for(crate::process::Selectors::default(), limits)
+        pipeline_for(crate::process::Discovery::default(), limits)
     }
 
     fn pipeline_for(
-        selectors: crate::process::Selectors,
+        discovery: crate::process::Discovery,
         limits: Limits,
     ) -> Pipeline<FakeKernel, Vec<Span>> {
         Pipeline::new(
             FakeKernel::default(),
             Vec::new(),
-            Processes::new(selectors),
+            Processes::new(discovery),
             limits,
             Clock::with_offset(0),
             Arc::new(Stats::default()),
@@ -1201,9 +1228,11 @@ mod tests {
             clients.push(client);
         }
         // The children, selected as descendants of this process; the kernel is faked.
-        let selectors =
-            crate::process::Selectors::new(vec![std::process::id()], &[], vec![]).unwrap();
-        let mut p = pipeline_for(selectors, Limits::default());
+        let rules = crate::process::Discovery::new(
+            vec![crate::process::Rule::pid(std::process::id())],
+            vec![],
+        );
+        let mut p = pipeline_for(rules, Limits::default());
         // Wait (bounded) until every child has exec'd sleep: its fds are then the final ones.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while children
@@ -1242,8 +1271,8 @@ mod tests {
         use std::os::fd::AsRawFd;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let selectors = crate::process::Selectors::new(vec![], &[], vec![port]).unwrap();
-        let mut p = pipeline_for(selectors, Limits::default());
+        let rules = crate::process::Discovery::new(vec![crate::process::Rule::port(port)], vec![]);
+        let mut p = pipeline_for(rules, Limits::default());
         // Tables read (an unknown socket of this process), then a newer connection.
         let early = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         data_on_unknown(&mut p, early.as_raw_fd(), b"x");

@@ -609,16 +609,23 @@ fn hundred_concurrent_calls_on_one_channel() {
             run.dump()
         );
     }
+    // A call whose request the kernel skipped on the client side has no CLIENT span, so its
+    // SERVER span has no parent (it waited for one, counted in `links_late`): there can be as
+    // many of those as CLIENT spans are missing, and never more than runs were skipped.
+    let parentless = servers.iter().filter(|s| parent_id(s).is_none()).count();
+    assert!(
+        parentless <= N - all_clients.len() && parentless <= misses,
+        "{parentless} SERVER span(s) without a parent (their CLIENT span), with {} CLIENT spans \
+         missing and {misses} program runs skipped by the kernel\n{}",
+        N - all_clients.len(),
+        run.dump()
+    );
     let mut parents = BTreeSet::new();
     for srv in &servers {
         want.check_server(srv);
-        let parent = parent_id(srv).unwrap_or_else(|| {
-            panic!(
-                "SERVER span without a parent (its CLIENT span):\n{}\n\n{}",
-                pretty(srv),
-                run.dump()
-            )
-        });
+        let Some(parent) = parent_id(srv) else {
+            continue;
+        };
         let cli = client_by_id.get(parent).unwrap_or_else(|| {
             panic!(
                 "SERVER span whose parent {parent} is none of the client's CLIENT spans:\n{}\n\n{}",
@@ -636,7 +643,7 @@ fn hundred_concurrent_calls_on_one_channel() {
             run.dump()
         );
     }
-    assert_eq!(parents.len(), servers.len());
+    assert_eq!(parents.len(), servers.len() - parentless);
     assert_one_connection(&servers);
 }
 

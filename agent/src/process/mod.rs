@@ -1,9 +1,9 @@
 //! Discovery: which processes are traced, and what each traced process is (its resource).
 
 pub mod container;
+pub mod discovery;
 pub mod procfs_scan;
 pub mod resource;
-pub mod selectors;
 pub mod socket_tables;
 
 use rustc_hash::FxHashMap;
@@ -15,15 +15,15 @@ use std::{
     sync::Arc,
 };
 
-pub use selectors::Selectors;
+pub use discovery::{Discovery, Rule};
 
 use crate::spans::Resource;
 
-/// How many ancestors to walk when deciding whether a process descends from a `--pid`.
+/// How many ancestors to walk when deciding whether a process descends from a `pid` rule's.
 const MAX_ANCESTRY: usize = 64;
 
 pub struct Processes {
-    selectors: Selectors,
+    discovery: Discovery,
     host_name: String,
     resources: FxHashMap<u32, Arc<Resource>>,
     /// Pids userspace put in the kernel filter (unused when tracing all).
@@ -76,6 +76,18 @@ impl ExecImage {
     }
 }
 
+/// What new rules change.
+#[derive(Debug, Default)]
+pub struct Reselection {
+    /// Selected now, not before.
+    pub newly_selected: Vec<u32>,
+    /// Every process not selected now. A process traced through its parent (the kernel adds
+    /// children) is not known to userspace as traced: every one leaves the kernel filter.
+    pub unselected: Vec<u32>,
+    /// How many of those userspace had selected before.
+    pub dropped: usize,
+}
+
 /// What an exec changes for the process that ran it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExecDecision {
@@ -85,9 +97,9 @@ pub enum ExecDecision {
 }
 
 impl Processes {
-    pub fn new(selectors: Selectors) -> Self {
+    pub fn new(discovery: Discovery) -> Self {
         Processes {
-            selectors,
+            discovery,
             host_name: resource::host_name(),
             resources: FxHashMap::default(),
             traced: HashSet::new(),
@@ -95,100 +107,127 @@ impl Processes {
         }
     }
 
-    pub fn selectors(&self) -> &Selectors {
-        &self.selectors
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
     }
 
-    /// Whether userspace put `pid` in the kernel's pid filter (selectors given).
+    /// Whether userspace put `pid` in the kernel's pid filter (rules given).
     pub fn is_traced(&self, pid: u32) -> bool {
         self.traced.contains(&pid)
     }
 
-    /// Processes to trace at start: every process when there are no selectors, else the ones
-    /// selected by pid (and their descendants), executable, or a listening port.
-    /// `tables`: the TCP tables of the namespaces, read once each for `--port`.
+    /// Processes to trace at start: every process but kspan when there is no rule, else the
+    /// ones the rules select. `tables`: the TCP tables of the namespaces, read once each for
+    /// `port` rules.
     pub fn initial_selection(&mut self, tables: &mut socket_tables::SocketTables) -> Vec<u32> {
-        let pids = procfs_scan::all_pids();
         let agent = std::process::id();
-        let selected: Vec<u32> = pids
+        let pids = procfs_scan::all_pids()
             .into_iter()
-            .filter(|&pid| pid != agent)
+            .filter(|&pid| pid != agent);
+        if self.discovery.trace_all() {
+            return pids.collect();
+        }
+        let selected: Vec<u32> = pids
             .filter(|&pid| {
-                self.selectors.trace_all()
-                    || self.selected_by_pid_or_exe(pid)
-                    || self.listens_on_selected_port(pid, tables)
+                let mut facts = ProcfsFacts::new(pid, None, Some(tables), None);
+                self.discovery.selects(&mut facts)
             })
             .collect();
-        if !self.selectors.trace_all() {
-            self.traced.extend(selected.iter().copied());
-        }
+        self.traced.extend(selected.iter().copied());
         selected
     }
 
-    fn selected_by_pid_or_exe(&self, pid: u32) -> bool {
-        if self.descends_from_selected_pid(pid) {
-            return true;
+    /// New rules (SIGHUP): every process is judged again. Returns the pids newly selected and
+    /// the pids no longer selected, for the kernel filter. Rules that would switch between
+    /// tracing every process and the pid filter need a restart (the mode is fixed when the
+    /// programs load): an error, and the old rules stay.
+    pub fn reselect(
+        &mut self,
+        discovery: Discovery,
+        tables: &mut socket_tables::SocketTables,
+    ) -> anyhow::Result<Reselection> {
+        if discovery.trace_all() != self.discovery.trace_all() {
+            anyhow::bail!(
+                "the new rules {} every process, the running ones {}: restart kspan to switch",
+                if discovery.trace_all() {
+                    "trace"
+                } else {
+                    "select among"
+                },
+                if self.discovery.trace_all() {
+                    "trace"
+                } else {
+                    "select among"
+                },
+            );
         }
-        self.selectors.has_exe_selectors()
-            && procfs_scan::exe_path(pid).is_some_and(|exe| self.selectors.matches_exe(&exe))
-    }
-
-    fn descends_from_selected_pid(&self, pid: u32) -> bool {
-        if self.selectors.pids.is_empty() {
-            return false;
+        self.discovery = discovery;
+        if self.discovery.trace_all() {
+            return Ok(Reselection::default());
         }
-        let mut current = pid;
-        for _ in 0..MAX_ANCESTRY {
-            if self.selectors.matches_pid(current) {
-                return true;
-            }
-            match procfs_scan::parent_pid(current) {
-                Some(parent) if parent > 1 => current = parent,
-                _ => return false,
-            }
-        }
-        false
-    }
-
-    fn listens_on_selected_port(&self, pid: u32, tables: &mut socket_tables::SocketTables) -> bool {
-        if self.selectors.ports.is_empty() {
-            return false;
-        }
-        let Some(namespace) = socket_tables::network_namespace(pid) else {
-            return false;
-        };
-        socket_tables::socket_fds(pid)
+        let agent = std::process::id();
+        let mut selected = Vec::new();
+        let mut unselected = Vec::new();
+        for pid in procfs_scan::all_pids()
             .into_iter()
-            .any(|(_, inode)| {
-                // At start: one read of each namespace's tables serves every process.
-                matches!(
-                    tables.lookup_inode(pid, namespace, inode, std::time::Duration::MAX),
-                    socket_tables::Lookup::Tcp(s)
-                        if s.listening && self.selectors.matches_port(s.local.port())
-                )
-            })
+            .filter(|&pid| pid != agent)
+        {
+            let mut facts = ProcfsFacts::new(pid, self.images.get(&pid), Some(tables), None);
+            if self.discovery.selects(&mut facts) {
+                selected.push(pid);
+            } else {
+                unselected.push(pid);
+            }
+        }
+        let newly: Vec<u32> = selected
+            .iter()
+            .copied()
+            .filter(|pid| !self.traced.contains(pid))
+            .collect();
+        let mut dropped = 0;
+        for &pid in &unselected {
+            if self.traced.remove(&pid) {
+                dropped += 1;
+            }
+            self.images.remove(&pid);
+            self.resources.remove(&pid);
+        }
+        self.traced.extend(newly.iter().copied());
+        Ok(Reselection {
+            newly_selected: newly,
+            unselected,
+            dropped,
+        })
     }
 
     /// A process exec'd a new image: its resource changes, and its selection is re-evaluated
     /// (a traced shell that execs an unselected program stops being traced).
     /// `comm`: the new program's name from the kernel (NUL padded); `path`: the path it was
     /// executed by (empty if unknown).
-    pub fn on_exec(&mut self, pid: u32, comm: &[u8], path: &[u8]) -> ExecDecision {
+    pub fn on_exec(
+        &mut self,
+        pid: u32,
+        comm: &[u8],
+        path: &[u8],
+        tables: &mut socket_tables::SocketTables,
+    ) -> ExecDecision {
         self.resources.remove(&pid);
         let image = ExecImage::new(comm, path);
-        if self.selectors.trace_all() {
+        if self.discovery.trace_all() {
             self.images.insert(pid, image);
             return ExecDecision::Unchanged;
         }
-        let selected = self.selected_by_pid_or_exe(pid)
-            // Gone already: match the exec event's path, or trust the kernel's match of its
-            // name at exec (plain --exe names).
-            || (procfs_scan::exe_path(pid).is_none()
-                && ((self.selectors.has_exe_selectors()
-                    && image.full_path().is_some_and(|exe| self.selectors.matches_exe(&exe)))
-                    || self.selectors.plain_exe_names().iter().any(|name| {
-                        kspan_common::comm_key(name)[..] == comm[..comm.len().min(16)]
-                    })));
+        let gone = procfs_scan::exe_path(pid).is_none();
+        let selected = self
+            .discovery
+            .selects(&mut ProcfsFacts::new(pid, Some(&image), Some(tables), None))
+            // Gone already, with no exec path: trust the kernel's match of its name at exec
+            // (plain exe rules).
+            || (gone
+                && image.full_path().is_none()
+                && self.discovery.plain_exe_names().iter().any(|name| {
+                    kspan_common::comm_key(name)[..] == comm[..comm.len().min(16)]
+                }));
         if selected {
             self.images.insert(pid, image);
         } else {
@@ -211,7 +250,15 @@ impl Processes {
 
     /// A process started listening on `port`. True if that newly selects it.
     pub fn on_listen(&mut self, pid: u32, port: u16) -> bool {
-        if self.selectors.trace_all() || !self.selectors.matches_port(port) {
+        if self.discovery.trace_all()
+            || !self.discovery.has_port_rules()
+            || self.traced.contains(&pid)
+        {
+            return false;
+        }
+        // Only this port is new: the process's other sockets did not select it before.
+        let mut facts = ProcfsFacts::new(pid, self.images.get(&pid), None, Some(port));
+        if !self.discovery.selects(&mut facts) {
             return false;
         }
         self.traced.insert(pid)
@@ -245,6 +292,95 @@ impl Processes {
     }
 }
 
+/// A process's facts for the discovery rules, read from procfs when a rule asks.
+struct ProcfsFacts<'a> {
+    pid: u32,
+    /// The exec event's, for a process gone before procfs could be read.
+    image: Option<&'a ExecImage>,
+    /// For `port` rules: the namespaces' TCP tables (None: no socket is read).
+    tables: Option<&'a mut socket_tables::SocketTables>,
+    /// A port it is known to listen on (a listen event).
+    listening: Option<u16>,
+    exe: Option<Option<PathBuf>>,
+}
+
+impl<'a> ProcfsFacts<'a> {
+    fn new(
+        pid: u32,
+        image: Option<&'a ExecImage>,
+        tables: Option<&'a mut socket_tables::SocketTables>,
+        listening: Option<u16>,
+    ) -> Self {
+        ProcfsFacts {
+            pid,
+            image,
+            tables,
+            listening,
+            exe: None,
+        }
+    }
+}
+
+impl discovery::ProcessFacts for ProcfsFacts<'_> {
+    fn descends_from(&mut self, ancestor: u32) -> bool {
+        let mut current = self.pid;
+        for _ in 0..MAX_ANCESTRY {
+            if current == ancestor {
+                return true;
+            }
+            match procfs_scan::parent_pid(current) {
+                Some(parent) if parent > 1 => current = parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    fn exe(&mut self) -> Option<PathBuf> {
+        let (pid, image) = (self.pid, self.image);
+        self.exe
+            .get_or_insert_with(|| {
+                procfs_scan::exe_path(pid).or_else(|| image.and_then(ExecImage::full_path))
+            })
+            .clone()
+    }
+
+    fn cmdline(&mut self) -> Option<String> {
+        procfs_scan::command_line(self.pid)
+    }
+
+    fn listens_on(&mut self, ports: &std::ops::RangeInclusive<u16>) -> bool {
+        if self.listening.is_some_and(|port| ports.contains(&port)) {
+            return true;
+        }
+        let Some(tables) = self.tables.as_deref_mut() else {
+            return false;
+        };
+        let Some(namespace) = socket_tables::network_namespace(self.pid) else {
+            return false;
+        };
+        let pid = self.pid;
+        socket_tables::socket_fds(pid)
+            .into_iter()
+            .any(|(_, inode)| {
+                // One read of each namespace's tables serves every process judged.
+                matches!(
+                    tables.lookup_inode(pid, namespace, inode, std::time::Duration::MAX),
+                    socket_tables::Lookup::Tcp(s) if s.listening && ports.contains(&s.local.port())
+                )
+            })
+    }
+
+    fn container_id(&mut self) -> Option<String> {
+        container::read(self.pid).container_id
+    }
+
+    fn kubernetes(&mut self) -> Option<discovery::KubernetesView<'_>> {
+        // No Kubernetes metadata source yet: rules on it match nothing.
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +388,7 @@ mod tests {
 
     #[test]
     fn resource_of_this_process_names_its_executable() {
-        let mut processes = Processes::new(Selectors::default());
+        let mut processes = Processes::new(Discovery::default());
         let resource = processes.resource(std::process::id());
         let exe = procfs_scan::exe_path(std::process::id()).unwrap();
         let name = procfs_scan::file_name(&exe);
@@ -273,12 +409,14 @@ mod tests {
     }
 
     #[test]
-    fn pid_selector_covers_descendants() {
+    fn a_pid_rule_covers_descendants() {
+        use discovery::ProcessFacts;
         let parent = std::os::unix::process::parent_id();
-        let processes = Processes::new(Selectors::new(vec![parent], &[], vec![]).unwrap());
-        assert!(processes.descends_from_selected_pid(std::process::id()));
-        let other = Processes::new(Selectors::new(vec![u32::MAX - 1], &[], vec![]).unwrap());
-        assert!(!other.descends_from_selected_pid(std::process::id()));
+        let mut facts = ProcfsFacts::new(std::process::id(), None, None, None);
+        assert!(facts.descends_from(parent));
+        assert!(!facts.descends_from(u32::MAX - 1));
+        let rules = Discovery::new(vec![Rule::pid(parent)], vec![]);
+        assert!(rules.selects(&mut facts));
     }
 
     /// Above the kernel's PID_MAX_LIMIT (4M): no process has it, as for a client gone before
@@ -286,8 +424,13 @@ mod tests {
     const GONE: u32 = 5_000_000;
 
     fn exec_of_gone(path: &[u8]) -> Arc<Resource> {
-        let mut processes = Processes::new(Selectors::default());
-        processes.on_exec(GONE, b"curl\0", path);
+        let mut processes = Processes::new(Discovery::default());
+        processes.on_exec(
+            GONE,
+            b"curl\0",
+            path,
+            &mut socket_tables::SocketTables::default(),
+        );
         processes.resource(GONE)
     }
 
@@ -351,9 +494,14 @@ mod tests {
 
     #[test]
     fn procfs_comes_before_the_exec_path() {
-        let mut processes = Processes::new(Selectors::default());
+        let mut processes = Processes::new(Discovery::default());
         let pid = std::process::id();
-        processes.on_exec(pid, b"other\0", b"/nonexistent/other");
+        processes.on_exec(
+            pid,
+            b"other\0",
+            b"/nonexistent/other",
+            &mut socket_tables::SocketTables::default(),
+        );
         let exe = procfs_scan::exe_path(pid).unwrap();
         assert_eq!(
             str_attribute(&processes.resource(pid), "process.executable.path"),
@@ -363,15 +511,22 @@ mod tests {
 
     #[test]
     fn an_exe_selector_matches_the_exec_path_of_a_gone_process() {
-        let mut processes = Processes::new(
-            Selectors::new(vec![], &["/nonexistent/kspan-test/*".to_string()], vec![]).unwrap(),
-        );
+        let mut processes = Processes::new(Discovery::new(
+            vec![Rule::exe("/nonexistent/kspan-test/*").unwrap()],
+            vec![],
+        ));
+        let mut tables = socket_tables::SocketTables::default();
         assert_eq!(
-            processes.on_exec(GONE, b"client\0", b"/nonexistent/kspan-test/client"),
+            processes.on_exec(
+                GONE,
+                b"client\0",
+                b"/nonexistent/kspan-test/client",
+                &mut tables
+            ),
             ExecDecision::Trace
         );
         assert_eq!(
-            processes.on_exec(GONE + 1, b"client\0", b"/elsewhere/client"),
+            processes.on_exec(GONE + 1, b"client\0", b"/elsewhere/client", &mut tables),
             ExecDecision::Untrace
         );
     }

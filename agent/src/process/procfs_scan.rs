@@ -35,6 +35,13 @@ pub fn environment_variables<const N: usize>(pid: u32, names: [&str; N]) -> [Opt
     })
 }
 
+/// The command line, arguments joined by spaces (NULs between them in procfs).
+pub fn command_line(pid: u32) -> Option<String> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    Some(text.trim_end_matches('\0').replace('\0', " "))
+}
+
 pub fn parent_pid(pid: u32) -> Option<u32> {
     let ppid = Process::new(pid as i32).ok()?.stat().ok()?.ppid;
     u32::try_from(ppid).ok()
