@@ -67,6 +67,9 @@ impl Default for Limits {
 
 /// How often connections are checked for partial messages past their timeout.
 const PARTIAL_CHECK_INTERVAL_NS: u64 = 1_000_000_000;
+/// How long the events of a process untraced at exec are looked out for (the ring is drained
+/// every few milliseconds).
+const UNTRACED_EVENTS_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Why a connection's parser state was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +177,11 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     output: ParserOutput,
     /// Finished spans waiting for their parent, oldest first.
     waiting: VecDeque<WaitingSpan>,
+    /// Processes untraced at an exec (their new program is not selected), and when they left
+    /// the kernel filter: the events queued before that are the new program's, and are dropped
+    /// (a later event of the pid is a new process's). Entries go after
+    /// [`UNTRACED_EVENTS_WINDOW_NS`], when the ring has long passed them.
+    untraced_at: rustc_hash::FxHashMap<u32, u64>,
     /// Events handled since the last flush: a plain count per event, one shared atomic add per
     /// drain (the stats are read by other threads).
     events_unflushed: u64,
@@ -210,6 +218,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             produced: ProducedMessages::default(),
             output: ParserOutput::default(),
             waiting: VecDeque::new(),
+            untraced_at: rustc_hash::FxHashMap::default(),
             events_unflushed: 0,
             socket_tables: SocketTables::default(),
             limits,
@@ -244,6 +253,10 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let now_ns = Clock::monotonic_now();
         if !self.waiting.is_empty() {
             self.release_waiting(now_ns);
+        }
+        if !self.untraced_at.is_empty() {
+            self.untraced_at
+                .retain(|_, at| now_ns.saturating_sub(*at) < UNTRACED_EVENTS_WINDOW_NS);
         }
         if self.partial_connections > 0 && now_ns >= self.next_partial_check_ns {
             self.evict_partials_older_than(now_ns.saturating_sub(self.partial_timeout_ns()));
@@ -478,6 +491,16 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
     }
 
     pub fn handle_event(&mut self, event: Event<'_>) {
+        if !self.untraced_at.is_empty()
+            && let Event::Data { header, .. } | Event::Socket { header, .. } | Event::Close(header) =
+                &event
+            && self
+                .untraced_at
+                .get(&header.pid)
+                .is_some_and(|&untraced| header.start_ns < untraced)
+        {
+            return;
+        }
         match event {
             Event::Data {
                 header,
@@ -546,6 +569,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     .on_exec(header.pid, &comm, path, &mut self.socket_tables)
                 {
                     ExecDecision::Trace => {
+                        self.untraced_at.remove(&header.pid);
                         log::debug!("tracing pid {} (exec)", header.pid);
                         self.kernel.trace_pid(header.pid);
                         self.processes.resource(header.pid);
@@ -555,6 +579,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     ExecDecision::Untrace => {
                         self.kernel.untrace_pid(header.pid);
                         self.forget_process(header.pid, header.end_ns);
+                        self.untraced_at.insert(header.pid, Clock::monotonic_now());
                     }
                     ExecDecision::Unchanged => {
                         // Still traced (trace-all, or selected before): read the new image's
@@ -1148,6 +1173,74 @@ mod tests {
             resource.get("service.name"),
             Some(&AttributeValue::Str("curl".into()))
         );
+    }
+
+    /// A traced process execs a program no rule selects: the events the kernel queued before
+    /// the agent took it out of the filter are the new program's and make no span; a later
+    /// process given the same pid is traced as usual.
+    #[test]
+    fn events_queued_before_an_untrace_at_exec_are_dropped() {
+        let rules = crate::process::Discovery::new(
+            vec![crate::process::Rule::exe("/nonexistent/kspan-test/server").unwrap()],
+            vec![],
+        );
+        let mut p = pipeline_for(rules, Limits::default());
+        let pid = 5_000_000; // above the kernel's PID_MAX_LIMIT
+        let header = |kind: EventKind, t: u64| EventHeader {
+            kind: kind as u32,
+            pid,
+            tid: pid,
+            fd: 3,
+            conn_id: t,
+            start_ns: t,
+            end_ns: t + 10,
+            ..Default::default()
+        };
+        let exchange = |p: &mut Pipeline<FakeKernel, Vec<Span>>, t: u64| {
+            p.handle_event(Event::Socket {
+                kind: EventKind::Connect,
+                header: header(EventKind::Connect, t),
+                tuple: loopback_tuple(40000, 8080),
+            });
+            let request: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+            let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            for (dt, direction, data) in [
+                (1_000, Direction::Egress, request),
+                (2_000, Direction::Ingress, response),
+            ] {
+                p.handle_event(Event::Data {
+                    header: EventHeader {
+                        full_len: data.len() as u64,
+                        copied_len: data.len() as u32,
+                        conn_id: t,
+                        ..header(EventKind::Data, t + dt)
+                    },
+                    direction,
+                    data,
+                    tail: &[],
+                });
+            }
+            p.handle_event(Event::Close(EventHeader {
+                conn_id: t,
+                ..header(EventKind::Close, t + 3_000)
+            }));
+        };
+        let exec = events::encode_exec(
+            &EventHeader {
+                fd: -1,
+                ..header(EventKind::Exec, 10)
+            },
+            "curl",
+            b"/nonexistent/kspan-test/curl",
+        );
+        p.handle_record(&exec);
+        exchange(&mut p, 100);
+        p.flush();
+        assert!(p.sink().is_empty(), "{:?}", p.sink());
+        // A new process with the pid, after the untrace.
+        exchange(&mut p, Clock::monotonic_now() + 1_000_000);
+        p.shutdown();
+        assert_eq!(p.sink().len(), 1, "{:?}", p.sink());
     }
 
     /// An event on a socket of this process the pipeline never saw open.
