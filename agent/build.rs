@@ -29,7 +29,9 @@ fn main() -> Result<()> {
         other => bail!("unsupported target endianness {other:?}"),
     };
     let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
-    let target_dir = shared_target_dir(&out_dir).join("ebpf");
+    // One directory per target architecture: the object differs (`bpf_target_arch`), and a
+    // shared one would be rebuilt at every switch between an x86_64 and an aarch64 build.
+    let target_dir = shared_target_dir(&out_dir).join("ebpf").join(&arch);
 
     let mut cmd = Command::new("rustup");
     cmd.args([
