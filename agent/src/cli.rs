@@ -137,7 +137,12 @@ struct Exports {
 }
 
 impl Exports {
-    fn start(args: &Args, processes: &mut Processes, stats: &Arc<Stats>) -> Result<Self> {
+    fn start(
+        args: &Args,
+        processes: &mut Processes,
+        stats: &Arc<Stats>,
+        health: &Arc<prometheus::Health>,
+    ) -> Result<Self> {
         let settings = OtlpSettings {
             endpoint_flag: args.otlp_endpoint.clone(),
             protocol_flag: args.otlp_protocol.clone(),
@@ -180,7 +185,8 @@ impl Exports {
         };
         if let (Some(address), Some(hub)) = (prometheus_address, &metrics) {
             let hub = hub.clone();
-            let (bound, _thread) = prometheus::serve(address, Arc::new(move || hub.collect()))
+            let collect = Arc::new(move || hub.collect());
+            let (bound, _thread) = prometheus::serve(address, collect, health.clone())
                 .with_context(|| format!("cannot serve Prometheus metrics on {address}"))?;
             log::info!("Prometheus metrics on http://{bound}/metrics");
         }
@@ -275,7 +281,9 @@ pub fn run(args: Args) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let mut processes = Processes::new(selectors);
-    let exports = Exports::start(&args, &mut processes, &stats)?;
+    // /healthz and /readyz, served with the Prometheus metrics.
+    let health = Arc::new(prometheus::Health::new());
+    let exports = Exports::start(&args, &mut processes, &stats, &health)?;
 
     let probes = Probes::load(&ProbeOptions {
         trace_all: processes.selectors().trace_all(),
@@ -314,6 +322,7 @@ pub fn run(args: Args) -> Result<()> {
         Linker::new(sampler),
     );
     pipeline.start();
+    health.set_ready(true);
     eprintln!(
         "kspan: ready: {} tracepoints attached, tracing {description}",
         crate::probes::TRACEPOINT_COUNT
@@ -323,6 +332,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut losses = 0;
     let mut slice_full = false;
     while !stop.load(Ordering::Relaxed) {
+        health.record_pass();
         // A full slice means more is waiting: no wait before the next one.
         if !slice_full {
             crate::probes::wait_for_events(&ring, POLL_INTERVAL);
@@ -360,6 +370,7 @@ pub fn run(args: Args) -> Result<()> {
     // refill it as fast as it is read (trace-all has no pre-filter): it holds at most this many
     // records (each is a header at least, behind the ring's 8-byte record header).
     let stopping = Instant::now();
+    health.set_ready(false);
     pipeline.kernel().silence();
     let detach = thread::spawn(move || {
         attached.detach();
