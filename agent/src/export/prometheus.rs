@@ -1,6 +1,7 @@
 //! Prometheus exposition of the agent's OpenTelemetry metrics: [`render`] turns collected
 //! [`ResourceMetrics`] into the text format 0.0.4, and [`serve`] answers `GET /metrics` with it
-//! over HTTP/1.1 (hyper) on its own thread.
+//! over HTTP/1.1 (hyper) on its own thread, next to the health endpoints `/healthz` and
+//! `/readyz` (see [`Health`]) that Kubernetes probes.
 //!
 //! The translation follows the OpenTelemetry → Prometheus compatibility rules:
 //!
@@ -27,6 +28,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -620,10 +622,83 @@ fn escape_help(help: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------------
+
+/// How long the event loop may go without a pass before `/healthz` reports it stuck. A pass
+/// happens at least every 20 ms (the ring's poll interval), so 10 s means it is wedged, not busy.
+pub const LIVENESS_WINDOW: Duration = Duration::from_secs(10);
+
+/// The agent's health as the `/healthz` (liveness) and `/readyz` (readiness) endpoints report
+/// it. Shared by `Arc`: the event loop writes it, the metrics server reads it. Two atomics, so
+/// recording a pass costs the loop one coarse clock read (vDSO, no syscall) and one store.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Every probe is attached and the pipeline runs.
+    ready: AtomicBool,
+    /// `CLOCK_MONOTONIC_COARSE` at the event loop's last pass, in ns; 0 before the first one.
+    last_pass_ns: AtomicU64,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ready once every probe is attached and the pipeline started; not ready again when the
+    /// agent stops. Becoming ready counts as a pass of the event loop, which starts right after.
+    pub fn set_ready(&self, ready: bool) {
+        if ready {
+            self.record_pass();
+        }
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Called by the event loop on every pass.
+    pub fn record_pass(&self) {
+        self.record_pass_at(coarse_monotonic_ns());
+    }
+
+    fn record_pass_at(&self, now_ns: u64) {
+        // max(1): 0 means "never".
+        self.last_pass_ns.store(now_ns.max(1), Ordering::Relaxed);
+    }
+
+    /// Time since the event loop's last pass; `None` before the first one.
+    pub fn since_last_pass(&self) -> Option<Duration> {
+        self.since_last_pass_at(coarse_monotonic_ns())
+    }
+
+    fn since_last_pass_at(&self, now_ns: u64) -> Option<Duration> {
+        match self.last_pass_ns.load(Ordering::Relaxed) {
+            0 => None,
+            last => Some(Duration::from_nanos(now_ns.saturating_sub(last))),
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the last tick's time (1-4 ms resolution), read from the vDSO
+/// without a syscall, which is all a 10 s liveness window needs.
+fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec; this clock exists on every Linux since 2.6.32.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+// ---------------------------------------------------------------------------------------------
 // HTTP
 // ---------------------------------------------------------------------------------------------
 
-/// Serves `GET /metrics` (and `HEAD`) on `address` (port 0: any free port) with hyper (HTTP/1.1),
+/// Serves `GET /metrics`, `/healthz` and `/readyz` (and `HEAD`) on `address` (port 0: any free
+/// port) with hyper (HTTP/1.1),
 /// from a thread named `kspan-prometheus` running a small tokio runtime. Connections are served
 /// side by side, so a slow or silent client never stalls a scrape: each gets 5 s to send its
 /// request head (8 KiB at most), one request, and at most [`MAX_CONNECTIONS`] are open at once
@@ -631,12 +706,17 @@ fn escape_help(help: &str) -> String {
 /// [`render`]`(collect())`. Returns the bound address and the thread's handle; the thread runs
 /// for the life of the process.
 ///
-/// Answers: `200` on `/metrics` (query strings allowed), `404` on any other path, `405` on any
-/// method but `GET`/`HEAD`, `500` when `collect` panics; hyper itself answers `400` to a
-/// malformed request and `431` to a head too large, and closes a connection whose head does not
-/// arrive in time.
-pub fn serve(address: SocketAddr, collect: Collector) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    serve_with_timeout(address, collect, IO_TIMEOUT)
+/// Answers: `200` on `/metrics` (query strings allowed); on `/healthz` `200` while `health` is
+/// live, else `503`; on `/readyz` `200` while `health` is ready, else `503`; `404` on any other
+/// path, `405` on any method but `GET`/`HEAD`, `500` when `collect` panics; hyper itself answers
+/// `400` to a malformed request and `431` to a head too large, and closes a connection whose
+/// head does not arrive in time.
+pub fn serve(
+    address: SocketAddr,
+    collect: Collector,
+    health: Arc<Health>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_with_timeout(address, collect, health, IO_TIMEOUT)
 }
 
 /// Scrape connections served at once.
@@ -645,6 +725,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 fn serve_with_timeout(
     address: SocketAddr,
     collect: Collector,
+    health: Arc<Health>,
     timeout: Duration,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -658,7 +739,7 @@ fn serve_with_timeout(
         .spawn(move || {
             runtime.block_on(async move {
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => accept_loop(listener, collect, timeout).await,
+                    Ok(listener) => accept_loop(listener, collect, health, timeout).await,
                     Err(err) => log::warn!("prometheus: cannot listen: {err}"),
                 }
             })
@@ -666,7 +747,12 @@ fn serve_with_timeout(
     Ok((bound, handle))
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, collect: Collector, timeout: Duration) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    collect: Collector,
+    health: Arc<Health>,
+    timeout: Duration,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -682,10 +768,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, collect: Collector, time
             }
         };
         let collect = collect.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let collect = collect.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&request, &*collect)) }
+                let health = health.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&request, &*collect, &health)) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -707,31 +795,59 @@ async fn accept_loop(listener: tokio::net::TcpListener, collect: Collector, time
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
     Metrics { head_only: bool },
+    Liveness,
+    Readiness,
     NotFound,
     MethodNotAllowed,
 }
 
 fn route(method: &hyper::Method, path: &str) -> Route {
-    if path != "/metrics" {
-        return Route::NotFound;
-    }
-    match *method {
-        hyper::Method::GET => Route::Metrics { head_only: false },
-        hyper::Method::HEAD => Route::Metrics { head_only: true },
-        _ => Route::MethodNotAllowed,
+    let head_only = match *method {
+        hyper::Method::GET => false,
+        hyper::Method::HEAD => true,
+        _ if matches!(path, "/metrics" | "/healthz" | "/readyz") => {
+            return Route::MethodNotAllowed;
+        }
+        _ => return Route::NotFound,
+    };
+    match path {
+        "/metrics" => Route::Metrics { head_only },
+        "/healthz" => Route::Liveness,
+        "/readyz" => Route::Readiness,
+        _ => Route::NotFound,
     }
 }
 
 fn answer<B>(
     request: &hyper::Request<B>,
     collect: &(dyn Fn() -> Vec<ResourceMetrics> + Send + Sync),
+    health: &Health,
 ) -> hyper::Response<String> {
     match route(request.method(), request.uri().path()) {
         Route::NotFound => response(404, "not found\n", &[]),
         Route::MethodNotAllowed => response(405, "method not allowed\n", &[("Allow", "GET, HEAD")]),
+        Route::Liveness => match health.since_last_pass() {
+            Some(age) if age <= LIVENESS_WINDOW => response(200, "ok\n", &[]),
+            Some(age) => response(
+                503,
+                &format!(
+                    "the event loop made no pass for {:.1} s (limit {} s): kspan is stuck\n",
+                    age.as_secs_f64(),
+                    LIVENESS_WINDOW.as_secs()
+                ),
+                &[],
+            ),
+            None => response(503, "the event loop has not started yet\n", &[]),
+        },
+        Route::Readiness if health.is_ready() => response(200, "ready\n", &[]),
+        Route::Readiness => response(
+            503,
+            "not ready: probes are being attached, or kspan is stopping\n",
+            &[],
+        ),
         // hyper sends no body to a HEAD request, and keeps its Content-Length.
         Route::Metrics { .. } => match catch_unwind(AssertUnwindSafe(|| render(&collect()))) {
-            Ok(body) => response(200, &body, &[]),
+            Ok(body) => response(200, &body, &[("Content-Type", CONTENT_TYPE)]),
             Err(_) => {
                 log::warn!("prometheus: metrics collection panicked");
                 response(500, "metrics collection failed\n", &[])
@@ -740,17 +856,16 @@ fn answer<B>(
     }
 }
 
-/// The body is text in the exposition content type for 200 and plain text otherwise.
-fn response(status: u16, body: &str, extra_headers: &[(&str, &str)]) -> hyper::Response<String> {
-    let content_type = if status == 200 {
-        CONTENT_TYPE
-    } else {
-        "text/plain; charset=utf-8"
-    };
-    let mut builder = hyper::Response::builder()
-        .status(status)
-        .header(hyper::header::CONTENT_TYPE, content_type);
-    for (name, value) in extra_headers {
+/// A plain-text response, unless `headers` name another `Content-Type`.
+fn response(status: u16, body: &str, headers: &[(&str, &str)]) -> hyper::Response<String> {
+    let mut builder = hyper::Response::builder().status(status);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        builder = builder.header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+    }
+    for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
     builder
@@ -1063,6 +1178,15 @@ kspan_events_received_total{service_name="b",process_pid="2"} 7
         assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
         assert_eq!(route(&Method::GET, "/"), Route::NotFound);
         assert_eq!(route(&Method::POST, "/metrics"), Route::MethodNotAllowed);
+        assert_eq!(route(&Method::GET, "/healthz"), Route::Liveness);
+        assert_eq!(route(&Method::HEAD, "/readyz"), Route::Readiness);
+        assert_eq!(route(&Method::PUT, "/readyz"), Route::MethodNotAllowed);
+        assert_eq!(route(&Method::POST, "/elsewhere"), Route::NotFound);
+        assert_eq!(route(&Method::GET, "/healthz/"), Route::NotFound);
+    }
+
+    fn health() -> Arc<Health> {
+        Arc::new(Health::new())
     }
 
     fn loopback() -> SocketAddr {
@@ -1101,7 +1225,8 @@ kspan_events_received_total{service_name="b",process_pid="2"} 7
         let collector: Collector =
             Arc::new(move || services.iter().map(|(_, r)| collect(r)).collect());
         let (bound, handle) =
-            serve_with_timeout(loopback(), collector, Duration::from_millis(200)).expect("serve");
+            serve_with_timeout(loopback(), collector, health(), Duration::from_millis(200))
+                .expect("serve");
         let port = bound.port();
         assert_ne!(port, 0);
         assert!(bound.ip().is_loopback(), "{bound}");
@@ -1168,7 +1293,8 @@ kspan_events_received_total{service_name="b",process_pid="2"} 7
     fn silent_clients_do_not_stall_a_scrape() {
         let collector: Collector = Arc::new(Vec::new);
         let timeout = Duration::from_secs(30);
-        let (bound, _handle) = serve_with_timeout(loopback(), collector, timeout).expect("serve");
+        let (bound, _handle) =
+            serve_with_timeout(loopback(), collector, health(), timeout).expect("serve");
         let silent: Vec<TcpStream> = (0..MAX_CONNECTIONS - 1)
             .map(|_| TcpStream::connect(bound).expect("connect"))
             .collect();
@@ -1194,11 +1320,121 @@ kspan_events_received_total{service_name="b",process_pid="2"} 7
     fn collector_panic_is_a_500() {
         let collector: Collector = Arc::new(|| panic!("collector failure (expected by the test)"));
         let (bound, _handle) =
-            serve_with_timeout(loopback(), collector, Duration::from_millis(200)).expect("serve");
+            serve_with_timeout(loopback(), collector, health(), Duration::from_millis(200))
+                .expect("serve");
         let port = bound.port();
         let answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: h\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
         let answer = exchange(port, b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    }
+
+    /// Status line and body of a GET of `path`.
+    fn get(port: u16, path: &str) -> (String, String) {
+        let answer = exchange(
+            port,
+            format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+        );
+        let (head, body) = split_response(&answer);
+        let status = head.lines().next().unwrap_or_default().to_string();
+        (status, body.to_string())
+    }
+
+    /// `/readyz` follows the ready flag; `/healthz` the age of the event loop's last pass:
+    /// 503 before the first, 200 within the window, 503 past it, 200 again after a new pass.
+    #[test]
+    fn serves_health_over_http() {
+        let health = health();
+        let collector: Collector = Arc::new(Vec::new);
+        let (bound, _handle) = serve_with_timeout(
+            loopback(),
+            collector,
+            health.clone(),
+            Duration::from_millis(200),
+        )
+        .expect("serve");
+        let port = bound.port();
+
+        // Starting: probes are being attached, the event loop has not run.
+        let (status, body) = get(port, "/readyz");
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+        assert!(body.starts_with("not ready"), "{body}");
+        let (status, body) = get(port, "/healthz");
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+        assert_eq!(body, "the event loop has not started yet\n");
+
+        // Ready: becoming ready counts as a pass.
+        health.set_ready(true);
+        assert_eq!(
+            get(port, "/readyz"),
+            ("HTTP/1.1 200 OK".into(), "ready\n".into())
+        );
+        assert_eq!(
+            get(port, "/healthz"),
+            ("HTTP/1.1 200 OK".into(), "ok\n".into())
+        );
+        let answer = exchange(port, b"HEAD /healthz HTTP/1.1\r\nHost: h\r\n\r\n");
+        let (head, body) = split_response(&answer);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert_eq!(
+            header(head, "content-type"),
+            Some("text/plain; charset=utf-8")
+        );
+        assert_eq!(body, "");
+
+        // The last pass was 11 s ago: the loop is stuck, still "ready".
+        let stale = coarse_monotonic_ns() - 11_000_000_000;
+        health.record_pass_at(stale);
+        let (status, body) = get(port, "/healthz");
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+        assert!(
+            body.starts_with("the event loop made no pass for 11.") && body.contains("stuck"),
+            "{body}"
+        );
+        assert_eq!(get(port, "/readyz").0, "HTTP/1.1 200 OK");
+
+        // 9 s ago is within the window; a pass now, of course.
+        health.record_pass_at(coarse_monotonic_ns() - 9_000_000_000);
+        assert_eq!(get(port, "/healthz").0, "HTTP/1.1 200 OK");
+        health.record_pass();
+        assert_eq!(get(port, "/healthz").0, "HTTP/1.1 200 OK");
+
+        // Stopping: not ready any more.
+        health.set_ready(false);
+        assert_eq!(get(port, "/readyz").0, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(get(port, "/healthz").0, "HTTP/1.1 200 OK");
+
+        let answer = exchange(
+            port,
+            b"POST /readyz HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn health_ages() {
+        let health = Health::new();
+        assert_eq!(health.since_last_pass_at(5_000_000_000), None);
+        assert!(!health.is_ready());
+        health.record_pass_at(2_000_000_000);
+        assert_eq!(
+            health.since_last_pass_at(5_000_000_000),
+            Some(Duration::from_secs(3))
+        );
+        // A clock read before the pass (another thread's, a tick apart) is no age at all.
+        assert_eq!(
+            health.since_last_pass_at(1_000_000_000),
+            Some(Duration::ZERO)
+        );
+        // The coarse clock moves forward with the precise one, within a few ticks.
+        let coarse = coarse_monotonic_ns();
+        let precise = crate::clock::Clock::monotonic_now();
+        assert!(
+            precise.abs_diff(coarse) < 50_000_000,
+            "coarse {coarse} vs precise {precise}"
+        );
     }
 }
