@@ -594,10 +594,37 @@ fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<
         .with_context(|| format!("program {program} missing from the eBPF object"))?
         .try_into()?;
     tracepoint.attach(category, name).map_err(|e| {
-        anyhow!(
-            "cannot attach to tracepoint {category}/{name}: {e}; check that \
-             {TRACEFS}/events/{category}/{name} exists"
-        )
+        let denied = matches!(
+            &e,
+            aya::programs::ProgramError::SyscallError(call)
+                if matches!(call.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        );
+        if denied {
+            // perf_event_open: CAP_PERFMON is enough upstream, but with
+            // kernel.perf_event_paranoid above 2 (Debian's default is 3) Debian's kernels want
+            // CAP_SYS_ADMIN (the DaemonSet's capabilities lack it by default).
+            let paranoid: Option<i32> =
+                std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+            match paranoid {
+                Some(level) if level > 2 => anyhow!(
+                    "cannot attach to tracepoint {category}/{name}: {e}; perf_event_open was \
+                     refused: with kernel.perf_event_paranoid={level} (Debian's default) it \
+                     needs CAP_SYS_ADMIN besides CAP_PERFMON: set `sysctl \
+                     kernel.perf_event_paranoid=2` on this host, or grant CAP_SYS_ADMIN"
+                ),
+                _ => anyhow!(
+                    "cannot attach to tracepoint {category}/{name}: {e}; perf_event_open was \
+                     refused: kspan needs CAP_PERFMON (or root)"
+                ),
+            }
+        } else {
+            anyhow!(
+                "cannot attach to tracepoint {category}/{name}: {e}; check that \
+                 {TRACEFS}/events/{category}/{name} exists"
+            )
+        }
     })
 }
 
