@@ -4,6 +4,7 @@
 //! peers, installing what is missing), so a fresh machine needs nothing but Rust and this repo.
 
 mod bench;
+mod cross;
 mod deploy;
 mod fuzz;
 mod setup;
@@ -40,6 +41,10 @@ enum Task {
         /// Build the debug profile instead of release.
         #[arg(long)]
         debug: bool,
+        /// Cross-build for this target (aarch64-unknown-linux-gnu), installing Debian's cross
+        /// toolchain and rustup's target first.
+        #[arg(long, value_name = "TRIPLE")]
+        target: Option<String>,
     },
     /// Set up, build the release agent, run the unit tests, then the end-to-end tests on this
     /// kernel and in QEMU guests on each kernel of the matrix (see `vmtest`); while the guests
@@ -132,10 +137,20 @@ fn main() -> ExitCode {
 fn run_task(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::setup(),
-        Task::Build { debug } => {
-            setup::build_prerequisites()?;
-            build(debug)
-        }
+        Task::Build { debug, target } => match target {
+            Some(target) => {
+                cross::setup()?;
+                let mut args = vec!["build", "-p", "kspan"];
+                if !debug {
+                    args.insert(1, "--release");
+                }
+                run_cmd(&mut cross::cargo_for(&target, &args)?)
+            }
+            None => {
+                setup::build_prerequisites()?;
+                build(debug)
+            }
+        },
         Task::Test => test(),
         Task::Lint => lint(),
         Task::DeployCheck { write_manifest } => deploy::check(write_manifest),
@@ -219,7 +234,8 @@ fn test() -> Result<()> {
     let result = (|| {
         steps.run("setup", || {
             setup::setup_with(vmtest::PACKAGES)?;
-            setup::cargo_fuzz()
+            setup::cargo_fuzz()?;
+            cross::setup()
         })?;
         steps.run("build (release)", || build(false))?;
         // The unit tests and the end-to-end tests select the same packages (the workspace), so
@@ -275,6 +291,11 @@ fn test() -> Result<()> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the warm-up thread panicked"))
         });
+        // The agent cross-built for aarch64 (its eBPF object too, for that syscall layout),
+        // its unit tests run under qemu-user; built during the matrix above.
+        let aarch64 = steps.run("aarch64 unit tests (qemu-user)", || {
+            run_cmd(&mut cross::unit_tests(true)?)
+        });
         // Every fuzz target briefly, from its seeds: they build, and survive a few thousand
         // mutations each. `cargo xtask fuzz` runs them for longer, optimized.
         let fuzzing = steps.run(
@@ -290,7 +311,7 @@ fn test() -> Result<()> {
         );
         // The criterion benchmarks are run by `cargo xtask bench`; `cargo xtask lint` (clippy
         // on all targets) checks that they compile, without building them a third time here.
-        matrix.and(fuzzing)
+        matrix.and(aarch64).and(fuzzing)
     })();
     steps.print_summary();
     result
@@ -324,12 +345,13 @@ const CLIPPY: &[&str] = &[
 
 /// Start the builds that `test`'s last steps need, one after the other in a background thread,
 /// each under `nice -n 19` with its output in a log file: [`CLIPPY`] (a cache warm-up for `cargo
-/// xtask lint`, whatever its result) and the fuzz targets' unoptimized build. The fuzz step
-/// builds again in the foreground, so a failure here is reported there.
+/// xtask lint`, whatever its result), the fuzz targets' unoptimized build and the aarch64 unit
+/// tests' cross build. The fuzz and aarch64 steps build again in the foreground, so a failure
+/// here is reported there.
 fn start_warmups() -> std::thread::JoinHandle<()> {
     let mut clippy = command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     clippy.args(CLIPPY);
-    let warmups = [
+    let mut warmups = vec![
         (
             "clippy (for `cargo xtask lint`)",
             clippy,
@@ -341,6 +363,10 @@ fn start_warmups() -> std::thread::JoinHandle<()> {
             "fuzz-warmup.log",
         ),
     ];
+    match cross::unit_tests(false) {
+        Ok(cmd) => warmups.push(("the aarch64 unit tests", cmd, "aarch64-warmup.log")),
+        Err(err) => println!("no aarch64 warm-up: {err:#}"),
+    }
     std::thread::spawn(move || {
         for (what, cmd, log) in warmups {
             let log = target_dir().join(log);

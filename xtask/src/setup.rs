@@ -267,7 +267,7 @@ fn package_installed(package: &str) -> bool {
 }
 
 /// Checks every package of `lists`, and installs the missing ones in one apt step.
-fn packages(lists: &[&[Package]]) -> Result<()> {
+pub fn packages(lists: &[&[Package]]) -> Result<()> {
     let mut missing = Vec::new();
     for &(package, probe, reason) in lists.iter().copied().flatten() {
         let present = package_installed(package)
