@@ -716,3 +716,43 @@ fn scratch_entries() -> Result<u32> {
         .context("cannot size the per-CPU scratch records")?;
     Ok(cpus as u32 * kspan_common::SCRATCH_PER_CPU)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The syscalls of aarch64 (and every architecture using the generic table), as the uapi
+    /// header of Debian's arm64 cross C library lists them (`cargo xtask setup` installs it).
+    const AARCH64_SYSCALL_TABLE: &str = "/usr/aarch64-linux-gnu/include/asm-generic/unistd.h";
+
+    /// Every syscall tracepoint kspan attaches to exists on aarch64: a syscall tracepoint is
+    /// named after its `SYSCALL_DEFINE`, the `sys_*` name the generic table gives (`sendfile`
+    /// is `sys_sendfile64` there, as on x86_64).
+    #[test]
+    fn every_syscall_tracepoint_exists_on_aarch64() {
+        let table = std::fs::read_to_string(AARCH64_SYSCALL_TABLE).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {AARCH64_SYSCALL_TABLE} ({e}): install Debian's \
+                 libc6-dev-arm64-cross (`cargo xtask setup`)"
+            )
+        });
+        // `__SYSCALL(__NR_read, sys_read)`, `__SC_COMP(__NR_readv, sys_readv, ...)`.
+        let defined: std::collections::HashSet<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("__SYSCALL(") || l.starts_with("__SC_"))
+            .filter_map(|l| l.split(',').nth(1))
+            .map(|name| name.trim().trim_end_matches(')').trim())
+            .collect();
+        assert!(defined.contains("sys_read"), "an unexpected header: {table:.200}");
+        for tracepoint in syscall_tracepoints() {
+            let syscall = tracepoint
+                .strip_prefix("sys_enter_")
+                .or_else(|| tracepoint.strip_prefix("sys_exit_"))
+                .expect("syscall tracepoints are sys_enter_* or sys_exit_*");
+            assert!(
+                defined.contains(format!("sys_{syscall}").as_str()),
+                "{tracepoint}: no sys_{syscall} in aarch64's syscall table"
+            );
+        }
+    }
+}
