@@ -252,7 +252,7 @@ fn collectors_are_excluded_by_default() {
     let collector = config.dir.join("otelcol-e2e");
     std::fs::copy(which("curl"), &collector).expect("copy curl");
     let kspan = Kspan::start(&["--config", config.path()]);
-    let mut run_client = |program: &Path, path: &str| -> u32 {
+    let run_client = |program: &Path, path: &str| -> u32 {
         let mut child = Command::new(program)
             .args([
                 "-q",

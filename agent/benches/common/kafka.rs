@@ -37,7 +37,7 @@ use kspan::{
     clock::Clock,
     linker::Linker,
     pipeline::{Limits, Pipeline, SpanSink},
-    process::{Processes, Selectors},
+    process::{Discovery, Processes},
     protocols::Direction,
     stats::Stats,
     tracecontext::Sampler,
@@ -514,7 +514,7 @@ pub fn pipeline_with<S: SpanSink>(sink: S) -> Pipeline<NoKernel, S> {
     Pipeline::new(
         NoKernel,
         sink,
-        Processes::new(Selectors::default()),
+        Processes::new(Discovery::default()),
         Limits::default(),
         Clock::with_offset(0),
         Arc::new(Stats::default()),

@@ -14,7 +14,7 @@ use kspan::{
     linker::Linker,
     pipeline::{Finished, Limits, Pipeline, SpanSink},
     probes::{KernelControl, events::encode_data},
-    process::{Processes, Selectors},
+    process::{Discovery, Processes},
     protocols::{Chunk, Direction},
     stats::Stats,
     tracecontext::Sampler,
@@ -150,7 +150,7 @@ pub fn pipeline() -> BenchPipeline {
     Pipeline::new(
         NoKernel,
         CountingSink::default(),
-        Processes::new(Selectors::default()),
+        Processes::new(Discovery::default()),
         Limits::default(),
         Clock::with_offset(0),
         Arc::new(Stats::default()),

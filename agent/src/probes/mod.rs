@@ -743,7 +743,10 @@ mod tests {
             .filter_map(|l| l.split(',').nth(1))
             .map(|name| name.trim().trim_end_matches(')').trim())
             .collect();
-        assert!(defined.contains("sys_read"), "an unexpected header: {table:.200}");
+        assert!(
+            defined.contains("sys_read"),
+            "an unexpected header: {table:.200}"
+        );
         for tracepoint in syscall_tracepoints() {
             let syscall = tracepoint
                 .strip_prefix("sys_enter_")

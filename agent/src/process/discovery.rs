@@ -355,6 +355,15 @@ mod tests {
     use super::*;
     use crate::config::ConfigFile;
 
+    /// Namespace, pod name, deployment, labels, annotations.
+    type Pod = (
+        String,
+        String,
+        Option<String>,
+        BTreeMap<String, String>,
+        BTreeMap<String, String>,
+    );
+
     /// Facts given outright; counts the socket reads.
     #[derive(Default)]
     struct Known {
@@ -364,13 +373,7 @@ mod tests {
         cmdline: Option<String>,
         ports: Vec<u16>,
         container_id: Option<String>,
-        pod: Option<(
-            String,
-            String,
-            Option<String>,
-            BTreeMap<String, String>,
-            BTreeMap<String, String>,
-        )>,
+        pod: Option<Pod>,
         socket_reads: usize,
     }
 
