@@ -9,6 +9,7 @@ mod deploy;
 mod fuzz;
 mod setup;
 mod vmtest;
+mod vmtest_arm64;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
@@ -121,6 +122,14 @@ enum Task {
         #[arg(last = true, value_name = "TEST ARGS")]
         test_args: Vec<String>,
     },
+    /// Cross-build kspan and the http1 e2e tests for aarch64, then run the HTTP/1 smoke tests in
+    /// a QEMU guest booting Debian's arm64 kernel with an arm64 userland (debootstrap), all
+    /// cached in $KSPAN_VMTEST_DIR/arm64: `vmtest-arm64 [-- TEST ARGS]`. Not part of `test`.
+    VmtestArm64 {
+        /// Arguments passed to the http1 test binary (default: a few basic tests).
+        #[arg(last = true, value_name = "TEST ARGS")]
+        test_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -190,6 +199,7 @@ fn run_task(task: Task) -> Result<()> {
             run,
             test_args,
         }),
+        Task::VmtestArm64 { test_args } => vmtest_arm64::vmtest_arm64(&test_args),
     }
 }
 
