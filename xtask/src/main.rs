@@ -126,7 +126,11 @@ enum Task {
     /// a QEMU guest booting Debian's arm64 kernel with an arm64 userland (debootstrap), all
     /// cached in $KSPAN_VMTEST_DIR/arm64: `vmtest-arm64 [-- TEST ARGS]`. Not part of `test`.
     VmtestArm64 {
-        /// Arguments passed to the http1 test binary (default: a few basic tests).
+        /// Run every test of tests/http1.rs, not only the smoke tests.
+        #[arg(long)]
+        all: bool,
+        /// Arguments passed to the http1 test binary; test names given here replace the smoke
+        /// tests.
         #[arg(last = true, value_name = "TEST ARGS")]
         test_args: Vec<String>,
     },
@@ -199,7 +203,7 @@ fn run_task(task: Task) -> Result<()> {
             run,
             test_args,
         }),
-        Task::VmtestArm64 { test_args } => vmtest_arm64::vmtest_arm64(&test_args),
+        Task::VmtestArm64 { all, test_args } => vmtest_arm64::vmtest_arm64(all, &test_args),
     }
 }
 

@@ -74,9 +74,9 @@ const ROOTFS_DONE: &str = ".kspan-rootfs.json";
 const QEMU_FLAGS: &str = "-M virt -accel tcg,thread=single -icount shift=1 \
     -cpu max,pauth-impdef=on -smp 2 -m 2G -display none -nodefaults -no-reboot -serial mon:stdio";
 
-/// `cargo xtask vmtest-arm64 [-- TEST ARGS]`: cross-build, prepare the guest, run the http1
-/// tests (the smoke tests unless `test_args` are given) in it.
-pub fn vmtest_arm64(test_args: &[String]) -> Result<()> {
+/// `cargo xtask vmtest-arm64 [--all] [-- TEST ARGS]`: cross-build, prepare the guest, run the
+/// http1 tests in it: the smoke tests, or all of them with `all`.
+pub fn vmtest_arm64(all: bool, test_args: &[String]) -> Result<()> {
     let start = Instant::now();
     cross::setup()?;
     setup::packages(&[vmtest::PACKAGES, PACKAGES])?;
@@ -98,11 +98,12 @@ pub fn vmtest_arm64(test_args: &[String]) -> Result<()> {
         (qemu, kernel, rootfs)
     };
 
-    let tests: Vec<String> = if test_args.is_empty() {
-        SMOKE_TESTS.iter().map(|t| t.to_string()).collect()
-    } else {
-        test_args.to_vec()
-    };
+    // Test names in `test_args` replace the smoke tests, as `--all` does.
+    let mut tests: Vec<String> = Vec::new();
+    if !all && test_args.is_empty() {
+        tests.extend(SMOKE_TESTS.iter().map(|t| t.to_string()));
+    }
+    tests.extend_from_slice(test_args);
     // The guest sees the rootfs as `/`: its run directory lives inside it.
     let run = RunDir::create(&rootfs.join("vmtest-run"), "arm64")?;
     let guest_path = |host: &Path| -> Result<String> {
@@ -142,7 +143,11 @@ pub fn vmtest_arm64(test_args: &[String]) -> Result<()> {
     println!(
         "\n==> linux {} (aarch64) in qemu-system-aarch64: http1 {}",
         kernel.release,
-        tests.join(" ")
+        if tests.is_empty() {
+            "(all)".to_string()
+        } else {
+            tests.join(" ")
+        }
     );
     let status = boot(&qemu, &kernel, &rootfs, &guest_path(&script_path)?, &log)?;
     let minutes = start.elapsed().as_secs_f64() / 60.0;
