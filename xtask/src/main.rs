@@ -124,7 +124,8 @@ enum Task {
     },
     /// Cross-build kspan and the http1 e2e tests for aarch64, then run the HTTP/1 smoke tests in
     /// a QEMU guest booting Debian's arm64 kernel with an arm64 userland (debootstrap), all
-    /// cached in $KSPAN_VMTEST_DIR/arm64: `vmtest-arm64 [-- TEST ARGS]`. Not part of `test`.
+    /// cached in $KSPAN_VMTEST_DIR/arm64: `vmtest-arm64 [--all] [-- TEST ARGS]`. Not part of
+    /// `test`.
     VmtestArm64 {
         /// Run every test of tests/http1.rs, not only the smoke tests.
         #[arg(long)]
