@@ -9,6 +9,7 @@ mod deploy;
 mod fuzz;
 mod setup;
 mod vmtest;
+mod vmtest_arm64;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
@@ -121,6 +122,19 @@ enum Task {
         #[arg(last = true, value_name = "TEST ARGS")]
         test_args: Vec<String>,
     },
+    /// Cross-build kspan and the http1 e2e tests for aarch64, then run the HTTP/1 smoke tests in
+    /// a QEMU guest booting Debian's arm64 kernel with an arm64 userland (debootstrap), all
+    /// cached in $KSPAN_VMTEST_DIR/arm64: `vmtest-arm64 [--all] [-- TEST ARGS]`. Not part of
+    /// `test`.
+    VmtestArm64 {
+        /// Run every test of tests/http1.rs, not only the smoke tests.
+        #[arg(long)]
+        all: bool,
+        /// Arguments passed to the http1 test binary; test names given here replace the smoke
+        /// tests.
+        #[arg(last = true, value_name = "TEST ARGS")]
+        test_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -190,6 +204,7 @@ fn run_task(task: Task) -> Result<()> {
             run,
             test_args,
         }),
+        Task::VmtestArm64 { all, test_args } => vmtest_arm64::vmtest_arm64(all, &test_args),
     }
 }
 

@@ -180,7 +180,7 @@ const SUITES: &[(&str, &str)] = &[
     ("debian", "trixie"),
     ("debian", "sid"),
 ];
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+pub(crate) const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 pub struct Options {
     /// Empty: the whole matrix.
@@ -271,7 +271,7 @@ pub fn e2e_binaries() -> Result<Vec<TestBinary>> {
 }
 
 /// The test executables in cargo's JSON messages.
-fn parse_test_artifacts(json_lines: &str) -> Result<Vec<TestBinary>> {
+pub(crate) fn parse_test_artifacts(json_lines: &str) -> Result<Vec<TestBinary>> {
     let mut binaries = Vec::new();
     for line in json_lines.lines().filter(|l| l.starts_with('{')) {
         let message: Value = serde_json::from_str(line).context("cargo printed invalid JSON")?;
@@ -581,12 +581,12 @@ fn guest(
 
 /// A guest's directory in the cache (`run/KERNEL-PID`): its command script and binaries. Removed
 /// when dropped; one left by a killed run is removed by the next.
-struct RunDir {
-    dir: PathBuf,
+pub(crate) struct RunDir {
+    pub(crate) dir: PathBuf,
 }
 
 impl RunDir {
-    fn create(parent: &Path, label: &str) -> Result<RunDir> {
+    pub(crate) fn create(parent: &Path, label: &str) -> Result<RunDir> {
         for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.rsplit('-').next().unwrap_or_default();
@@ -602,7 +602,7 @@ impl RunDir {
         Ok(RunDir { dir })
     }
 
-    fn copy(&self, file: &Path) -> Result<PathBuf> {
+    pub(crate) fn copy(&self, file: &Path) -> Result<PathBuf> {
         let to = self
             .dir
             .join(file.file_name().context("a binary has no file name")?);
@@ -728,7 +728,7 @@ fn guest_script(command: &GuestCommand, env: &ScriptEnv) -> String {
 /// run the script named by `vmtest=` on the kernel command line, report its status, power off.
 /// While the power-off runs, PID 1 waits in a loop of shell builtins: exec'ing `sleep` from the
 /// host's root fails as 9p shuts down, and PID 1 exiting panics the kernel (a noisy dump).
-const INIT: &str = r#"#!/bin/busybox sh
+pub(crate) const INIT: &str = r#"#!/bin/busybox sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 S=$(sed -n 's/.*vmtest=\([^ ]*\).*/\1/p' /proc/cmdline)
@@ -870,7 +870,7 @@ fn boot(qemu: &Qemu, kernel: &Prepared, script: &Path, log: &Path, live: bool) -
     }
 }
 
-fn guest_timeout() -> Result<Duration> {
+pub(crate) fn guest_timeout() -> Result<Duration> {
     match env::var("KSPAN_VMTEST_TIMEOUT") {
         Ok(secs) => secs
             .trim()
@@ -884,14 +884,14 @@ fn guest_timeout() -> Result<Duration> {
 /// Finds the guest's `VMTEST_EXIT=N` line, or the kernel's panic message, in console output
 /// arriving in arbitrary chunks.
 #[derive(Default)]
-struct ExitScanner {
+pub(crate) struct ExitScanner {
     line: Vec<u8>,
-    status: Option<i32>,
-    panic: Option<String>,
+    pub(crate) status: Option<i32>,
+    pub(crate) panic: Option<String>,
 }
 
 impl ExitScanner {
-    fn feed(&mut self, bytes: &[u8]) {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             if byte == b'\n' {
                 if let Some(status) = exit_line(&self.line) {
@@ -920,12 +920,12 @@ fn exit_line(line: &[u8]) -> Option<i32> {
 // ---------------------------------------------------------------------------------------------
 // The cache: QEMU and busybox
 
-struct Cache {
-    dir: PathBuf,
+pub(crate) struct Cache {
+    pub(crate) dir: PathBuf,
 }
 
 impl Cache {
-    fn open() -> Result<Cache> {
+    pub(crate) fn open() -> Result<Cache> {
         let dir = env::var_os("KSPAN_VMTEST_DIR")
             .filter(|d| !d.is_empty())
             .map_or_else(|| PathBuf::from(DEFAULT_CACHE), PathBuf::from);
@@ -941,7 +941,7 @@ impl Cache {
     }
 
     /// Held while the cache is filled, so concurrent runs do not download the same files.
-    fn lock(&self) -> Result<File> {
+    pub(crate) fn lock(&self) -> Result<File> {
         let path = self.dir.join("lock");
         let file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -958,7 +958,7 @@ impl Cache {
 
     /// An empty temporary directory for building `name`; one left by an interrupted run (we hold
     /// the lock, so no other run uses it) is removed first.
-    fn scratch(&self, name: &str) -> Result<PathBuf> {
+    pub(crate) fn scratch(&self, name: &str) -> Result<PathBuf> {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
@@ -1075,7 +1075,7 @@ fn qemu_packages() -> Result<Vec<String>> {
 }
 
 /// The packages in the `Inst` lines of `apt-get install --dry-run`.
-fn parse_dry_run(text: &str) -> Vec<String> {
+pub(crate) fn parse_dry_run(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("Inst "))
         .filter_map(|l| l.split_whitespace().next())
@@ -1202,7 +1202,7 @@ impl Apt {
 
 /// The mirror the system's apt uses for Debian: the URI of its `…/debian` archive, without that
 /// last component. Reads one-line (`deb [opts] URI suite…`) and deb822 (`URIs: …`) sources.
-fn debian_mirror(sources: &str) -> Option<String> {
+pub(crate) fn debian_mirror(sources: &str) -> Option<String> {
     sources.lines().find_map(|line| {
         let line = line.trim();
         let uris: Vec<&str> = if let Some(uris) = line.strip_prefix("URIs:") {
@@ -1463,7 +1463,7 @@ fn newest_abi(kernel: &Kernel, search: &str) -> Option<String> {
 
 /// Orders versions by their runs of digits (numerically) and of other characters (bytewise):
 /// 57 > 9, 6.12.118+deb12 > 6.12.117+deb13.
-fn compare_versions(a: &str, b: &str) -> cmp::Ordering {
+pub(crate) fn compare_versions(a: &str, b: &str) -> cmp::Ordering {
     fn runs(s: &str) -> Vec<(bool, &str)> {
         let mut out = Vec::new();
         let mut rest = s;
@@ -1492,7 +1492,7 @@ fn compare_versions(a: &str, b: &str) -> cmp::Ordering {
 }
 
 /// The candidate version in `apt-cache policy PACKAGE` output, and the suite it comes from.
-fn parse_policy(policy: &str) -> Option<(String, String)> {
+pub(crate) fn parse_policy(policy: &str) -> Option<(String, String)> {
     let candidate = policy
         .lines()
         .find_map(|l| l.trim().strip_prefix("Candidate:"))?
@@ -1520,7 +1520,7 @@ fn parse_policy(policy: &str) -> Option<(String, String)> {
 }
 
 /// Escape for apt's POSIX extended regular expressions.
-fn regex_escape(s: &str) -> String {
+pub(crate) fn regex_escape(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let special = ".+*?()[]{}|^$\\".contains(c);
@@ -1530,7 +1530,7 @@ fn regex_escape(s: &str) -> String {
 }
 
 /// The one directory under any of `parents` (relative to `root`).
-fn single_dir(root: &Path, parents: &[&str]) -> Result<PathBuf> {
+pub(crate) fn single_dir(root: &Path, parents: &[&str]) -> Result<PathBuf> {
     let mut dirs = Vec::new();
     for parent in parents {
         for entry in fs::read_dir(root.join(parent))
@@ -1642,7 +1642,7 @@ fn complete_elf(data: &[u8]) -> bool {
 
 /// Decompress the modules that mount the host's root, with their dependencies, into `into`
 /// (busybox insmod cannot decompress), with their load order in `into/order`. Returns the order.
-fn gather_modules(modules_dir: &Path, into: &Path) -> Result<Vec<String>> {
+pub(crate) fn gather_modules(modules_dir: &Path, into: &Path) -> Result<Vec<String>> {
     let files = module_files(modules_dir)?;
     let builtin = fs::read_to_string(modules_dir.join("modules.builtin")).unwrap_or_default();
     let builtin: BTreeSet<String> = builtin
@@ -1807,25 +1807,25 @@ fn load_order(
 
 /// A cpio archive in the `newc` format the kernel unpacks as initramfs.
 #[derive(Default)]
-struct Cpio {
+pub(crate) struct Cpio {
     data: Vec<u8>,
     inode: u32,
 }
 
 impl Cpio {
-    fn dir(&mut self, name: &str) {
+    pub(crate) fn dir(&mut self, name: &str) {
         self.entry(name, 0o040_755, 2, (0, 0), &[]);
     }
 
-    fn file(&mut self, name: &str, permissions: u32, data: &[u8]) {
+    pub(crate) fn file(&mut self, name: &str, permissions: u32, data: &[u8]) {
         self.entry(name, 0o100_000 | permissions, 1, (0, 0), data);
     }
 
-    fn symlink(&mut self, name: &str, target: &str) {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) {
         self.entry(name, 0o120_777, 1, (0, 0), target.as_bytes());
     }
 
-    fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+    pub(crate) fn char_device(&mut self, name: &str, major: u32, minor: u32) {
         self.entry(name, 0o020_600, 1, (major, minor), &[]);
     }
 
@@ -1872,7 +1872,7 @@ impl Cpio {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.inode = 0;
         self.entry("TRAILER!!!", 0, 1, (0, 0), &[]);
         self.data
@@ -1883,7 +1883,7 @@ impl Cpio {
 // Helpers
 
 /// Run with inherited stdio without echoing the (long) command; name it if it fails.
-fn run_quiet(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> Result<()> {
     let shown = display(cmd);
     let status = cmd
         .stdin(Stdio::null())
@@ -1896,7 +1896,7 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
 }
 
 /// Run and capture stdout; on failure the error holds stderr.
-fn capture(cmd: &mut Command) -> Result<String> {
+pub(crate) fn capture(cmd: &mut Command) -> Result<String> {
     let shown = display(cmd);
     let out = cmd
         .stdin(Stdio::null())
@@ -1912,7 +1912,7 @@ fn capture(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn dpkg_extract(deb: &Path, into: &Path) -> Result<()> {
+pub(crate) fn dpkg_extract(deb: &Path, into: &Path) -> Result<()> {
     let status = Command::new("dpkg-deb")
         .arg("-x")
         .arg(deb)
@@ -1925,7 +1925,7 @@ fn dpkg_extract(deb: &Path, into: &Path) -> Result<()> {
     Ok(())
 }
 
-fn files_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>> {
+pub(crate) fn files_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .flatten()
@@ -1936,14 +1936,14 @@ fn files_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn write_atomically(path: &Path, contents: String) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: String) -> Result<()> {
     let partial = path.with_extension("partial");
     fs::write(&partial, contents).with_context(|| format!("cannot write {}", partial.display()))?;
     fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Move the finished `from` to `to`, replacing an older or incomplete `to`.
-fn replace_dir(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn replace_dir(from: &Path, to: &Path) -> Result<()> {
     if to.exists() {
         fs::remove_dir_all(to).with_context(|| format!("cannot remove {}", to.display()))?;
     }
@@ -1954,7 +1954,7 @@ fn replace_dir(from: &Path, to: &Path) -> Result<()> {
         .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))
 }
 
-fn total_size(files: &[PathBuf]) -> u64 {
+pub(crate) fn total_size(files: &[PathBuf]) -> u64 {
     files
         .iter()
         .filter_map(|f| f.metadata().ok())
@@ -1962,7 +1962,7 @@ fn total_size(files: &[PathBuf]) -> u64 {
         .sum()
 }
 
-fn megabytes(bytes: u64) -> String {
+pub(crate) fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
