@@ -1,7 +1,8 @@
 //! kspan: zero-code tracing agent. Data flows one way:
 //! kernel events (`probes`) → connection tracking (`conntrack`) → protocol parsers (`protocols`)
 //! → span builder (`spans`) → exporters (`export`). `process` decides which processes are traced
-//! and describes them; `pipeline` wires the stages together.
+//! and describes them, with `kubernetes` for this node's pods; `pipeline` wires the stages
+//! together.
 
 pub mod cli;
 pub mod clock;
@@ -10,6 +11,7 @@ pub mod conntrack;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod kubernetes;
 pub mod linker;
 pub mod metrics;
 pub mod pipeline;

@@ -28,6 +28,9 @@ pub struct Stats {
     pub spans_exported: AtomicU64,
     /// Failed OTLP export requests (after the exporter's own retries).
     pub export_failures: AtomicU64,
+    /// Failed requests to the Kubernetes API server (pod list and watch, owner lookups): kspan
+    /// retries them and traces on without pod metadata meanwhile.
+    pub kubernetes_api_errors: AtomicU64,
     /// Connections the agent stopped tracking because its table was full.
     pub connections_dropped: AtomicU64,
     /// Connections muted in the kernel (no more bytes copied): no known protocol, a parser that
@@ -173,6 +176,13 @@ pub const COUNTERS: &[Counter] = &[
         "kspan.export.failures",
         "{request}",
         "Failed OTLP export requests, after retries."
+    ),
+    counter!(
+        kubernetes_api_errors,
+        "kspan.kubernetes.api_errors",
+        "{error}",
+        "Failed requests to the Kubernetes API server (pod list and watch, ReplicaSet and Job \
+         lookups), each retried with backoff; tracing goes on without pod metadata meanwhile."
     ),
     counter!(
         links_ambiguous,

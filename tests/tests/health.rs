@@ -28,6 +28,7 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("spans_dropped", "kspan.spans.dropped"),
     ("spans_exported", "kspan.spans.exported"),
     ("export_failures", "kspan.export.failures"),
+    ("kubernetes_api_errors", "kspan.kubernetes.api_errors"),
     ("exporters_stopped", "kspan.exporters.stopped"),
     ("links_ambiguous", "kspan.links.ambiguous"),
     ("links_mismatched", "kspan.links.mismatched"),
