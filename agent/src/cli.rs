@@ -379,6 +379,11 @@ pub fn run(args: Args) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let mut processes = Processes::new(settings.discovery.clone());
+    // In a Kubernetes pod (or with a kubeconfig): the pods of this node, watched in the
+    // background. Nothing on a plain host.
+    if let Some(source) = crate::kubernetes::start(stats.clone()) {
+        processes.set_kubernetes(source);
+    }
     // /healthz and /readyz, served with the Prometheus metrics.
     let health = Arc::new(prometheus::Health::new());
     let exports = Exports::start(&settings, &mut processes, &stats, &health)?;
@@ -448,6 +453,7 @@ pub fn run(args: Args) -> Result<()> {
         if reread.swap(false, Ordering::Relaxed) {
             reread_discovery(&settings, &mut pipeline);
         }
+        pipeline.poll_kubernetes();
         pipeline.flush();
         mirror_link_counters(&stats, &pipeline.linker().counters);
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {

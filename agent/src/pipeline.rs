@@ -419,6 +419,28 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let change = self
             .processes
             .reselect(discovery, &mut self.socket_tables)?;
+        self.apply_reselection(&change);
+        Ok(change)
+    }
+
+    /// Pods of this node changed (Kubernetes): their processes' resources are read again, and
+    /// rules on Kubernetes fields judge those processes again. Cheap when nothing changed.
+    pub fn poll_kubernetes(&mut self) {
+        if let Some(change) = self.processes.poll_kubernetes(&mut self.socket_tables) {
+            if !change.newly_selected.is_empty() || change.dropped > 0 {
+                log::info!(
+                    "pods changed: tracing {} more processes, {} fewer",
+                    change.newly_selected.len(),
+                    change.dropped
+                );
+            }
+            self.apply_reselection(&change);
+        }
+    }
+
+    /// Into the kernel filter with the newly selected processes (and their open connections),
+    /// out with the others, forgetting what was tracked of them.
+    fn apply_reselection(&mut self, change: &crate::process::Reselection) {
         let now = Clock::monotonic_now();
         for &pid in &change.unselected {
             self.kernel.untrace_pid(pid);
@@ -430,7 +452,6 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.track_open_sockets(pid, true);
         }
         self.count_table_scans();
-        Ok(change)
     }
 
     /// Track the TCP connections `pid` has open. `refresh`: a socket the cached tables do not

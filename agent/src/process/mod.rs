@@ -17,6 +17,7 @@ use std::{
 
 pub use discovery::{Discovery, Rule};
 
+use crate::kubernetes::{KubernetesSource, PodChange};
 use crate::spans::Resource;
 
 /// How many ancestors to walk when deciding whether a process descends from a `pid` rule's.
@@ -31,6 +32,10 @@ pub struct Processes {
     /// What the exec event of traced processes said: the resource's fallback when the process
     /// is gone before procfs was read (a short-lived client).
     images: FxHashMap<u32, ExecImage>,
+    /// The pods of this node, when kspan reaches a Kubernetes API server.
+    kubernetes: Option<KubernetesSource>,
+    /// The cgroup of each process whose resource is cached: a pod change finds them here.
+    cgroups: FxHashMap<u32, container::CgroupIds>,
 }
 
 /// A program as its exec event named it.
@@ -104,7 +109,14 @@ impl Processes {
             resources: FxHashMap::default(),
             traced: HashSet::new(),
             images: FxHashMap::default(),
+            kubernetes: None,
+            cgroups: FxHashMap::default(),
         }
+    }
+
+    /// Describe processes with their pods (and judge rules on them) from now on.
+    pub fn set_kubernetes(&mut self, source: KubernetesSource) {
+        self.kubernetes = Some(source);
     }
 
     pub fn discovery(&self) -> &Discovery {
@@ -129,7 +141,8 @@ impl Processes {
         }
         let selected: Vec<u32> = pids
             .filter(|&pid| {
-                let mut facts = ProcfsFacts::new(pid, None, Some(tables), None);
+                let mut facts =
+                    ProcfsFacts::new(pid, None, Some(tables), None, self.kubernetes.as_ref());
                 self.discovery.selects(&mut facts)
             })
             .collect();
@@ -172,7 +185,13 @@ impl Processes {
             .into_iter()
             .filter(|&pid| pid != agent)
         {
-            let mut facts = ProcfsFacts::new(pid, self.images.get(&pid), Some(tables), None);
+            let mut facts = ProcfsFacts::new(
+                pid,
+                self.images.get(&pid),
+                Some(tables),
+                None,
+                self.kubernetes.as_ref(),
+            );
             if self.discovery.selects(&mut facts) {
                 selected.push(pid);
             } else {
@@ -191,6 +210,7 @@ impl Processes {
             }
             self.images.remove(&pid);
             self.resources.remove(&pid);
+            self.cgroups.remove(&pid);
         }
         self.traced.extend(newly.iter().copied());
         Ok(Reselection {
@@ -220,7 +240,13 @@ impl Processes {
         let gone = procfs_scan::exe_path(pid).is_none();
         let selected = self
             .discovery
-            .selects(&mut ProcfsFacts::new(pid, Some(&image), Some(tables), None))
+            .selects(&mut ProcfsFacts::new(
+                pid,
+                Some(&image),
+                Some(tables),
+                None,
+                self.kubernetes.as_ref(),
+            ))
             // Gone already, with no exec path: trust the kernel's match of its name at exec
             // (plain exe rules).
             || (gone
@@ -257,7 +283,13 @@ impl Processes {
             return false;
         }
         // Only this port is new: the process's other sockets did not select it before.
-        let mut facts = ProcfsFacts::new(pid, self.images.get(&pid), None, Some(port));
+        let mut facts = ProcfsFacts::new(
+            pid,
+            self.images.get(&pid),
+            None,
+            Some(port),
+            self.kubernetes.as_ref(),
+        );
         if !self.discovery.selects(&mut facts) {
             return false;
         }
@@ -267,13 +299,14 @@ impl Processes {
     /// Per-process entries held (resources, selections, exec images): a gauge that returns to
     /// its baseline when the processes are gone.
     pub fn entries(&self) -> usize {
-        self.resources.len() + self.traced.len() + self.images.len()
+        self.resources.len() + self.traced.len() + self.images.len() + self.cgroups.len()
     }
 
     pub fn on_exit(&mut self, pid: u32) {
         self.resources.remove(&pid);
         self.traced.remove(&pid);
         self.images.remove(&pid);
+        self.cgroups.remove(&pid);
     }
 
     /// The resource of a traced process, read from procfs once and cached until exec or exit.
@@ -281,14 +314,100 @@ impl Processes {
         if let Some(resource) = self.resources.get(&pid) {
             return resource.clone();
         }
+        let cgroup = container::read(pid);
+        let kubernetes = self
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.lookup(cgroup.container_id.as_deref(), cgroup.pod_uid.as_deref()));
         let resource = Arc::new(resource::read_resource(
             pid,
             &self.host_name,
             self.images.get(&pid),
-            None,
+            cgroup.clone(),
+            kubernetes,
         ));
         self.resources.insert(pid, resource.clone());
+        self.cgroups.insert(pid, cgroup);
         resource
+    }
+
+    /// The pod changes the Kubernetes watcher sent since the last call: the resources of their
+    /// processes are read again at their next span, and, with rules on Kubernetes fields, the
+    /// processes of those pods are judged again. None when nothing changed.
+    pub fn poll_kubernetes(
+        &mut self,
+        tables: &mut socket_tables::SocketTables,
+    ) -> Option<Reselection> {
+        let changes = self.kubernetes.as_mut()?.poll();
+        if changes.is_empty() {
+            return None;
+        }
+        let mut pods: HashSet<String> = HashSet::new();
+        let mut containers: HashSet<String> = HashSet::new();
+        for change in &changes {
+            match change {
+                PodChange::Upsert {
+                    pod_uid,
+                    containers: list,
+                } => {
+                    pods.insert(pod_uid.clone());
+                    containers.extend(list.iter().map(|(id, _)| id.clone()));
+                }
+                PodChange::Removed { pod_uid } => {
+                    pods.insert(pod_uid.clone());
+                }
+            }
+        }
+        let in_changed_pod = |ids: &container::CgroupIds| {
+            ids.pod_uid.as_ref().is_some_and(|uid| pods.contains(uid))
+                || ids
+                    .container_id
+                    .as_ref()
+                    .is_some_and(|id| containers.contains(id))
+        };
+        let stale: Vec<u32> = self
+            .cgroups
+            .iter()
+            .filter(|(_, ids)| in_changed_pod(ids))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in stale {
+            self.resources.remove(&pid);
+            self.cgroups.remove(&pid);
+        }
+        if self.discovery.trace_all() || !self.discovery.has_kubernetes_rules() {
+            return None;
+        }
+        // Which processes run in those pods: one read of each process's cgroup, per batch of
+        // changes (pods change in seconds, not per event).
+        let agent = std::process::id();
+        let mut change = Reselection::default();
+        for pid in procfs_scan::all_pids()
+            .into_iter()
+            .filter(|&pid| pid != agent)
+        {
+            if !in_changed_pod(&container::read(pid)) {
+                continue;
+            }
+            let mut facts = ProcfsFacts::new(
+                pid,
+                self.images.get(&pid),
+                Some(tables),
+                None,
+                self.kubernetes.as_ref(),
+            );
+            if self.discovery.selects(&mut facts) {
+                if self.traced.insert(pid) {
+                    change.newly_selected.push(pid);
+                }
+            } else {
+                if self.traced.remove(&pid) {
+                    change.dropped += 1;
+                }
+                change.unselected.push(pid);
+            }
+        }
+        Some(change)
     }
 }
 
@@ -301,7 +420,10 @@ struct ProcfsFacts<'a> {
     tables: Option<&'a mut socket_tables::SocketTables>,
     /// A port it is known to listen on (a listen event).
     listening: Option<u16>,
+    /// The pods of the node, when known.
+    kubernetes: Option<&'a KubernetesSource>,
     exe: Option<Option<PathBuf>>,
+    cgroup: Option<container::CgroupIds>,
 }
 
 impl<'a> ProcfsFacts<'a> {
@@ -310,14 +432,22 @@ impl<'a> ProcfsFacts<'a> {
         image: Option<&'a ExecImage>,
         tables: Option<&'a mut socket_tables::SocketTables>,
         listening: Option<u16>,
+        kubernetes: Option<&'a KubernetesSource>,
     ) -> Self {
         ProcfsFacts {
             pid,
             image,
             tables,
             listening,
+            kubernetes,
             exe: None,
+            cgroup: None,
         }
+    }
+
+    fn cgroup(&mut self) -> &container::CgroupIds {
+        let pid = self.pid;
+        self.cgroup.get_or_insert_with(|| container::read(pid))
     }
 }
 
@@ -372,12 +502,24 @@ impl discovery::ProcessFacts for ProcfsFacts<'_> {
     }
 
     fn container_id(&mut self) -> Option<String> {
-        container::read(self.pid).container_id
+        self.cgroup().container_id.clone()
     }
 
     fn kubernetes(&mut self) -> Option<discovery::KubernetesView<'_>> {
-        // No Kubernetes metadata source yet: rules on it match nothing.
-        None
+        let source = self.kubernetes?;
+        let ids = self.cgroup().clone();
+        let pod = source.lookup(ids.container_id.as_deref(), ids.pod_uid.as_deref())?;
+        Some(discovery::KubernetesView {
+            namespace: pod.namespace.as_deref()?,
+            pod_name: pod.pod_name.as_deref()?,
+            deployment_name: pod
+                .owner
+                .as_ref()
+                .filter(|o| o.kind == resource::WorkloadKind::Deployment)
+                .map(|o| o.name.as_str()),
+            labels: &pod.pod_labels,
+            annotations: &pod.pod_annotations,
+        })
     }
 }
 
@@ -412,7 +554,7 @@ mod tests {
     fn a_pid_rule_covers_descendants() {
         use discovery::ProcessFacts;
         let parent = std::os::unix::process::parent_id();
-        let mut facts = ProcfsFacts::new(std::process::id(), None, None, None);
+        let mut facts = ProcfsFacts::new(std::process::id(), None, None, None, None);
         assert!(facts.descends_from(parent));
         assert!(!facts.descends_from(u32::MAX - 1));
         let rules = Discovery::new(vec![Rule::pid(parent)], vec![]);

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use super::container::{self, CgroupIds};
+use super::container::CgroupIds;
 use super::{ExecImage, procfs_scan};
 use crate::spans::{AttributeValue, Attributes, Resource};
 
@@ -98,6 +98,7 @@ pub(super) fn read_resource(
     pid: u32,
     host_name: &str,
     exec: Option<&ExecImage>,
+    cgroup: CgroupIds,
     kubernetes: Option<&KubernetesMetadata>,
 ) -> Resource {
     let executable_path =
@@ -118,12 +119,18 @@ pub(super) fn read_resource(
             .as_deref()
             .map(parse_resource_attributes)
             .unwrap_or_default(),
-        cgroup: container::read(pid),
+        cgroup,
     };
     build_resource(&facts, host_name, kubernetes)
 }
 
+/// The node's name: `NODE_NAME` in kspan's pod (the chart sets it from `spec.nodeName`; the
+/// pod's own host name is not the node's unless it shares the node's network), else the host
+/// name.
 pub(super) fn host_name() -> String {
+    if let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+        return node;
+    }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())
@@ -337,6 +344,7 @@ fn static_key(key: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::container;
     use super::*;
 
     fn str_attribute(resource: &Resource, key: &str) -> Option<String> {
@@ -645,7 +653,7 @@ mod tests {
 
     #[test]
     fn a_gone_process_without_an_exec_event_is_an_unknown_service() {
-        let resource = read_resource(GONE, "h", None, None);
+        let resource = read_resource(GONE, "h", None, container::read(GONE), None);
         assert_eq!(
             str_attribute(&resource, "service.name").as_deref(),
             Some("unknown_service")
@@ -674,7 +682,7 @@ mod tests {
         {
             std::thread::yield_now();
         }
-        let resource = read_resource(pid, "test-host", None, None);
+        let resource = read_resource(pid, "test-host", None, container::read(pid), None);
         let own_cgroup = container::read(std::process::id());
         let _ = child.kill();
         let _ = child.wait();
