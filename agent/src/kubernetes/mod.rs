@@ -16,6 +16,7 @@
 //! API server since 1.25 serves unchanged (pod metadata, `spec.nodeName`, the container
 //! statuses, owner references), so any version would do and the oldest promises nothing newer.
 
+mod objects;
 mod owners;
 mod pods;
 mod watch;

@@ -1,17 +1,19 @@
 //! The workload that owns a pod: its controller, or for a ReplicaSet or a Job the controller
 //! above it (a Deployment, a CronJob). One GET per ReplicaSet or Job, cached by its uid: every
-//! pod of a Deployment's rollout shares one lookup, and pod events never cause one.
+//! pod of a Deployment's rollout shares one lookup, and pod events never cause one. The GET asks
+//! for the metadata only (`PartialObjectMetadata`): the owner references are all kspan reads,
+//! and a ReplicaSet's pod template is most of its size.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 use tokio::time::Instant;
 
 use super::ApiErrors;
+use super::objects::Pod;
 use super::pods::{self, ControllerRef};
 use crate::process::resource::{Workload, WorkloadKind};
 
@@ -121,7 +123,7 @@ impl Owners {
         replica_set: &ControllerRef,
     ) -> kube::Result<Option<Workload>> {
         let api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), namespace);
-        let replica_set = api.get(&replica_set.name).await?;
+        let replica_set = api.get_metadata(&replica_set.name).await?;
         Ok(pods::controller_of(&replica_set.metadata)
             .filter(|owner| owner.kind == "Deployment")
             .map(|owner| Workload {
@@ -137,7 +139,7 @@ impl Owners {
         job: &ControllerRef,
     ) -> kube::Result<Option<Workload>> {
         let api: Api<Job> = Api::namespaced(self.client.clone(), namespace);
-        let fetched = api.get(&job.name).await?;
+        let fetched = api.get_metadata(&job.name).await?;
         Ok(Some(
             match pods::controller_of(&fetched.metadata).filter(|owner| owner.kind == "CronJob") {
                 Some(cron_job) => Workload {

@@ -2,8 +2,9 @@
 //! the container's runtime id (the id a process's cgroup names), and the pod's controller before
 //! it is resolved to a workload.
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::objects::Pod;
 
 use crate::process::resource::{KubernetesMetadata, Workload, WorkloadKind};
 
@@ -129,8 +130,8 @@ pub(super) fn container_metadata(
 
 #[cfg(test)]
 mod tests {
+    use super::super::objects::{ContainerStatus, PodStatus};
     use super::*;
-    use k8s_openapi::api::core::v1::{ContainerStatus, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use std::collections::BTreeMap;
 
@@ -225,7 +226,6 @@ mod tests {
         let status = |name: &str, id: Option<&str>| ContainerStatus {
             name: name.into(),
             container_id: id.map(String::from),
-            ..ContainerStatus::default()
         };
         let pod = Pod {
             status: Some(PodStatus {
@@ -235,7 +235,6 @@ mod tests {
                 ]),
                 init_container_statuses: Some(vec![status("init", Some("containerd://bb"))]),
                 ephemeral_container_statuses: Some(vec![status("debug", Some("containerd://cc"))]),
-                ..PodStatus::default()
             }),
             ..Pod::default()
         };

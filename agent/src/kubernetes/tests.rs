@@ -162,10 +162,20 @@ fn answer(state: &Mutex<ServerState>, request: &Request<Incoming>) -> Response<B
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
     let path = request.uri().path();
     let query = decode_query(request.uri().query().unwrap_or(""));
-    let line = match query.as_str() {
+    // What a client asks with `Accept: application/json;as=PartialObjectMetadata;...`.
+    let metadata_only = (request.headers().get_all("accept").iter()).any(|accept| {
+        accept
+            .to_str()
+            .unwrap_or("")
+            .contains("as=PartialObjectMetadata")
+    });
+    let mut line = match query.as_str() {
         "" => format!("{} {path}", request.method()),
         _ => format!("{} {path}?{query}", request.method()),
     };
+    if metadata_only {
+        line.push_str(" (metadata)");
+    }
     state.requests.push(line.clone());
     let json = |status: u16, body: String| {
         Response::builder()
@@ -198,9 +208,22 @@ fn answer(state: &Mutex<ServerState>, request: &Request<Incoming>) -> Response<B
                 .unwrap()
         }
         LIST_PATH => json(200, POD_LIST.to_string()),
+        REPLICA_SET_PATH if metadata_only => json(200, partial_object_metadata(REPLICA_SET)),
         REPLICA_SET_PATH => json(200, REPLICA_SET.to_string()),
+        _ if metadata_only => json(200, partial_object_metadata(JOB)),
         _ => json(200, JOB.to_string()),
     }
+}
+
+/// The object as the API server answers a request for its metadata only.
+fn partial_object_metadata(object: &str) -> String {
+    let object: serde_json::Value = serde_json::from_str(object).unwrap();
+    serde_json::json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object["metadata"],
+    })
+    .to_string()
 }
 
 /// A `Status` as the API server answers errors.
@@ -477,9 +500,15 @@ fn the_pods_of_this_node_are_listed_watched_and_resolved_to_their_workloads() {
     // Every change was sent before the watcher asked again.
     assert_eq!(source.poll(), []);
 
-    // One GET per owner, however many pods and events.
-    assert_eq!(server.requests_to(REPLICA_SET_PATH).len(), 1);
-    assert_eq!(server.requests_to(JOB_PATH).len(), 1);
+    // One GET per owner, of its metadata only, however many pods and events.
+    assert_eq!(
+        server.requests_to(REPLICA_SET_PATH),
+        [format!("GET {REPLICA_SET_PATH} (metadata)")]
+    );
+    assert_eq!(
+        server.requests_to(JOB_PATH),
+        [format!("GET {JOB_PATH} (metadata)")]
+    );
     assert_eq!(
         server.requests_to(LIST_PATH).len(),
         3,

@@ -7,12 +7,12 @@ use std::collections::{HashMap, HashSet};
 use std::pin::pin;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, utils::Backoff};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
+use super::objects::Pod;
 use super::owners::{Owners, Resolution};
 use super::{ApiErrors, PodChange, Settings, pods};
 use crate::process::resource::KubernetesMetadata;
