@@ -105,6 +105,20 @@ impl KubernetesSource {
     }
 }
 
+#[cfg(test)]
+impl KubernetesSource {
+    /// A source the test feeds instead of a watcher: what it sends, `poll` returns.
+    pub(crate) fn fed_by_test() -> (mpsc::Sender<PodChange>, KubernetesSource) {
+        let (sender, changes) = mpsc::channel(CHANNEL_CAPACITY);
+        let source = KubernetesSource {
+            changes,
+            index: PodIndex::default(),
+            node_name: "test-node".to_string(),
+        };
+        (sender, source)
+    }
+}
+
 /// Starts watching this node's pods when kspan can reach a Kubernetes API: in a pod with a
 /// service account, or with a kubeconfig (`KUBECONFIG`, `~/.kube/config`). None on a plain host
 /// (logged at debug level only: nothing is wrong there). The node is `NODE_NAME` (kspan's

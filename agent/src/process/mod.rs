@@ -550,6 +550,60 @@ mod tests {
         ));
     }
 
+    /// Rules on Kubernetes fields see a process's pod through the watcher's index, by the
+    /// container id its cgroup names: once the pod is known, and as it changes.
+    #[test]
+    fn kubernetes_rules_match_the_pod_of_the_process_container() {
+        use crate::kubernetes::{KubernetesSource, PodChange};
+        use resource::{KubernetesMetadata, Workload, WorkloadKind};
+        let config = crate::config::ConfigFile::parse(
+            "discovery:\n  include:\n    - {k8s_namespace: shop, k8s_deployment_name: web, \
+             k8s_labels: {tier: front*}}\n",
+        )
+        .unwrap();
+        let rules = Discovery::from_config(&config.discovery, Vec::new());
+        let (sender, mut source) = KubernetesSource::fed_by_test();
+        let pod = |namespace: &str, tier: &str| KubernetesMetadata {
+            namespace: Some(namespace.to_string()),
+            pod_name: Some("web-7d9f-abcde".to_string()),
+            pod_uid: Some("8d1f0c3a-7b2e-4c55-9f4d-2a6b1e0c9d73".to_string()),
+            container_name: Some("app".to_string()),
+            owner: Some(Workload {
+                kind: WorkloadKind::Deployment,
+                name: "web".to_string(),
+            }),
+            pod_labels: [("tier".to_string(), tier.to_string())].into(),
+            ..KubernetesMetadata::default()
+        };
+        let in_container = |source: &KubernetesSource, id: &str| {
+            let mut facts = ProcfsFacts::new(5_000_000, None, None, None, Some(source));
+            facts.cgroup = Some(container::CgroupIds {
+                container_id: Some(id.to_string()),
+                pod_uid: None,
+            });
+            rules.selects(&mut facts)
+        };
+        let container = "3f2a9c".repeat(10) + "abcd";
+        assert!(
+            !in_container(&source, &container),
+            "the pod is not known yet"
+        );
+        let upsert = |metadata: KubernetesMetadata| PodChange::Upsert {
+            pod_uid: metadata.pod_uid.clone().unwrap(),
+            containers: vec![(container.clone(), metadata)],
+        };
+        sender.try_send(upsert(pod("shop", "frontend"))).unwrap();
+        assert_eq!(source.poll().len(), 1);
+        assert!(in_container(&source, &container));
+        assert!(!in_container(&source, &"0".repeat(64)), "another container");
+        sender.try_send(upsert(pod("shop", "backend"))).unwrap();
+        source.poll();
+        assert!(!in_container(&source, &container), "its label changed");
+        sender.try_send(upsert(pod("other", "frontend"))).unwrap();
+        source.poll();
+        assert!(!in_container(&source, &container), "another namespace");
+    }
+
     #[test]
     fn a_pid_rule_covers_descendants() {
         use discovery::ProcessFacts;
