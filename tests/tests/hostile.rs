@@ -1031,14 +1031,15 @@ fn five_hundred_processes_started_and_killed() {
     let wait_for = |what: &str, expected: &[(&str, f64)]| {
         prometheus::wait_for_kspan_values(prom_port, what, expected, scaled(20))
     };
-    // The parent alone: its pid entry and its pre-filter slot, no socket; in the agent, three
-    // per-process entries (kspan's own resource, the parent's resource and its selection).
+    // The parent alone: its pid entry and its pre-filter slot, no socket; in the agent, five
+    // per-process entries (kspan's own resource and cgroup, the parent's resource, cgroup and
+    // selection).
     let alone = [
         ("kspan_kernel_traced_pids", 1.0),
         ("kspan_kernel_prefilter_slots", 1.0),
         ("kspan_kernel_connections", 0.0),
         ("kspan_agent_connections", 0.0),
-        ("kspan_agent_processes", 3.0),
+        ("kspan_agent_processes", 5.0),
     ];
     wait_for("the parent alone", &alone);
     let baseline = scrape(prom_port);
@@ -1046,15 +1047,15 @@ fn five_hundred_processes_started_and_killed() {
     let children = tree.fork();
     assert_eq!(children.len(), PROCESSES);
     let n = PROCESSES as f64;
-    // Each child: a pid entry, a socket in both tables, and its resource in the agent (read at
-    // its connect).
+    // Each child: a pid entry, a socket in both tables, and its resource and cgroup in the
+    // agent (read at its connect).
     wait_for(
         "with 500 children, each connected",
         &[
             ("kspan_kernel_traced_pids", n + 1.0),
             ("kspan_kernel_connections", n),
             ("kspan_agent_connections", n),
-            ("kspan_agent_processes", n + 3.0),
+            ("kspan_agent_processes", 2.0 * n + 5.0),
         ],
     );
     let peak = scrape(prom_port);
