@@ -390,23 +390,51 @@ fn ten_concurrent_requests() {
     }
     assert_clean_run(&run);
 
-    assert_eq!(
-        run.spans.len(),
-        5 * N,
-        "expected exactly {} spans\n{}",
-        5 * N,
+    // Runs the kernel skipped (`program_misses`: 7.2 runs syscall tracepoint programs
+    // preemptibly, and a program already running on a CPU makes the kernel skip the next) are
+    // syscalls kspan never saw: each can cost a request a span or a link (a SERVER span never
+    // seen leaves the calls it made in a trace of their own). With none skipped (the host, and
+    // every other kernel of the matrix) every request must be exact.
+    let misses = counter(&run, "program_misses") as usize;
+    let traces = by_trace(&run.spans);
+    let complete: Vec<(usize, &(String, String))> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, (t, _))| traces.get(t).is_some_and(|spans| spans.len() == 5))
+        .collect();
+    let affected = N - complete.len();
+    assert!(
+        affected <= 2 * misses,
+        "{affected} of {N} requests lack spans or links, with {misses} program runs skipped by \
+         the kernel\n{}",
         run.dump()
     );
-    let traces = by_trace(&run.spans);
+    if misses == 0 {
+        assert_eq!(
+            run.spans.len(),
+            5 * N,
+            "expected exactly {} spans\n{}",
+            5 * N,
+            run.dump()
+        );
+    }
     let got: BTreeSet<&str> = traces.keys().map(String::as_str).collect();
     let want: BTreeSet<&str> = ids.iter().map(|(t, _)| t.as_str()).collect();
-    assert_eq!(
-        got,
-        want,
-        "the trace ids must be exactly the ten requests' trace ids\n{}",
-        run.dump()
-    );
-    for (i, (t, p)) in ids.iter().enumerate() {
+    if misses == 0 {
+        assert_eq!(
+            got,
+            want,
+            "the trace ids must be exactly the ten requests' trace ids\n{}",
+            run.dump()
+        );
+    } else {
+        assert!(
+            got.difference(&want).count() <= 2 * misses,
+            "more traces of no request than program runs skipped could make\n{}",
+            run.dump()
+        );
+    }
+    for (i, (t, p)) in complete {
         let tree = Tree::of(&traces[t], &chain, &run);
         tree.assert_linked(t, Some(p), &run);
         assert_eq!(
