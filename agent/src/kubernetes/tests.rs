@@ -726,7 +726,28 @@ fn on_a_plain_host_there_is_no_source() {
     // In a child process with no kubeconfig and no in-cluster service: the environment is the
     // process's, not one test's to change.
     let name = "kubernetes::tests::on_a_plain_host_there_is_no_source";
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
+    let exe = std::env::current_exe().unwrap();
+    // Cross-built tests run through cargo's runner (qemu-user for aarch64 in CI), which cargo
+    // leaves in the environment: the child goes through it too, found on this process's PATH
+    // (the child's environment is emptied).
+    let runner: Vec<String> = std::env::var("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER")
+        .ok()
+        .filter(|_| cfg!(target_arch = "aarch64"))
+        .map(|r| r.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut command = match runner.split_first() {
+        Some((program, args)) => {
+            let program = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|dir| dir.join(program))
+                .find(|path| path.is_file())
+                .unwrap_or_else(|| program.into());
+            let mut command = std::process::Command::new(program);
+            command.args(args).arg(&exe);
+            command
+        }
+        None => std::process::Command::new(&exe),
+    };
+    let output = command
         .args(["--exact", name, "--test-threads=1"])
         .env_clear()
         .env(PLAIN_HOST_CHILD, "1")
