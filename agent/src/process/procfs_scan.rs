@@ -15,14 +15,6 @@ pub fn exe_path(pid: u32) -> Option<PathBuf> {
     })
 }
 
-/// Value of one environment variable of the process, as it was at exec.
-pub fn environment_variable(pid: u32, name: &str) -> Option<String> {
-    let environ = Process::new(pid as i32).ok()?.environ().ok()?;
-    environ
-        .get(std::ffi::OsStr::new(name))
-        .map(|v| v.to_string_lossy().into_owned())
-}
-
 /// Values of several environment variables of the process, as it was at exec, from one read
 /// of its environment: `let [a, b] = environment_variables(pid, ["A", "B"]);`.
 pub fn environment_variables<const N: usize>(pid: u32, names: [&str; N]) -> [Option<String>; N] {
