@@ -128,6 +128,19 @@ impl Processes {
         self.traced.contains(&pid)
     }
 
+    /// Whether the rules select `pid` as it is now (its exec image as the fallback for a
+    /// process already gone).
+    fn selects_now(&self, pid: u32, tables: &mut socket_tables::SocketTables) -> bool {
+        let mut facts = ProcfsFacts::new(
+            pid,
+            self.images.get(&pid),
+            Some(tables),
+            None,
+            self.kubernetes.as_ref(),
+        );
+        self.discovery.selects(&mut facts)
+    }
+
     /// Processes to trace at start: every process but kspan when there is no rule, else the
     /// ones the rules select. `tables`: the TCP tables of the namespaces, read once each for
     /// `port` rules.
@@ -185,14 +198,7 @@ impl Processes {
             .into_iter()
             .filter(|&pid| pid != agent)
         {
-            let mut facts = ProcfsFacts::new(
-                pid,
-                self.images.get(&pid),
-                Some(tables),
-                None,
-                self.kubernetes.as_ref(),
-            );
-            if self.discovery.selects(&mut facts) {
+            if self.selects_now(pid, tables) {
                 selected.push(pid);
             } else {
                 unselected.push(pid);
@@ -389,14 +395,7 @@ impl Processes {
             if !in_changed_pod(&container::read(pid)) {
                 continue;
             }
-            let mut facts = ProcfsFacts::new(
-                pid,
-                self.images.get(&pid),
-                Some(tables),
-                None,
-                self.kubernetes.as_ref(),
-            );
-            if self.discovery.selects(&mut facts) {
+            if self.selects_now(pid, tables) {
                 if self.traced.insert(pid) {
                     change.newly_selected.push(pid);
                 }
