@@ -779,10 +779,9 @@ fn boot(qemu: &Qemu, kernel: &Prepared, script: &Path, log: &Path, live: bool) -
             "the cache path must not contain spaces (it goes on the kernel command line): set KSPAN_VMTEST_DIR"
         );
     };
-    let mut log_file =
-        File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let (mut reader, writer) = io::pipe().context("cannot create a pipe for the console")?;
-    let mut child = {
+    let log_file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let (reader, writer) = io::pipe().context("cannot create a pipe for the console")?;
+    let child = {
         let mut cmd = qemu.command();
         cmd.args(QEMU_FLAGS.split_whitespace())
             .arg("-smp")
@@ -815,6 +814,29 @@ fn boot(qemu: &Qemu, kernel: &Prepared, script: &Path, log: &Path, live: bool) -
         // `cmd` drops here with our ends of the pipe: the reader sees EOF when QEMU exits.
     };
 
+    watch_guest(
+        child,
+        reader,
+        log_file,
+        live,
+        timeout,
+        log,
+        "the host's root",
+    )
+}
+
+/// Copy a running guest's console (its QEMU's stdout and stderr, `reader`) to `log_file` (and
+/// to stdout when `live`), kill it past `timeout`, and return the exit status its command
+/// reported. `root`: what the guest mounts as its root, for the error when it never reports.
+pub(crate) fn watch_guest(
+    mut child: std::process::Child,
+    mut reader: io::PipeReader,
+    mut log_file: File,
+    live: bool,
+    timeout: Duration,
+    log: &Path,
+    root: &str,
+) -> Result<i32> {
     let console = thread::spawn(move || -> io::Result<ExitScanner> {
         let mut scanner = ExitScanner::default();
         let mut buf = [0u8; 8192];
@@ -864,7 +886,7 @@ fn boot(qemu: &Qemu, kernel: &Prepared, script: &Path, log: &Path, live: bool) -
         ),
         (None, None) => bail!(
             "the guest powered off without reporting the command's exit status (it did not \
-             boot, or could not mount the host's root); console in {}",
+             boot, or could not mount {root}); console in {}",
             log.display()
         ),
     }

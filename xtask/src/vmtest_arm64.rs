@@ -16,12 +16,12 @@
 //! `qemu/`, `apt/`, `kernel/` (Image, initrd.gz, kernel.json written last) and `rootfs/`
 //! (with `.kspan-rootfs.json` written last). Delete a directory to rebuild it.
 
+use std::env;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use std::{env, thread};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -29,9 +29,9 @@ use serde_json::{Value, json};
 use crate::cross::{self, AARCH64};
 use crate::setup::{self, Package};
 use crate::vmtest::{
-    self, Cache, Cpio, ExitScanner, INIT, KEYRING, RunDir, TestBinary, capture, compare_versions,
-    debian_mirror, dpkg_extract, files_with_extension, gather_modules, parse_dry_run, parse_policy,
-    regex_escape, replace_dir, run_quiet, single_dir,
+    self, Cache, Cpio, INIT, KEYRING, RunDir, TestBinary, capture, compare_versions, debian_mirror,
+    dpkg_extract, files_with_extension, gather_modules, parse_dry_run, parse_policy, regex_escape,
+    replace_dir, run_quiet, single_dir,
 };
 use crate::{display, quote, run_cmd, target_dir};
 
@@ -714,10 +714,9 @@ fn boot(qemu: &Qemu, kernel: &Kernel, rootfs: &Path, script: &str, log: &Path) -
              kernel's command lines): set KSPAN_VMTEST_DIR"
         );
     }
-    let mut log_file =
-        File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let (mut reader, writer) = io::pipe().context("cannot create a pipe for the console")?;
-    let mut child = {
+    let log_file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let (reader, writer) = io::pipe().context("cannot create a pipe for the console")?;
+    let child = {
         let mut cmd = qemu.command();
         cmd.args(QEMU_FLAGS.split_whitespace())
             .arg("-virtfs")
@@ -746,57 +745,15 @@ fn boot(qemu: &Qemu, kernel: &Kernel, rootfs: &Path, script: &str, log: &Path) -
         cmd.spawn()
             .with_context(|| format!("cannot start `{shown}`"))?
     };
-    let console = thread::spawn(move || -> io::Result<ExitScanner> {
-        let mut scanner = ExitScanner::default();
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                return Ok(scanner);
-            }
-            log_file.write_all(&buf[..n])?;
-            let mut out = io::stdout().lock();
-            out.write_all(&buf[..n])?;
-            out.flush()?;
-            scanner.feed(&buf[..n]);
-        }
-    });
-    let deadline = Instant::now() + timeout;
-    let timed_out = loop {
-        if child.try_wait().context("cannot wait for QEMU")?.is_some() {
-            break false;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break true;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let scanner = console
-        .join()
-        .expect("the console thread does not panic")
-        .context("cannot copy the guest's console")?;
-    if timed_out {
-        bail!(
-            "the guest did not finish within {} s and was killed (KSPAN_VMTEST_TIMEOUT=SECS \
-             changes the limit); console in {}",
-            timeout.as_secs(),
-            log.display()
-        );
-    }
-    match (scanner.status, scanner.panic) {
-        (Some(status), _) => Ok(status),
-        (None, Some(panic)) => bail!(
-            "the guest kernel panicked ({panic}); console in {}",
-            log.display()
-        ),
-        (None, None) => bail!(
-            "the guest powered off without reporting the command's exit status (it did not \
-             boot, or could not mount the arm64 root); console in {}",
-            log.display()
-        ),
-    }
+    vmtest::watch_guest(
+        child,
+        reader,
+        log_file,
+        true,
+        timeout,
+        log,
+        "the arm64 root",
+    )
 }
 
 #[cfg(test)]
