@@ -674,12 +674,17 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let pid = child.id();
-        // spawn returns when the exec has replaced the child's memory, before the kernel has
-        // set the new environment's bounds (an empty environ until then): bounded wait for it.
+        // spawn may return before the exec is complete: natively after the memory is replaced
+        // but before the kernel sets the new environment's bounds (an empty environ until
+        // then); under qemu-user, whose vfork is a fork, even before the exec (the environ is
+        // still the test's). Bounded wait until the child is `sleep` with an environment.
+        let exec_done = || {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.file_name().is_some_and(|name| name == "sleep"))
+                && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| !env.is_empty())
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.is_empty())
-            && std::time::Instant::now() < deadline
-        {
+        while !exec_done() && std::time::Instant::now() < deadline {
             std::thread::yield_now();
         }
         let resource = read_resource(pid, "test-host", None, container::read(pid), None);
