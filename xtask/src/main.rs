@@ -266,27 +266,28 @@ fn test() -> Result<()> {
             run_cmd(&mut cargo(&["test", "--workspace", "--doc"]))
         })?;
         steps.run("deployment files", || deploy::check(false))?;
-        steps.run("end-to-end tests", || {
-            let mut args = vec!["test"];
-            args.extend_from_slice(vmtest::E2E_SELECTION);
-            args.extend(["--", "--test-threads=1"]);
-            run_cmd(cargo(&args).env("KSPAN_BIN", kspan_bin()))
-        })?;
+        // The e2e test binaries are built first and then run directly (not through `cargo
+        // test`, which would hold the build directory's lock while they run): the warm-ups start
+        // as soon as the binaries exist and use the cores the host tests leave idle (the
+        // slowloris minute, servers starting, agents waiting for their collectors).
         let mut binaries = Vec::new();
         steps.run("e2e test binaries", || {
             binaries = vmtest::e2e_binaries()?;
-            // The hostile-traffic suite (a slowloris minute, 10,000 connections, 500 processes)
-            // ran on the host kernel above; it takes 2 minutes there, and the guests' emulation
-            // is 5-15 times slower (not measured for this suite): on four kernels that would
-            // take CI past 30 minutes. `cargo xtask vmtest` runs it.
-            binaries.retain(|b| !b.source.ends_with(HOST_ONLY_E2E));
             Ok(())
         })?;
-        // `cargo xtask lint`'s clippy and the fuzz targets' build, started now at the lowest
-        // priority: they run on the cores the guests leave idle (a guest waiting on a timer or a
-        // kernel grace period sleeps in real time, see vmtest's QEMU_FLAGS), and the lint and
-        // fuzz steps find their builds done.
+        // `cargo xtask lint`'s clippy, the fuzz targets' and the aarch64 unit tests' builds,
+        // started now at the lowest priority: they run on the cores the host tests and then the
+        // guests leave idle (a guest waiting on a timer or a kernel grace period sleeps in real
+        // time, see vmtest's QEMU_FLAGS), and the later steps find their builds done.
         let warmups = start_warmups();
+        // Not `?`: the matrix runs whatever the host kernel said, one failure does not hide
+        // the others.
+        let host = steps.run("end-to-end tests", || run_host_e2e(&binaries));
+        // The hostile-traffic suite (a slowloris minute, 10,000 connections, 500 processes) ran
+        // on the host kernel above; it takes 2 minutes there, and the guests' emulation is 5-15
+        // times slower (not measured for this suite): on four kernels that would take CI past 30
+        // minutes. `cargo xtask vmtest` runs it.
+        binaries.retain(|b| !b.source.ends_with(HOST_ONLY_E2E));
         // Two guests at once, one per core (each guest is one emulation thread); every kernel
         // runs, one failing does not hide the others' results.
         let matrix = steps.run("e2e on the kernel matrix", || {
@@ -326,10 +327,35 @@ fn test() -> Result<()> {
         );
         // The criterion benchmarks are run by `cargo xtask bench`; `cargo xtask lint` (clippy
         // on all targets) checks that they compile, without building them a third time here.
-        matrix.and(aarch64).and(fuzzing)
+        host.and(matrix).and(aarch64).and(fuzzing)
     })();
     steps.print_summary();
     result
+}
+
+/// Run the end-to-end test binaries on this machine's kernel, one after the other, each from
+/// its package's directory as cargo would, one test at a time (they share the kernel's probes).
+/// Every binary runs; the step fails if any failed.
+fn run_host_e2e(binaries: &[vmtest::TestBinary]) -> Result<()> {
+    let mut failed = Vec::new();
+    for binary in binaries {
+        println!(
+            "\n     Running {} ({})",
+            binary.source,
+            binary.executable.display()
+        );
+        let mut cmd = command(&binary.executable);
+        cmd.arg("--test-threads=1")
+            .current_dir(&binary.package_dir)
+            .env("KSPAN_BIN", kspan_bin());
+        if run_cmd(&mut cmd).is_err() {
+            failed.push(binary.source.clone());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("end-to-end tests failed in {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
