@@ -395,7 +395,7 @@ pub fn run(args: Args) -> Result<()> {
         exe_names: processes.discovery().plain_exe_names(),
     })?;
     let Probes {
-        attached,
+        mut attached,
         mut ring,
         maps,
         census,
@@ -425,10 +425,18 @@ pub fn run(args: Args) -> Result<()> {
         Linker::new(sampler),
     );
     pipeline.start();
+    // The TLS libraries of the processes selected at start are attached before kspan says it
+    // is ready.
+    attach_tls_libraries(&mut attached, &mut pipeline, &stats);
     health.set_ready(true);
     eprintln!(
-        "kspan: ready: {} tracepoints attached, tracing {description}",
-        crate::probes::TRACEPOINT_COUNT
+        "kspan: ready: {} tracepoints attached, {}, tracing {description}",
+        crate::probes::TRACEPOINT_COUNT,
+        if crate::probes::tls::uprobes_available() {
+            "uprobes available (TLS plaintext read from OpenSSL)"
+        } else {
+            "uprobes unavailable (CONFIG_UPROBE_EVENTS off: TLS traffic is not seen)"
+        }
     );
 
     let mut counters_read = Instant::now();
@@ -454,6 +462,7 @@ pub fn run(args: Args) -> Result<()> {
             reread_discovery(&settings, &mut pipeline);
         }
         pipeline.poll_kubernetes();
+        attach_tls_libraries(&mut attached, &mut pipeline, &stats);
         pipeline.flush();
         mirror_link_counters(&stats, &pipeline.linker().counters);
         if counters_read.elapsed() >= KERNEL_COUNTERS_INTERVAL {
@@ -549,6 +558,24 @@ fn reread_discovery<K: crate::probes::KernelControl, S: crate::pipeline::SpanSin
     }
 }
 
+/// The looks at processes' maps for TLS libraries the pipeline asked for, with the uprobes
+/// they attach (milliseconds per new library file; nothing for a file already examined).
+fn attach_tls_libraries(
+    attached: &mut crate::probes::Attached,
+    pipeline: &mut Pipeline<crate::probes::KernelMaps, ChannelSink>,
+    stats: &Stats,
+) {
+    for pid in pipeline.take_tls_scans() {
+        let scan = attached.scan_tls_libraries(pid);
+        if let Some(scan) = scan
+            && scan.attached > 0
+        {
+            Stats::add(&stats.tls_libraries_attached, scan.attached);
+        }
+        pipeline.tls_scanned(pid, scan.map(|s| s.visible));
+    }
+}
+
 fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
     Stats::set(&stats.events_lost, kernel.events_lost);
     Stats::set(&stats.program_misses, kernel.program_misses);
@@ -562,6 +589,7 @@ fn mirror_kernel_counters(stats: &Stats, kernel: &KernelCounters) {
     );
     Stats::set(&stats.in_flight_collisions, kernel.in_flight_collisions);
     Stats::set(&stats.scratch_busy, kernel.scratch_busy);
+    Stats::set(&stats.tls_unbound, kernel.tls_unbound);
 }
 
 /// Three stores per loop, not per event: the linker's counters stay plain integers.

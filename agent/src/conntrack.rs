@@ -95,6 +95,10 @@ pub struct Connection {
     pub parser_memory: usize,
     /// Kernel time of the first chunk of the partial message its parser holds (0: none).
     pub partial_since_ns: u64,
+    /// TLS: its protocol bytes are the plaintext of its TLS library calls.
+    pub tls: bool,
+    /// Some of that plaintext has come.
+    pub tls_plaintext: bool,
 }
 
 impl Connection {
@@ -108,6 +112,8 @@ impl Connection {
             links: ConnectionLinks::default(),
             parser_memory: 0,
             partial_since_ns: 0,
+            tls: false,
+            tls_plaintext: false,
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct Endpoint {
     pub remote: SocketAddr,
     /// The connection was seen from its connect/accept: request counts match the other end.
     pub from_start: bool,
+    /// TLS (the span builder says `https`); linking is the same.
+    pub tls: bool,
 }
 
 #[derive(Debug, Default)]
@@ -550,6 +552,7 @@ mod tests {
             local: addr(&format!("127.0.0.1:{local}")),
             remote: addr(&format!("127.0.0.1:{remote}")),
             from_start: true,
+            tls: false,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::{
     process::{
         ExecDecision, Processes,
         socket_tables::{self, Lookup, SocketTables},
+        tls::TlsProcesses,
     },
     protocols::Payload,
     protocols::{Chunk, Exchange, ParserCounts, ParserOutput, SharedState},
@@ -194,6 +195,8 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     partial_connections: usize,
     /// Kernel time of the next check for partial messages past their timeout.
     next_partial_check_ns: u64,
+    /// Which processes' TLS kspan sees into; the looks at their libraries to make.
+    tls: TlsProcesses,
 }
 
 impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
@@ -225,6 +228,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             parser_memory: 0,
             partial_connections: 0,
             next_partial_check_ns: 0,
+            tls: TlsProcesses::default(),
         }
     }
 
@@ -405,6 +409,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             }
             // No table is read twice at start: they all came into being just now.
             self.track_open_sockets(pid, false);
+            self.tls.queue_scan(pid);
         }
         self.count_table_scans();
     }
@@ -450,6 +455,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.kernel.trace_pid(pid);
             self.processes.resource(pid);
             self.track_open_sockets(pid, true);
+            self.tls.queue_scan(pid);
         }
         self.count_table_scans();
     }
@@ -538,7 +544,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     end_ns: header.end_ns,
                     tid: header.tid,
                 };
-                self.on_data(header.pid, header.fd, header.conn_id, &chunk);
+                let tls = header.source == kspan_common::SOURCE_TLS;
+                self.on_data(header.pid, header.fd, header.conn_id, &chunk, tls);
             }
             Event::Socket {
                 kind: EventKind::Listen,
@@ -553,6 +560,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     );
                     self.kernel.trace_pid(header.pid);
                     self.track_open_sockets(header.pid, true);
+                    self.tls.queue_scan(header.pid);
                     self.count_table_scans();
                 }
             }
@@ -595,11 +603,13 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                         self.kernel.trace_pid(header.pid);
                         self.processes.resource(header.pid);
                         self.track_open_sockets(header.pid, true);
+                        self.tls.queue_scan(header.pid);
                         self.count_table_scans();
                     }
                     ExecDecision::Untrace => {
                         self.kernel.untrace_pid(header.pid);
                         self.forget_process(header.pid, header.end_ns);
+                        self.tls.forget(header.pid);
                         self.untraced_at.insert(header.pid, Clock::monotonic_now());
                     }
                     ExecDecision::Unchanged => {
@@ -616,8 +626,39 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             Event::Exit(header) => {
                 self.forget_process(header.pid, header.end_ns);
                 self.processes.on_exit(header.pid);
+                self.tls.forget(header.pid);
             }
+            Event::LibraryMapped(header) => self.tls.queue_scan(header.pid),
         }
+    }
+
+    /// The processes whose maps to look at for TLS libraries now (selected, or a library
+    /// mapped since the last call): the caller attaches, then reports with [`Self::tls_scanned`].
+    pub fn take_tls_scans(&mut self) -> Vec<u32> {
+        self.tls.take_scans()
+    }
+
+    /// The look at `pid`'s libraries found one kspan reads (`visible`), or none; None: the
+    /// process was gone.
+    pub fn tls_scanned(&mut self, pid: u32, visible: Option<bool>) {
+        if self.tls.scanned(pid, visible) {
+            self.report_unseen_tls(pid);
+        }
+    }
+
+    /// Once per process: its TLS is not one kspan reads.
+    fn report_unseen_tls(&mut self, pid: u32) {
+        let resource = self.processes.resource(pid);
+        let name = match resource.get("service.name") {
+            Some(spans::AttributeValue::Str(name)) => name.as_str(),
+            _ => "?",
+        };
+        log::warn!(
+            "pid {pid} ({name}): TLS traffic kspan cannot see into (no OpenSSL with symbols among its \
+             libraries: BoringSSL built in, Go crypto/tls, rustls and Java are not seen yet); \
+             counted in tls_processes_unseen"
+        );
+        Stats::add(&self.stats.tls_processes_unseen, 1);
     }
 
     /// False if the table is full (the connection is not tracked, and counted).
@@ -645,7 +686,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         self.parsers_shared.kafka.forget_process(pid);
     }
 
-    fn on_data(&mut self, pid: u32, fd: i32, conn_id: u64, chunk: &Chunk<'_>) {
+    /// `tls`: the chunk is plaintext from a TLS library call (else a socket syscall's bytes).
+    fn on_data(&mut self, pid: u32, fd: i32, conn_id: u64, chunk: &Chunk<'_>, tls: bool) {
         log::trace!(
             "data pid {pid} fd {fd} {:?} {} of {} bytes: {}",
             chunk.direction,
@@ -694,6 +736,31 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
         let Some(connection) = self.connections.get_mut(pid, fd) else {
             return;
         };
+        if tls {
+            if !connection.tls_plaintext {
+                // Its first plaintext. Whatever its ciphertext made of it before (undetected,
+                // or muted as no known protocol) is forgotten: detection starts on the plaintext.
+                connection.tls = true;
+                connection.tls_plaintext = true;
+                if matches!(connection.protocol, ProtocolState::Muted) {
+                    connection.protocol = ProtocolState::Undetected { attempts: 0 };
+                }
+                self.tls.plaintext(pid);
+            }
+        } else if connection.tls {
+            // Ciphertext queued before the kernel knew the connection was TLS.
+            return;
+        } else if matches!(connection.protocol, ProtocolState::Undetected { .. })
+            && is_tls_record(chunk.data)
+        {
+            // A TLS handshake (or records of a connection older than kspan): no more of its
+            // ciphertext is copied. Its plaintext comes from the library's uprobes, or never
+            // (reported once per process).
+            connection.tls = true;
+            self.kernel.set_tls(pid, fd, conn_id);
+            self.tls.ciphertext(pid);
+            return;
+        }
         if !chunk.data.is_empty() {
             match connection
                 .protocol
@@ -849,7 +916,14 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             return;
         }
         let resource = self.processes.resource(pid);
-        for exchange in self.output.exchanges.drain(..) {
+        for mut exchange in self.output.exchanges.drain(..) {
+            // HTTP/1 has no scheme on the wire; HTTP/2 clients send `:scheme` themselves.
+            if end.tls
+                && let Payload::Http(http) = &mut exchange.payload
+                && http.request.scheme.is_none()
+            {
+                http.request.scheme = Some("https".into());
+            }
             let node = self
                 .linker
                 .finish(end, exchange.role, links, exchange.id, in_order);
@@ -886,7 +960,16 @@ fn endpoint(pid: u32, connection: &Connection) -> Endpoint {
         local: connection.local,
         remote: connection.remote,
         from_start: connection.from_start,
+        tls: connection.tls,
     }
+}
+
+/// The start of a TLS record: content type (change_cipher_spec 20, alert 21, handshake 22,
+/// application_data 23) and a TLS 1.0-1.3 record version (3.1-3.4; 1.3 still writes 3.1 or
+/// 3.3). No HTTP/1 message, HTTP/2 preface or Kafka request starts so (a Kafka length of
+/// 0x1403_0000 and more is over any limit).
+fn is_tls_record(data: &[u8]) -> bool {
+    matches!(data, [20..=23, 3, 1..=4, _, _, ..])
 }
 
 fn count_parser(stats: &Stats, counts: &ParserCounts) {
@@ -996,6 +1079,7 @@ mod tests {
     struct FakeKernel {
         captures: Vec<(i32, u32, u32)>,
         muted: Vec<i32>,
+        tls: Vec<i32>,
         forgotten: Vec<i32>,
         tracked: Vec<(u32, i32)>,
     }
@@ -1014,6 +1098,9 @@ mod tests {
         }
         fn mute_connection(&mut self, _pid: u32, fd: i32, _conn_id: u64) {
             self.muted.push(fd);
+        }
+        fn set_tls(&mut self, _pid: u32, fd: i32, _conn_id: u64) {
+            self.tls.push(fd);
         }
     }
 
@@ -1448,7 +1535,8 @@ mod tests {
     #[test]
     fn a_connection_of_no_known_protocol_is_muted() {
         let mut p = test_pipeline();
-        let garbage: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        // Not a TLS record either (those mark the connection TLS: see the TLS tests).
+        let garbage: &[u8] = b"\x13\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
         feed(&mut p, &[(Direction::Ingress, garbage); 6]);
         assert!(p.sink().is_empty());
         assert_eq!(p.kernel().muted, [5], "muted once");
@@ -1493,6 +1581,20 @@ mod tests {
         direction: Direction,
         data: &[u8],
     ) {
+        let syscall = kspan_common::SOURCE_SYSCALL;
+        data_event_from(p, fd, conn_id, t_ns, direction, data, syscall);
+    }
+
+    /// A data event from `source` (a syscall's bytes, or a TLS library call's plaintext).
+    fn data_event_from(
+        p: &mut Pipeline<FakeKernel, Vec<Span>>,
+        fd: i32,
+        conn_id: u64,
+        t_ns: u64,
+        direction: Direction,
+        data: &[u8],
+        source: u32,
+    ) {
         let pid = std::process::id();
         p.handle_event(Event::Data {
             header: EventHeader {
@@ -1505,12 +1607,141 @@ mod tests {
                 end_ns: t_ns + 10,
                 full_len: data.len() as u64,
                 copied_len: data.len() as u32,
+                source,
                 ..Default::default()
             },
             direction,
             data,
             tail: &[],
         });
+    }
+
+    /// Plaintext of a TLS library call of this process on `fd`.
+    fn tls_plaintext(
+        p: &mut Pipeline<FakeKernel, Vec<Span>>,
+        fd: i32,
+        t_ns: u64,
+        direction: Direction,
+        data: &[u8],
+    ) {
+        data_event_from(
+            p,
+            fd,
+            fd as u64,
+            t_ns,
+            direction,
+            data,
+            kspan_common::SOURCE_TLS,
+        );
+    }
+
+    /// A TLS connection: its handshake (a TLS record on the syscall path) marks it TLS in the
+    /// kernel instead of muting it or counting a parse error; ciphertext still queued is
+    /// ignored; the plaintext from the library makes one span, `https`. A process that sends
+    /// TLS records and no plaintext while kspan finds no library it reads is reported once.
+    #[test]
+    fn a_tls_connection_is_parsed_from_its_plaintext_only() {
+        let mut p = test_pipeline();
+        let pid = std::process::id();
+        accept(&mut p, 5);
+        // ClientHello (handshake record, TLS 1.0 record version), then an application record.
+        data_at(
+            &mut p,
+            5,
+            1_000,
+            Direction::Ingress,
+            &[22, 3, 1, 0, 200, 1, 0, 0, 196],
+        );
+        data_at(
+            &mut p,
+            5,
+            2_000,
+            Direction::Ingress,
+            &[23, 3, 3, 0, 64, 0xde, 0xad],
+        );
+        tls_plaintext(
+            &mut p,
+            5,
+            3_000,
+            Direction::Ingress,
+            b"GET /users/7 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        tls_plaintext(
+            &mut p,
+            5,
+            4_000,
+            Direction::Egress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        p.shutdown();
+        assert_eq!(p.kernel().tls, [5]);
+        assert!(p.kernel().muted.is_empty());
+        assert_eq!(Stats::get(&p.stats.parse_errors), 0);
+        let spans = p.sink();
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        assert_eq!(spans[0].name, "GET /users/*");
+        assert_eq!(
+            spans[0].attribute("url.scheme"),
+            Some(&AttributeValue::Str("https".into()))
+        );
+        // Its plaintext came: never reported, whatever a look at its libraries says.
+        assert_eq!(p.take_tls_scans(), [pid]);
+        p.tls_scanned(pid, Some(false));
+        assert_eq!(Stats::get(&p.stats.tls_processes_unseen), 0);
+        // A connection of a process whose plaintext never comes: reported once, after the look
+        // its ciphertext asked for.
+        let mut p = test_pipeline();
+        accept(&mut p, 7);
+        data_at(
+            &mut p,
+            7,
+            1_000,
+            Direction::Ingress,
+            &[22, 3, 1, 0, 200, 1, 0, 0, 196],
+        );
+        assert_eq!(Stats::get(&p.stats.tls_processes_unseen), 0);
+        assert_eq!(p.take_tls_scans(), [pid]);
+        p.tls_scanned(pid, Some(false));
+        p.tls_scanned(pid, Some(false));
+        assert_eq!(Stats::get(&p.stats.tls_processes_unseen), 1);
+        assert!(p.sink().is_empty());
+    }
+
+    /// A connection muted for its ciphertext (a TLS record version kspan did not take for one,
+    /// or bytes before detection gave up) is parsed again once its plaintext comes.
+    #[test]
+    fn plaintext_revives_a_connection_muted_for_its_ciphertext() {
+        let mut p = test_pipeline();
+        accept(&mut p, 6);
+        for (i, garbage) in [[0x80u8, 1, 2, 3], [9, 9, 9, 9], [7, 7, 7, 7], [5, 5, 5, 5]]
+            .iter()
+            .enumerate()
+        {
+            data_at(
+                &mut p,
+                6,
+                1_000 * (i as u64 + 1),
+                Direction::Ingress,
+                garbage,
+            );
+        }
+        assert_eq!(p.kernel().muted, [6]);
+        tls_plaintext(
+            &mut p,
+            6,
+            10_000,
+            Direction::Ingress,
+            b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        tls_plaintext(
+            &mut p,
+            6,
+            11_000,
+            Direction::Egress,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        );
+        p.shutdown();
+        assert_eq!(p.sink().len(), 1, "{:?}", p.sink());
     }
 
     fn half_header(pad: usize) -> Vec<u8> {

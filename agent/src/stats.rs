@@ -79,6 +79,14 @@ pub struct Stats {
     /// Connections whose parser state was dropped because a message stayed incomplete past
     /// `--partial-timeout` (slowloris).
     pub parser_evictions_timeout: AtomicU64,
+    /// TLS library calls whose plaintext the kernel dropped: their socket was unknown (a TLS
+    /// object on memory BIOs) or no longer tracked. Mirrored from the kernel.
+    pub tls_unbound: AtomicU64,
+    /// Processes seen sending TLS records whose TLS library kspan cannot read (reported once
+    /// each).
+    pub tls_processes_unseen: AtomicU64,
+    /// Library files whose TLS functions kspan attached uprobes to.
+    pub tls_libraries_attached: AtomicU64,
     /// Gauges set by the pipeline after each drain: heap bytes the parsers hold, connections
     /// tracked, per-process entries.
     pub parser_memory: AtomicU64,
@@ -306,6 +314,27 @@ pub const COUNTERS: &[Counter] = &[
         "Metric data points recorded into the _OTHER overflow series of an instrument that \
          reached its series cap."
     ),
+    counter!(
+        tls_libraries_attached,
+        "kspan.tls.libraries_attached",
+        "{file}",
+        "Library files (libssl, executables with OpenSSL linked in) whose TLS functions kspan \
+         reads the plaintext of."
+    ),
+    counter!(
+        tls_unbound,
+        "kspan.tls.unbound",
+        "{call}",
+        "TLS library calls whose plaintext was dropped because their socket was unknown (a TLS \
+         object on memory BIOs, like Node.js's) or no longer tracked."
+    ),
+    counter!(
+        tls_processes_unseen,
+        "kspan.tls.processes_unseen",
+        "{process}",
+        "Processes sending TLS records through a TLS library kspan cannot read (BoringSSL \
+         built in, Go crypto/tls, rustls, Java), each counted once."
+    ),
 ];
 
 impl Stats {
@@ -362,6 +391,6 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(" links_late=3 "), "{line}");
-        assert!(line.ends_with(" series_overflow=0"), "{line}");
+        assert!(line.ends_with(" tls_processes_unseen=0"), "{line}");
     }
 }

@@ -49,6 +49,12 @@ pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
 /// insert and delete per syscall; two threads in flight on the same slot are detected and counted.
 pub const IN_FLIGHT_SLOTS: u32 = 65536;
 
+/// Slots of the array holding TLS library calls (`SSL_read`, `SSL_write`, ...) between their
+/// uprobe and uretprobe, indexed by thread id modulo this (a power of two), as [`IN_FLIGHT_SLOTS`].
+pub const TLS_CALL_SLOTS: u32 = 16384;
+/// Capacity of the kernel map from a process's TLS object (`SSL*`) to its socket.
+pub const MAX_TLS_OBJECTS: u32 = 65536;
+
 /// Scratch data records per possible CPU in the kernel: one for the program running, one for a
 /// program that preempted it (kernels where syscall tracepoints may fault run their programs
 /// preemptibly). A third level finds both busy and drops the record (`SCRATCH_BUSY`).
@@ -73,6 +79,9 @@ pub enum EventKind {
     Exit = 6,
     /// A process put a TCP socket into LISTEN state. Body: [`SocketTuple`] (local side only).
     Listen = 7,
+    /// A traced process mapped a file executable (a library loaded, `dlopen` included): the
+    /// agent looks for TLS libraries in its maps again. No body.
+    LibraryMapped = 8,
 }
 
 impl EventKind {
@@ -85,6 +94,7 @@ impl EventKind {
             5 => Self::Exec,
             6 => Self::Exit,
             7 => Self::Listen,
+            8 => Self::LibraryMapped,
             _ => return None,
         })
     }
@@ -93,6 +103,13 @@ impl EventKind {
 /// Direction of a [`EventKind::Data`] event, from the traced process's point of view.
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;
+
+/// [`EventHeader::source`] of a data event: the bytes of a socket syscall.
+pub const SOURCE_SYSCALL: u32 = 0;
+/// [`EventHeader::source`] of a data event: plaintext handed to or returned by a TLS library
+/// call (`SSL_write`, `SSL_read`, ...) on the connection's socket; `start_ns`/`end_ns` are the
+/// call's.
+pub const SOURCE_TLS: u32 = 1;
 
 /// Common prefix of every event.
 #[repr(C)]
@@ -125,7 +142,8 @@ pub struct EventHeader {
     /// following the first `copied_len - tail_len` (connections whose protocol asks for its
     /// tail: see [`ConnectionValue::tail`]); 0 otherwise.
     pub tail_len: u32,
-    pub _pad: u32,
+    /// Where a data event's bytes come from: [`SOURCE_SYSCALL`] or [`SOURCE_TLS`].
+    pub source: u32,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -188,7 +206,10 @@ pub struct ConnectionValue {
     /// Of the capture, how many bytes go to the syscall's last bytes when it moved more than
     /// the capture (0: a prefix only). HTTP/2 trailers follow large DATA frames.
     pub tail: u32,
-    pub _pad: u32,
+    /// 1: the connection is TLS. Its syscalls move ciphertext, never copied; its protocol bytes
+    /// come from the TLS library's uprobes. Set by the kernel when a syscall on the socket runs
+    /// inside a TLS library call of the same thread, by the agent when it sees a TLS record.
+    pub tls: u32,
 }
 
 /// Capture of HTTP/2 connections: the most the kernel copies per syscall, of which
@@ -301,7 +322,11 @@ pub mod counter {
     /// Data records dropped because every scratch record of the CPU was in use (programs
     /// preempted while filling them).
     pub const SCRATCH_BUSY: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// TLS library calls whose plaintext was dropped: no socket syscall inside this call or an
+    /// earlier one of the same `SSL` object named the socket (a TLS object on memory BIOs, like
+    /// Node.js's), or that socket is no longer tracked.
+    pub const TLS_UNBOUND: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 #[cfg(feature = "user")]

@@ -16,14 +16,14 @@ use aya_ebpf::{
 use kspan_common::{
     CAPTURE_DEFAULT, CAPTURE_MUTED, DIRECTION_EGRESS, DIRECTION_INGRESS, EVENT_HEADER_LEN,
     EventHeader, EventKind, HTTP2_CAPTURE, HTTP2_CAPTURE_TAIL, HTTP2_PREFACE_START, MAX_CAPTURE,
-    MAX_IOV_SEGMENTS, MAX_IOV_TOTAL, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET, connection_key,
-    counter,
+    MAX_IOV_SEGMENTS, MAX_IOV_TOTAL, SOURCE_SYSCALL, TLS_CALL_SLOTS, USUAL_SYSCALL_ARGS,
+    USUAL_SYSCALL_RET, connection_key, counter,
 };
 
 use crate::maps::{
-    CONNECTIONS, DataRecord, EVENTS, IOVEC_CONTINUE, InFlight, Iovec, IovecCopy, SCRATCH,
-    SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS, atomic_add, capture_bytes, count,
-    may_be_traced, shape, stash, submit_flags, unstash,
+    CONNECTIONS, DataRecord, EVENTS, IOVEC_CONTINUE, InFlight, Iovec, IovecCopy, LAST_READS,
+    LastRead, SCRATCH, SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS, atomic_add, capture_bytes,
+    count, mark_tls, may_be_traced, shape, stash, submit_flags, tls_call_of, unstash,
 };
 
 const MSG_PEEK: u64 = 2;
@@ -74,12 +74,35 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
     }
     let fd = syscall_arg(ctx, 0) as i32;
     // The one lookup an untracked fd (a file, a pipe) of a traced process costs.
-    let Some(conn) = (unsafe { CONNECTIONS.get(&connection_key((pid_tgid >> 32) as u32, fd)) })
-    else {
+    let Some(conn) = CONNECTIONS.get_ptr_mut(&connection_key((pid_tgid >> 32) as u32, fd)) else {
         return;
     };
-    // A muted connection (no protocol kspan parses) costs the lookup, nothing more.
-    if conn.capture == CAPTURE_MUTED {
+    let conn = unsafe { &mut *conn };
+    // Inside a TLS library call of this thread: the bytes are its ciphertext, the call's
+    // uretprobe reports the plaintext. The call learns its socket; the socket, that it is TLS.
+    if let Some(call) = tls_call_of(pid_tgid) {
+        unsafe {
+            (*call).fd = fd;
+            (*call).conn_id = conn.conn_id;
+        }
+        mark_tls(conn);
+        return;
+    }
+    if direction == DIRECTION_INGRESS
+        && let Some(slot) = LAST_READS.get_ptr_mut(pid_tgid as u32 & (TLS_CALL_SLOTS - 1))
+    {
+        unsafe {
+            *slot = LastRead {
+                pid_tgid,
+                conn_id: conn.conn_id,
+                fd,
+                _pad: 0,
+            };
+        }
+    }
+    // A TLS connection's ciphertext outside a library call (a handshake, an alert) and a muted
+    // connection (no protocol kspan parses) cost the lookup, nothing more.
+    if conn.tls != 0 || conn.capture == CAPTURE_MUTED {
         return;
     }
     if flags_arg != 0 && syscall_arg(ctx, flags_arg) & MSG_PEEK != 0 {
@@ -156,64 +179,18 @@ fn data_exit(
     full_len: u64,
     end_ns: u64,
 ) {
-    let capture = if in_flight.capture == CAPTURE_DEFAULT {
-        capture_bytes()
-    } else {
-        in_flight.capture
-    };
-    let capture = (capture as u64).min(MAX_CAPTURE as u64);
-    let want = if shape == shape::NONE {
-        0
-    } else {
-        full_len.min(capture) as u32
-    };
-    let tail = if full_len > capture {
-        in_flight.tail.min(want / 2)
-    } else {
-        0
-    };
-    let head = want - tail;
-    let Some(record) = claim_scratch() else {
-        count(counter::SCRATCH_BUSY);
+    if shape == shape::BUFFER {
+        submit_buffer(pid_tgid, in_flight, full_len, end_ns, SOURCE_SYSCALL);
+        return;
+    }
+    let Some((record, want)) =
+        start_record(pid_tgid, in_flight, shape, full_len, end_ns, SOURCE_SYSCALL)
+    else {
         return;
     };
-    unsafe {
-        (*record).header = EventHeader {
-            kind: EventKind::Data as u32,
-            pid: (pid_tgid >> 32) as u32,
-            tid: pid_tgid as u32,
-            fd: in_flight.fd,
-            conn_id: in_flight.conn_id,
-            start_ns: if in_flight.start_ns == 0 {
-                end_ns
-            } else {
-                in_flight.start_ns
-            },
-            end_ns,
-            full_len,
-            copied_len: 0,
-            direction: in_flight.direction,
-            tail_len: 0,
-            _pad: 0,
-        };
-    }
+    let tail = want.tail;
+    let head = want.head;
     let (array, entries) = match shape {
-        shape::BUFFER => {
-            let dst = unsafe { (*record).data.as_mut_ptr() };
-            let copied = copy_buffer(dst, in_flight.ptr, head);
-            let mut tail_copied = 0;
-            if copied == head && tail > 0 {
-                // Below MAX_CAPTURE (head < capture), masked for the verifier.
-                let offset = head & (MAX_CAPTURE as u32 - 1);
-                tail_copied = copy_buffer(
-                    unsafe { dst.add(offset as usize) },
-                    in_flight.ptr + full_len - tail as u64,
-                    tail,
-                );
-            }
-            submit_record(record, copied, tail_copied, want);
-            return;
-        }
         shape::IOVEC => (in_flight.ptr, in_flight.count),
         shape::MSGHDR => match unsafe { bpf_probe_read_user(in_flight.ptr as *const MsgHdr) } {
             Ok(msg) => (msg.iov, msg.iovlen),
@@ -240,6 +217,98 @@ fn data_exit(
         };
     }
     copy_segments_then_submit(ctx, record);
+}
+
+/// How much of a transfer to copy: `head` bytes from its start, then `tail` from its end.
+struct Wanted {
+    head: u32,
+    tail: u32,
+}
+
+/// Claims a scratch record and fills its header for a data event of `full_len` bytes, with how
+/// much of it to copy (by the connection's capture). None (counted) when every scratch record
+/// of the CPU is busy.
+#[inline(always)]
+fn start_record(
+    pid_tgid: u64,
+    in_flight: &InFlight,
+    shape: u32,
+    full_len: u64,
+    end_ns: u64,
+    source: u32,
+) -> Option<(*mut DataRecord, Wanted)> {
+    let capture = if in_flight.capture == CAPTURE_DEFAULT {
+        capture_bytes()
+    } else {
+        in_flight.capture
+    };
+    let capture = (capture as u64).min(MAX_CAPTURE as u64);
+    let want = if shape == shape::NONE {
+        0
+    } else {
+        full_len.min(capture) as u32
+    };
+    let tail = if full_len > capture {
+        in_flight.tail.min(want / 2)
+    } else {
+        0
+    };
+    let head = want - tail;
+    let Some(record) = claim_scratch() else {
+        count(counter::SCRATCH_BUSY);
+        return None;
+    };
+    unsafe {
+        (*record).header = EventHeader {
+            kind: EventKind::Data as u32,
+            pid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            fd: in_flight.fd,
+            conn_id: in_flight.conn_id,
+            start_ns: if in_flight.start_ns == 0 {
+                end_ns
+            } else {
+                in_flight.start_ns
+            },
+            end_ns,
+            full_len,
+            copied_len: 0,
+            direction: in_flight.direction,
+            tail_len: 0,
+            source,
+        };
+    }
+    Some((record, Wanted { head, tail }))
+}
+
+/// A data event of one user buffer (`in_flight.ptr`, `full_len` bytes moved): a socket
+/// syscall's, or a TLS library call's plaintext (tls.rs).
+#[inline(always)]
+pub(crate) fn submit_buffer(
+    pid_tgid: u64,
+    in_flight: &InFlight,
+    full_len: u64,
+    end_ns: u64,
+    source: u32,
+) {
+    let Some((record, Wanted { head, tail })) =
+        start_record(pid_tgid, in_flight, shape::BUFFER, full_len, end_ns, source)
+    else {
+        return;
+    };
+    let dst = unsafe { (*record).data.as_mut_ptr() };
+    let copied = copy_buffer(dst, in_flight.ptr, head);
+    let mut tail_copied = 0;
+    if copied == head && tail > 0 {
+        // Below MAX_CAPTURE (head < capture), masked for the verifier.
+        let offset = head & (MAX_CAPTURE as u32 - 1);
+        tail_copied = copy_buffer(
+            unsafe { dst.add(offset as usize) },
+            in_flight.ptr + full_len - tail as u64,
+            tail,
+        );
+    }
+    submit_record(record, copied, tail_copied, head + tail);
 }
 
 /// Copies the first batch of iovec segments when only a prefix is wanted, with the simple loop;

@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use kspan_common::{
     COMM_LEN, ConnectionValue, EventHeader, IN_FLIGHT_SLOTS, KernelOffsets, MAX_CAPTURE,
-    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_IOV_SEGMENTS, MAX_TRACED_PIDS, TRACED_SLOTS,
-    TracepointOffsets, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET, counter,
+    MAX_CONNECTIONS, MAX_EXE_NAMES, MAX_IOV_SEGMENTS, MAX_TLS_OBJECTS, MAX_TRACED_PIDS,
+    TLS_CALL_SLOTS, TRACED_SLOTS, TracepointOffsets, USUAL_SYSCALL_ARGS, USUAL_SYSCALL_RET,
+    counter,
 };
 
 /// Settings the agent writes before loading (`EbpfLoader::set_global`); reading a global costs no
@@ -219,6 +220,99 @@ pub mod shape {
     pub const CONNECT: u32 = 4;
     /// accept(2)/accept4(2): the returned fd is a server socket.
     pub const ACCEPT: u32 = 5;
+    /// mmap(2) of a file, executable: a library loaded.
+    pub const MMAP: u32 = 6;
+}
+
+/// A TLS library call (`SSL_read`, `SSL_write`, their `_ex` forms) between its uprobe and its
+/// uretprobe, in the calling thread's slot of [`TLS_CALLS`]. A socket syscall the call makes
+/// on the same thread names its socket (`fd`, `conn_id`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    /// Owner of the slot; 0 when free.
+    pub pid_tgid: u64,
+    /// The `SSL*` object.
+    pub ssl: u64,
+    /// The plaintext buffer.
+    pub buf: u64,
+    /// `_ex` forms: the user address of the `size_t` that receives the byte count; 0 for the
+    /// forms that return it.
+    pub count_at: u64,
+    pub start_ns: u64,
+    pub conn_id: u64,
+    /// -1 until a socket syscall inside the call names the socket.
+    pub fd: i32,
+    pub direction: u32,
+}
+
+/// TLS library calls in progress, one slot per thread (id modulo the size).
+#[map]
+pub static TLS_CALLS: Array<TlsCall> = Array::with_max_entries(TLS_CALL_SLOTS, 0);
+
+/// A process's TLS object.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsObjectKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub ssl: u64,
+}
+
+/// The socket a TLS object was last seen moving bytes on.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsSocket {
+    pub conn_id: u64,
+    pub fd: i32,
+    pub _pad: u32,
+}
+
+/// TLS object → its socket, learnt from the socket syscalls made inside its calls: a call served
+/// from bytes the library had already read (a TLS record holding two requests) makes none. LRU:
+/// objects are freed without kspan seeing it; a stale entry is caught by its `conn_id`.
+#[map]
+pub static TLS_SOCKETS: LruHashMap<TlsObjectKey, TlsSocket> =
+    LruHashMap::with_max_entries(MAX_TLS_OBJECTS, 0);
+
+/// The tracked socket a thread last read from, for TLS objects on memory BIOs (Node.js): their
+/// library reads no socket itself; the application reads the ciphertext, then calls
+/// `SSL_read` on the same thread to decrypt it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LastRead {
+    /// Owner of the slot.
+    pub pid_tgid: u64,
+    pub conn_id: u64,
+    pub fd: i32,
+    pub _pad: u32,
+}
+
+/// One slot per thread (id modulo the size), as [`TLS_CALLS`].
+#[map]
+pub static LAST_READS: Array<LastRead> = Array::with_max_entries(TLS_CALL_SLOTS, 0);
+
+/// Marks a connection TLS: its syscalls' ciphertext is no longer copied. A mute decided on that
+/// ciphertext (no known protocol) is lifted: the plaintext gets its chance.
+#[inline(always)]
+pub fn mark_tls(conn: &mut ConnectionValue) {
+    if conn.tls == 0 {
+        conn.tls = 1;
+        if conn.capture == kspan_common::CAPTURE_MUTED {
+            conn.capture = kspan_common::CAPTURE_DEFAULT;
+        }
+    }
+}
+
+/// The calling thread's TLS library call in progress, if any.
+#[inline(always)]
+pub fn tls_call_of(pid_tgid: u64) -> Option<*mut TlsCall> {
+    let slot = TLS_CALLS.get_ptr_mut(pid_tgid as u32 & (TLS_CALL_SLOTS - 1))?;
+    if unsafe { (*slot).pid_tgid } == pid_tgid {
+        Some(slot)
+    } else {
+        None
+    }
 }
 
 #[repr(C)]

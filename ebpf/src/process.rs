@@ -13,9 +13,11 @@ use kspan_common::{EXEC_PATH_LEN, EventHeader, EventKind, ExecEvent, counter};
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 use crate::{
+    data::{syscall_arg, syscall_ret},
     maps::{
-        EVENTS, EXE_COMMS, TRACED_PIDS, agent_pid, count, is_traced, mark_traced, may_be_traced,
-        submit_flags, trace_all, tracepoint_offsets, unmark_traced,
+        EVENTS, EXE_COMMS, InFlight, TRACED_PIDS, agent_pid, count, is_traced, mark_traced,
+        may_be_traced, shape, stash, submit_flags, trace_all, tracepoint_offsets, unmark_traced,
+        unstash,
     },
     socket::header,
 };
@@ -121,6 +123,58 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     }
     if traced {
         emit(EventKind::Exit, pid_tgid);
+    }
+    0
+}
+
+/// mmap(2)'s `prot` bit for executable pages.
+const PROT_EXEC: u64 = 4;
+
+/// A traced process mapping a file executable is loading a library (at start, or by `dlopen`
+/// later): the agent looks for TLS libraries in its maps once the mapping exists, at the exit.
+/// Anonymous and non-executable mappings (most of them: allocations, data segments) cost two
+/// argument loads.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    let prot = syscall_arg(&ctx, 2);
+    let fd = syscall_arg(&ctx, 4) as i64 as i32;
+    if prot & PROT_EXEC == 0 || fd < 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    stash(&InFlight {
+        pid_tgid,
+        shape: shape::MMAP,
+        direction: 0,
+        fd,
+        capture: 0,
+        tail: 0,
+        _pad: 0,
+        ptr: 0,
+        count: 0,
+        start_ns: 0,
+        conn_id: 0,
+    });
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Every mmap of the host comes here: the pre-filter first, as the data exits do.
+    if !may_be_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let Some(in_flight) = unstash(pid_tgid) else {
+        return 0;
+    };
+    // An error is -4095..-1; an address is anything else.
+    let ret = syscall_ret(&ctx);
+    if in_flight.shape == shape::MMAP && !(-4095..0).contains(&ret) {
+        emit(EventKind::LibraryMapped, pid_tgid);
     }
     0
 }

@@ -146,7 +146,7 @@ fn track_socket(kind: EventKind, pid_tgid: u64, fd: i32, start_ns: u64, end_ns: 
         accepted: u32::from(kind == EventKind::Accept),
         capture: CAPTURE_DEFAULT,
         tail: 0,
-        _pad: 0,
+        tls: 0,
     };
     if CONNECTIONS
         .insert(&connection_key(pid, fd), &value, 0)
@@ -203,7 +203,7 @@ pub fn header(
         copied_len: 0,
         direction: 0,
         tail_len: 0,
-        _pad: 0,
+        source: 0,
     }
 }
 

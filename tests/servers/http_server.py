@@ -6,7 +6,8 @@ stdout, flushed, once the socket is listening. Keep-alive (HTTP/1.1) by
 default; ``--http10`` switches to HTTP/1.0 (one request per connection).
 One thread per connection; the listen backlog takes 1024 connections at once.
 ``--nofile N`` raises the open-file limit to N first (1,000 connections held
-open need more than the usual 1024).
+open need more than the usual 1024). ``--tls CERT KEY`` serves HTTPS (Python's
+``ssl``: Debian's libssl.so.3) with that certificate and key.
 
 Routes (every response carries Content-Length):
   GET  /ok           200 "ok\\n"
@@ -106,6 +107,7 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--http10", action="store_true", help="speak HTTP/1.0 (no keep-alive)")
     parser.add_argument("--nofile", type=int, default=0, help="raise RLIMIT_NOFILE to this")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS")
     args = parser.parse_args()
 
     if args.nofile:
@@ -118,6 +120,12 @@ def main():
         Handler.protocol_version = "HTTP/1.0"
 
     server = Server(("127.0.0.1", args.port), Handler)
+    if args.tls:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls[0], args.tls[1])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sys.stdout.write("PORT %d\n" % server.server_address[1])
     sys.stdout.flush()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Keep-alive HTTP client used by the kspan end-to-end tests.
 
-Usage: keepalive_client.py PORT N [PREFIX]
+Usage: keepalive_client.py [--tls CAFILE] [--late-import] PORT N [PREFIX]
 
 Prints ``READY`` (flushed) and blocks until a line arrives on stdin, so the
 test can start kspan with this process's pid selected before any traffic.
@@ -13,25 +13,58 @@ Then sends N GET requests (PREFIX1 .. PREFIXN, PREFIX defaults to /users/) over 
 
 Exits 0 on success; exits non-zero (with a message on stderr) if the
 connection was re-established or a response could not be read.
+
+--tls CAFILE: HTTPS, the server's certificate verified against CAFILE (Python's
+``ssl``: Debian's libssl.so.3).
+--late-import: ``http.client`` (and with it ``ssl``, which loads libssl with
+dlopen) is imported only after the first stdin line; then ``LOADED`` is
+printed and a second line awaited before the requests.
 """
 
-import http.client
 import sys
 
 
 def main():
-    if len(sys.argv) not in (3, 4):
-        sys.stderr.write("usage: keepalive_client.py PORT N [PREFIX]\n")
+    args = sys.argv[1:]
+    cafile = None
+    late = False
+    while args and args[0].startswith("--"):
+        flag = args.pop(0)
+        if flag == "--tls" and args:
+            cafile = args.pop(0)
+        elif flag == "--late-import":
+            late = True
+        else:
+            sys.stderr.write("unknown flag %s\n" % flag)
+            return 2
+    if len(args) not in (2, 3):
+        sys.stderr.write("usage: keepalive_client.py [--tls CAFILE] [--late-import] PORT N [PREFIX]\n")
         return 2
-    port = int(sys.argv[1])
-    n = int(sys.argv[2])
-    prefix = sys.argv[3] if len(sys.argv) == 4 else "/users/"
+    port = int(args[0])
+    n = int(args[1])
+    prefix = args[2] if len(args) == 3 else "/users/"
 
+    if not late:
+        import http.client  # noqa: F401
     sys.stdout.write("READY\n")
     sys.stdout.flush()
     sys.stdin.readline()
+    if late:
+        import http.client  # noqa: F401
+        import ssl  # noqa: F401
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        sys.stdout.write("LOADED\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
+    import http.client
+
+    if cafile is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=cafile)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     statuses = []
     sock = None
     local_port = None

@@ -340,7 +340,22 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// Cleartext HTTP/2 with prior knowledge.
     pub fn start() -> Nginx {
+        Self::start_with(|dir, port| nginx_conf(dir, port, "http2", ""))
+    }
+
+    /// HTTPS with `cert`: HTTP/1.1 and HTTP/2 by ALPN (nginx links Debian's libssl.so.3).
+    pub fn start_tls(cert: &crate::tls::TestCertificate) -> Nginx {
+        let tls = format!(
+            "ssl_certificate {};\n        ssl_certificate_key {};",
+            cert.cert.display(),
+            cert.key.display()
+        );
+        Self::start_with(|dir, port| nginx_conf(dir, port, "ssl http2", &tls))
+    }
+
+    fn start_with(conf_for: impl FnOnce(&Path, u16) -> String) -> Nginx {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let bin = nginx_bin();
         let dir = std::env::temp_dir().join(format!(
@@ -352,7 +367,7 @@ impl Nginx {
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let port = super::free_port();
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(&dir, port))
+        std::fs::write(&conf, conf_for(&dir, port))
             .unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
         let error_log = dir.join("error.log");
         // -e: the log for errors before the configuration is read (not the system's); -p: the
@@ -410,6 +425,11 @@ impl Nginx {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// `https://127.0.0.1:PORT{path}` (a server started with [`Nginx::start_tls`]).
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{}", self.port, path)
+    }
+
     /// nginx's error log so far.
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
@@ -424,7 +444,8 @@ impl Drop for Nginx {
     }
 }
 
-fn nginx_conf(dir: &Path, port: u16) -> String {
+/// `listen`: the `listen` directive's parameters after the address; `server_extra`: more directives for the server.
+fn nginx_conf(dir: &Path, port: u16, listen: &str, server_extra: &str) -> String {
     let d = dir.display();
     format!(
         r#"# Written by the kspan end-to-end tests; the system nginx configuration is not used.
@@ -449,8 +470,10 @@ http {{
     keepalive_timeout 60s;
 
     server {{
-        # nginx 1.22: cleartext HTTP/2 with prior knowledge (no HTTP/1.1 on this port).
-        listen 127.0.0.1:{port} http2;
+        # nginx 1.22: `http2` alone is cleartext HTTP/2 with prior knowledge (no HTTP/1.1 on
+        # the port); with `ssl`, ALPN chooses h2 or http/1.1.
+        listen 127.0.0.1:{port} {listen};
+        {server_extra}
         location /ok {{
             return 200 "ok\n";
         }}

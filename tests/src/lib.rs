@@ -51,6 +51,7 @@ pub mod otlp_receiver;
 pub mod process_tree;
 pub mod prometheus;
 pub mod silent_collector;
+pub mod tls;
 
 /// How long kspan may take to print `ready`.
 pub fn ready_timeout() -> Duration {
@@ -726,6 +727,22 @@ impl Kspan {
         self.stderr.snapshot()
     }
 
+    /// Waits (at most [`helper_timeout`]) until kspan's stderr has a line containing `needle`;
+    /// panics with its stderr otherwise.
+    pub fn wait_for_stderr(&mut self, needle: &str) {
+        let deadline = Instant::now() + helper_timeout();
+        while !self.stderr.snapshot().contains(needle) {
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "kspan did not print {needle:?} within {:?}.\n--- kspan stderr ---\n{}",
+                helper_timeout(),
+                self.stderr.snapshot()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGINT, waits up to 10 s (kills and fails on timeout), asserts
     /// exit status 0 and a stop within 5 s, and parses stdout.
     pub fn stop(self) -> Run {
@@ -1000,6 +1017,35 @@ pub fn named<'a>(spans: &'a [Value], name: &str) -> Vec<&'a Value> {
 pub fn sorted_by_start(mut spans: Vec<&Value>) -> Vec<&Value> {
     spans.sort_by_key(|s| start_ns(s));
     spans
+}
+
+/// The spans of `kind` in process `pid`, by start time; exactly `n` of them (`what` names the
+/// process in the failure message).
+pub fn spans_of<'a>(run: &'a Run, pid: u32, kind: &str, n: usize, what: &str) -> Vec<&'a Value> {
+    let spans: Vec<&Value> = by_pid(&run.spans, pid)
+        .into_iter()
+        .filter(|s| s["kind"] == kind)
+        .collect();
+    assert_eq!(
+        spans.len(),
+        n,
+        "expected exactly {n} {kind} span(s) in {what} (pid {pid}), found {}\n{}",
+        spans.len(),
+        run.dump()
+    );
+    sorted_by_start(spans)
+}
+
+/// `server` is the child of `client`: same trace, parent = the client span.
+pub fn assert_child_of(server: &Value, client: &Value, run: &Run) {
+    assert_eq!(
+        (trace_id(server), parent_id(server)),
+        (trace_id(client), Some(span_id(client))),
+        "the SERVER span must be a child of the CLIENT span\nserver:\n{}\nclient:\n{}\n\n{}",
+        pretty(server),
+        pretty(client),
+        run.dump()
+    );
 }
 
 pub fn attr<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
@@ -1379,9 +1425,16 @@ impl KeepaliveClient {
 
     /// Like [`KeepaliveClient::start`], requesting `{prefix}1` .. `{prefix}{n}`.
     pub fn start_with_prefix(port: u16, n: usize, prefix: &str) -> KeepaliveClient {
+        Self::start_with_flags(&[], port, n, prefix)
+    }
+
+    /// Like [`KeepaliveClient::start_with_prefix`] with the script's flags first (`--tls
+    /// CAFILE`, `--late-import`: see `servers/keepalive_client.py`).
+    pub fn start_with_flags(flags: &[&str], port: u16, n: usize, prefix: &str) -> KeepaliveClient {
         let (port, n) = (port.to_string(), n.to_string());
-        let (mut child, stdout, mut stderr) =
-            spawn_python_script("keepalive_client.py", &[&port, &n, prefix]);
+        let mut args: Vec<&str> = flags.to_vec();
+        args.extend([port.as_str(), n.as_str(), prefix]);
+        let (mut child, stdout, mut stderr) = spawn_python_script("keepalive_client.py", &args);
         let pid = child.id();
         let stdin = child.stdin.take();
         match stdout.lines.recv_timeout(helper_timeout()) {
@@ -1400,6 +1453,22 @@ impl KeepaliveClient {
             stdin,
             stdout,
             stderr,
+        }
+    }
+
+    /// `--late-import`: lets the client import `ssl` (libssl loaded with dlopen) and waits for
+    /// its `LOADED`; [`KeepaliveClient::go`] then sends the requests.
+    pub fn load_tls_library(&mut self) {
+        let stdin = self.stdin.as_mut().expect("not released yet");
+        stdin
+            .write_all(b"load\n")
+            .expect("write to keepalive_client stdin");
+        match self.stdout.lines.recv_timeout(helper_timeout()) {
+            Ok(Some(l)) if l.trim() == "LOADED" => {}
+            other => panic!(
+                "keepalive_client.py did not print LOADED (got {other:?}).\n--- stderr ---\n{}",
+                self.stderr.snapshot()
+            ),
         }
     }
 

@@ -44,22 +44,6 @@ const BOUNDS: [f64; 14] = [
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// The spans of `kind` in process `pid`, by start time; exactly `n` of them.
-fn spans_of<'a>(run: &'a Run, pid: u32, kind: &str, n: usize, what: &str) -> Vec<&'a Value> {
-    let spans: Vec<&Value> = by_pid(&run.spans, pid)
-        .into_iter()
-        .filter(|s| s["kind"] == kind)
-        .collect();
-    assert_eq!(
-        spans.len(),
-        n,
-        "expected exactly {n} {kind} span(s) in the {what} (pid {pid}), found {}\n{}",
-        spans.len(),
-        run.dump()
-    );
-    sorted_by_start(spans)
-}
-
 /// Is a SERVER span with this gRPC status an error? (OpenTelemetry gRPC conventions.)
 fn server_error(code: i64) -> bool {
     matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
@@ -157,18 +141,6 @@ impl Expected<'_> {
     fn check_client(&self, span: &Value) {
         self.check(span, "CLIENT", int(self.port));
     }
-}
-
-/// `server` is the child of `client`: same trace, parent = the client span.
-fn assert_child_of(server: &Value, client: &Value, run: &Run) {
-    assert_eq!(
-        (trace_id(server), parent_id(server)),
-        (trace_id(client), Some(span_id(client))),
-        "the SERVER span must be a child of the CLIENT span of its call\nserver:\n{}\nclient:\n{}\n\n{}",
-        pretty(server),
-        pretty(client),
-        run.dump()
-    );
 }
 
 /// How much later the SERVER span may end than the CLIENT span (see `tests/http1.rs`: the

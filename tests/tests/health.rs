@@ -52,6 +52,9 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("program_misses", "kspan.program.misses"),
     ("message_links_dropped", "kspan.messaging.links.dropped"),
     ("series_overflow", "kspan.metrics.series_overflow"),
+    ("tls_libraries_attached", "kspan.tls.libraries_attached"),
+    ("tls_unbound", "kspan.tls.unbound"),
+    ("tls_processes_unseen", "kspan.tls.processes_unseen"),
 ];
 
 fn prometheus_name(metric: &str) -> String {

@@ -111,17 +111,6 @@ impl Req<'_> {
     }
 }
 
-fn assert_child_of(server: &Value, client: &Value, run: &Run) {
-    assert_eq!(
-        (trace_id(server), parent_id(server)),
-        (trace_id(client), Some(span_id(client))),
-        "the SERVER span must be a child of the CLIENT span of its stream\nserver:\n{}\nclient:\n{}\n\n{}",
-        pretty(server),
-        pretty(client),
-        run.dump()
-    );
-}
-
 /// See `tests/http1.rs`: the client can read the last bytes before the server's write returns.
 fn assert_client_encloses_server(client: &Value, server: &Value) {
     let slack = 5_000_000 * time_scale();
@@ -144,22 +133,6 @@ fn assert_service(span: &Value, service: &str, pid: u32) {
         "resource:\n{}",
         pretty(span)
     );
-}
-
-/// The spans of `kind` in process `pid`, by start time; exactly `n` of them.
-fn spans_of<'a>(run: &'a Run, pid: u32, kind: &str, n: usize, what: &str) -> Vec<&'a Value> {
-    let spans: Vec<&Value> = by_pid(&run.spans, pid)
-        .into_iter()
-        .filter(|s| s["kind"] == kind)
-        .collect();
-    assert_eq!(
-        spans.len(),
-        n,
-        "expected exactly {n} {kind} span(s) in {what} (pid {pid}), found {}\n{}",
-        spans.len(),
-        run.dump()
-    );
-    sorted_by_start(spans)
 }
 
 fn expected_status(path: &str) -> i64 {

@@ -23,10 +23,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Steps, build, cargo, command, display, kspan_bin, output, setup, target_dir};
+use crate::{Steps, build, cargo, command, display, kspan_bin, output, run_cmd, setup, target_dir};
 
 const ADDR: &str = "127.0.0.1:18080";
 const URL: &str = "http://127.0.0.1:18080/";
+/// The same `return 200` over TLS (nginx's OpenSSL: Debian's libssl.so.3, uprobes attached).
+const TLS_ADDR: &str = "127.0.0.1:18443";
+const TLS_URL: &str = "https://127.0.0.1:18443/";
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 16;
 const WARMUP_SECS: u64 = 3;
@@ -93,31 +96,12 @@ fn overhead(options: &Options) -> Result<()> {
     let nginx = Nginx::start(&dir)?;
     let _stats = BpfStats::enable()?;
     println!("\nwarm-up ({WARMUP_SECS}s, discarded)");
-    wrk(WARMUP_SECS)?;
-
-    let mut pairs = Vec::new();
-    for number in 1..=options.pairs {
-        // Alternate the order so that drift (thermal, other load) favours neither side.
-        let without_first = number % 2 == 1;
-        let order = if without_first {
-            "without, with"
-        } else {
-            "with, without"
-        };
-        println!("\npair {number}/{} ({order})", options.pairs);
-        let (without, with) = if without_first {
-            let without = wrk(options.duration)?;
-            (without, traced(nginx.pid(), options.duration)?)
-        } else {
-            let with = traced(nginx.pid(), options.duration)?;
-            (wrk(options.duration)?, with)
-        };
-        pairs.push(Pair {
-            order,
-            without,
-            with,
-        });
-    }
+    wrk(URL, WARMUP_SECS)?;
+    let pairs = run_pairs(nginx.pid(), URL, options)?;
+    // The same over TLS: what the uprobes on nginx's libssl add (and wrk's TLS, on its CPU).
+    println!("\nHTTPS: warm-up ({WARMUP_SECS}s, discarded)");
+    wrk(TLS_URL, WARMUP_SECS)?;
+    let tls_pairs = run_pairs(nginx.pid(), TLS_URL, options)?;
     drop(nginx);
     let mut machine = machine;
     machine["loadavg_after"] = loadavg().1.into();
@@ -128,6 +112,11 @@ fn overhead(options: &Options) -> Result<()> {
     print_pairs(&pairs);
     println!();
     print_table(&rows);
+    let tls_summary = Summary::of(&tls_pairs);
+    println!("\nHTTPS ({TLS_URL}, OpenSSL uprobes), beside the plaintext figures above:");
+    print_pairs(&tls_pairs);
+    println!();
+    print_tls_comparison(&summary, &tls_summary);
     let results = json!({
         "machine": machine,
         "settings": {
@@ -144,6 +133,11 @@ fn overhead(options: &Options) -> Result<()> {
         "medians": summary.to_json(),
         "targets": rows.iter().filter(|r| r.target.is_some()).map(Row::to_json).collect::<Vec<_>>(),
         "all_targets_met": rows.iter().all(|r| r.met() != Some(false)),
+        "https": {
+            "url": TLS_URL,
+            "pairs": tls_pairs.iter().map(Pair::to_json).collect::<Vec<_>>(),
+            "medians": tls_summary.to_json(),
+        },
     });
     let path = dir.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
@@ -152,14 +146,84 @@ fn overhead(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// `options.pairs` pairs of wrk runs against `url`, without and with kspan tracing nginx.
+fn run_pairs(nginx_pid: u32, url: &str, options: &Options) -> Result<Vec<Pair>> {
+    let mut pairs = Vec::new();
+    for number in 1..=options.pairs {
+        // Alternate the order so that drift (thermal, other load) favours neither side.
+        let without_first = number % 2 == 1;
+        let order = if without_first {
+            "without, with"
+        } else {
+            "with, without"
+        };
+        println!("\npair {number}/{} ({order})", options.pairs);
+        let (without, with) = if without_first {
+            let without = wrk(url, options.duration)?;
+            (without, traced(nginx_pid, url, options.duration)?)
+        } else {
+            let with = traced(nginx_pid, url, options.duration)?;
+            (wrk(url, options.duration)?, with)
+        };
+        pairs.push(Pair {
+            order,
+            without,
+            with,
+        });
+    }
+    Ok(pairs)
+}
+
+/// The HTTPS medians beside the plaintext ones (no targets: the issue asks for the figures).
+fn print_tls_comparison(plain: &Summary, tls: &Summary) {
+    let lines: [(&str, f64, f64, usize); 6] = [
+        (
+            "throughput ratio with/without",
+            plain.throughput_ratio,
+            tls.throughput_ratio,
+            3,
+        ),
+        ("p50 latency ratio", plain.p50_ratio, tls.p50_ratio, 3),
+        ("p99 latency ratio", plain.p99_ratio, tls.p99_ratio, 3),
+        (
+            "kspan CPU per request (µs)",
+            plain.cpu_us_per_request,
+            tls.cpu_us_per_request,
+            2,
+        ),
+        (
+            "eBPF time per request (ns)",
+            plain.ebpf_ns_per_request,
+            tls.ebpf_ns_per_request,
+            0,
+        ),
+        (
+            "eBPF program runs per request",
+            plain.ebpf_runs_per_request,
+            tls.ebpf_runs_per_request,
+            1,
+        ),
+    ];
+    let mut out = format!("{:<32} {:>10} {:>10}\n", "median", "http", "https");
+    for (name, p, t, decimals) in lines {
+        let _ = writeln!(out, "{name:<32} {p:>10.decimals$} {t:>10.decimals$}");
+    }
+    let _ = writeln!(
+        out,
+        "{:<32} {:>10} {:>10}",
+        "events lost (all runs)", plain.events_lost, tls.events_lost
+    );
+    print!("{out}");
+}
+
 /// One run of wrk with kspan tracing nginx, and what kspan cost meanwhile.
-fn traced(nginx_pid: u32, secs: u64) -> Result<Traced> {
+fn traced(nginx_pid: u32, url: &str, secs: u64) -> Result<Traced> {
     let kspan = Kspan::start(nginx_pid)?;
     let pid = kspan.pid();
     // Readings after `ready`, so that startup (BTF parsing, loading, attaching) is left out.
     let cpu_before = cpu_ticks(pid)?;
     let bpf_before = bpf_programs(pid)?;
-    let wrk = wrk(secs)?;
+    let wrk = wrk(url, secs)?;
     let cpu_after = cpu_ticks(pid)?;
     let bpf_after = bpf_programs(pid)?;
     let peak_rss_kib = vm_hwm_kib(pid)?;
@@ -634,13 +698,13 @@ impl Wrk {
 }
 
 /// Run wrk on CPU 1 against nginx for `secs` seconds.
-fn wrk(secs: u64) -> Result<Wrk> {
+fn wrk(url: &str, secs: u64) -> Result<Wrk> {
     let mut cmd = command("taskset");
     cmd.args(["-c", "1", "wrk"])
         .arg(format!("-t{WRK_THREADS}"))
         .arg(format!("-c{WRK_CONNECTIONS}"))
         .arg(format!("-d{secs}s"))
-        .args(["--latency", URL])
+        .args(["--latency", url])
         .stdin(Stdio::null());
     let shown = display(&cmd);
     println!("$ {shown}");
@@ -759,9 +823,40 @@ http {{
             return 200 "ok\n";
         }}
     }}
+
+    server {{
+        listen {TLS_ADDR} ssl;
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        location / {{
+            return 200 "ok\n";
+        }}
+    }}
 }}
 "#
     )
+}
+
+/// A self-signed P-256 certificate for the HTTPS server, by the `openssl` command.
+fn make_certificate(dir: &Path) -> Result<()> {
+    let mut cmd = command("openssl");
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+    ])
+    .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+    .arg("-keyout")
+    .arg(dir.join("key.pem"))
+    .arg("-out")
+    .arg(dir.join("cert.pem"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    run_cmd(&mut cmd)
 }
 
 /// nginx in the foreground with our configuration; stopped when dropped.
@@ -774,6 +869,10 @@ impl Nginx {
         if TcpStream::connect(ADDR).is_ok() {
             bail!("something already listens on {ADDR}; stop it first");
         }
+        if TcpStream::connect(TLS_ADDR).is_ok() {
+            bail!("something already listens on {TLS_ADDR}; stop it first");
+        }
+        make_certificate(dir)?;
         let conf = dir.join("nginx.conf");
         fs::write(&conf, nginx_conf(dir))
             .with_context(|| format!("cannot write {}", conf.display()))?;

@@ -43,6 +43,11 @@ const TEST_PACKAGES: &[Package] = &[
         "Kafka peer of the end-to-end tests (older protocol versions)",
     ),
     (
+        "openssl",
+        Some("openssl"),
+        "makes the TLS end-to-end tests' self-signed certificate",
+    ),
+    (
         "util-linux",
         Some("setpriv"),
         "setpriv starts kspan with only the chart's capabilities (tests/tests/capabilities.rs)",

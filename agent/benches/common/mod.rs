@@ -127,6 +127,7 @@ impl KernelControl for NoKernel {
     fn forget_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
     fn set_capture(&mut self, _pid: u32, _fd: i32, _conn_id: u64, _bytes: u32, _tail: u32) {}
     fn mute_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
+    fn set_tls(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
 }
 
 /// Keeps no span: counts them and hands each to `black_box` so building it is not optimized out.

@@ -34,6 +34,8 @@ pub enum Event<'a> {
         path: &'a [u8],
     },
     Exit(EventHeader),
+    /// A traced process mapped an executable file (a library).
+    LibraryMapped(EventHeader),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -94,6 +96,7 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
             }
         }
         EventKind::Exit => Event::Exit(header),
+        EventKind::LibraryMapped => Event::LibraryMapped(header),
     })
 }
 

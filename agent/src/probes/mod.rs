@@ -5,6 +5,7 @@ pub mod btf;
 pub mod census;
 pub mod events;
 pub mod stack;
+pub mod tls;
 pub mod tracefs;
 
 use std::{
@@ -63,6 +64,8 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
+    ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
 ];
 
 #[derive(Clone, Debug)]
@@ -89,6 +92,8 @@ pub struct KernelCounters {
     pub traced_pids_map_full: u64,
     /// Program runs the kernel skipped (see `program_misses`).
     pub program_misses: u64,
+    /// TLS library calls whose socket was unknown (`counter::TLS_UNBOUND`).
+    pub tls_unbound: u64,
 }
 
 /// The part of the kernel stage the pipeline drives: which pids to trace, which sockets are
@@ -106,6 +111,9 @@ pub trait KernelControl {
     fn set_capture(&mut self, pid: u32, fd: i32, conn_id: u64, bytes: u32, tail: u32);
     /// Stop copying and reporting this connection's bytes; its close is still reported.
     fn mute_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
+    /// The connection is TLS: its syscalls' ciphertext is no longer copied (its plaintext
+    /// comes from the TLS library's uprobes, if kspan sees into that library).
+    fn set_tls(&mut self, pid: u32, fd: i32, conn_id: u64);
 }
 
 const BPF_NOEXIST: u64 = 1;
@@ -233,7 +241,7 @@ impl KernelControl for KernelMaps {
             accepted: 0,
             capture: CAPTURE_DEFAULT,
             tail: 0,
-            _pad: 0,
+            tls: 0,
         };
         if let Err(e) = self.connections.insert(connection_key(pid, fd), value, 0) {
             log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
@@ -258,6 +266,10 @@ impl KernelControl for KernelMaps {
     fn mute_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
         self.update_capture(pid, fd, conn_id, CAPTURE_MUTED, 0);
     }
+
+    fn set_tls(&mut self, pid: u32, fd: i32, conn_id: u64) {
+        self.update(pid, fd, conn_id, |value| value.tls = 1);
+    }
 }
 
 impl KernelMaps {
@@ -265,6 +277,21 @@ impl KernelMaps {
     /// (BPF_EXIST): a connection that closed meanwhile is not brought back, and a newer socket
     /// on the same fd (another `conn_id`) is left as it is.
     fn update_capture(&mut self, pid: u32, fd: i32, conn_id: u64, capture: u32, tail: u32) {
+        self.update(pid, fd, conn_id, |value| {
+            value.capture = capture;
+            value.tail = tail;
+        });
+    }
+
+    /// Changes the connection's entry, only if it is still there (BPF_EXIST) and still this
+    /// socket.
+    fn update(
+        &mut self,
+        pid: u32,
+        fd: i32,
+        conn_id: u64,
+        change: impl FnOnce(&mut ConnectionValue),
+    ) {
         let key = connection_key(pid, fd);
         let Ok(mut value) = self.connections.get(&key, 0) else {
             return;
@@ -272,8 +299,7 @@ impl KernelMaps {
         if value.conn_id != conn_id {
             return;
         }
-        value.capture = capture;
-        value.tail = tail;
+        change(&mut value);
         // BPF_EXIST: update an existing element only.
         let _ = self.connections.insert(key, value, 2);
     }
@@ -302,6 +328,7 @@ impl KernelMaps {
             read_errors: sum(counter::READ_ERRORS),
             socket_lookup_errors: sum(counter::SOCKET_LOOKUP_ERRORS),
             traced_pids_map_full: sum(counter::TRACED_PIDS_MAP_FULL),
+            tls_unbound: sum(counter::TLS_UNBOUND),
             program_misses: self
                 .programs
                 .iter()
@@ -317,15 +344,23 @@ pub const TRACEPOINT_COUNT: usize = TRACEPOINTS.len();
 pub struct Attached {
     ebpf: Ebpf,
     links: Vec<(&'static str, TracePointLinkId)>,
+    /// The TLS libraries' uprobes, attached as selected processes are found to use them.
+    tls: tls::TlsProbes,
     /// The tail-call table: the kernel empties it when its last user-space handle closes.
     _tail_calls: ProgramArray<MapData>,
 }
 
 impl Attached {
+    /// Looks for TLS libraries in `pid`'s maps and attaches to the new ones (see `tls`).
+    pub fn scan_tls_libraries(&mut self, pid: u32) -> Option<tls::Scan> {
+        self.tls.scan(&mut self.ebpf, pid)
+    }
+
     /// Detaches every program. Each detach waits for an RCU grace period in the kernel (tens of
-    /// milliseconds), so the links are dropped in parallel: 29 in sequence take seconds.
+    /// milliseconds; a uprobe's ~250 ms here), so the links are dropped in parallel: 29
+    /// tracepoints in sequence took seconds, a library's 8 uprobes 2 s.
     pub fn detach(mut self) {
-        let mut links = Vec::with_capacity(self.links.len());
+        let mut links: Vec<Box<dyn Send>> = Vec::with_capacity(self.links.len());
         for (program, id) in self.links.drain(..) {
             let taken = self
                 .ebpf
@@ -333,8 +368,11 @@ impl Attached {
                 .and_then(|p| <&mut TracePoint>::try_from(p).ok())
                 .map(|tp| tp.take_link(id));
             if let Some(Ok(link)) = taken {
-                links.push(link);
+                links.push(Box::new(link));
             }
+        }
+        for link in tls::take_links(&mut self.ebpf, std::mem::take(&mut self.tls.links)) {
+            links.push(Box::new(link));
         }
         let threads: Vec<_> = links
             .into_iter()
@@ -445,6 +483,7 @@ impl Probes {
             attached: Attached {
                 ebpf,
                 links,
+                tls: tls::TlsProbes::default(),
                 _tail_calls: tail_calls,
             },
             ring,
@@ -545,8 +584,13 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
 
 fn load_program(name: &str, program: &mut Program) -> Result<()> {
     let started = std::time::Instant::now();
-    let tracepoint: &mut TracePoint = program.try_into()?;
-    tracepoint.load().map_err(|e| {
+    let loaded = match program {
+        Program::TracePoint(tracepoint) => tracepoint.load(),
+        // The TLS library probes (attached per library file later, see `tls`).
+        Program::UProbe(uprobe) => uprobe.load(),
+        _ => bail!("program {name} is of a type kspan does not load"),
+    };
+    loaded.map_err(|e| {
         // The verifier's log is already part of a LoadError's message.
         permission_hint(anyhow!(
             "cannot load program {name} into Linux {}: {e}",
@@ -554,18 +598,18 @@ fn load_program(name: &str, program: &mut Program) -> Result<()> {
         ))
     })?;
     if log::log_enabled!(log::Level::Debug) {
-        verifier_report(name, tracepoint, started.elapsed());
+        verifier_report(name, program, started.elapsed());
     }
     Ok(())
 }
 
 /// One line per program for docs/architecture.md's kernel table: what the verifier did with it
 /// on this kernel. Kernels before 5.16 do not report the instructions processed.
-fn verifier_report(name: &str, tracepoint: &TracePoint, took: Duration) {
+fn verifier_report(name: &str, program: &Program, took: Duration) {
     static STACK: std::sync::OnceLock<std::collections::HashMap<String, u32>> =
         std::sync::OnceLock::new();
     let stack = STACK.get_or_init(|| stack::stack_depths(EBPF_OBJECT));
-    let info = tracepoint.info().ok();
+    let info = program.info().ok();
     let processed = info
         .as_ref()
         .and_then(|i| i.verified_instruction_count())
@@ -736,11 +780,19 @@ mod tests {
                  libc6-dev-arm64-cross (`cargo xtask setup`)"
             )
         });
-        // `__SYSCALL(__NR_read, sys_read)`, `__SC_COMP(__NR_readv, sys_readv, ...)`.
+        // `__SYSCALL(__NR_read, sys_read)`, `__SC_COMP(__NR_readv, sys_readv, ...)`; the
+        // 64-bit name is `__SC_3264`'s last (`__SC_3264(__NR3264_mmap, sys_mmap2, sys_mmap)`).
         let defined: std::collections::HashSet<&str> = table
             .lines()
             .filter(|l| l.starts_with("__SYSCALL(") || l.starts_with("__SC_"))
-            .filter_map(|l| l.split(',').nth(1))
+            .filter_map(|l| {
+                let mut names = l.split(',');
+                if l.starts_with("__SC_3264(") {
+                    names.next_back()
+                } else {
+                    names.nth(1)
+                }
+            })
             .map(|name| name.trim().trim_end_matches(')').trim())
             .collect();
         assert!(

@@ -5,6 +5,7 @@ pub mod discovery;
 pub mod procfs_scan;
 pub mod resource;
 pub mod socket_tables;
+pub mod tls;
 
 use rustc_hash::FxHashMap;
 use std::{
