@@ -425,8 +425,14 @@ pub fn run(args: Args) -> Result<()> {
         Linker::new(sampler),
     );
     pipeline.start();
-    // The TLS libraries of the processes selected at start are attached before kspan says it
-    // is ready.
+    // The host's libssl, then the TLS libraries of the processes selected at start, are
+    // attached before kspan says it is ready.
+    if crate::probes::tls::uprobes_available() {
+        Stats::add(
+            &stats.tls_libraries_attached,
+            attached.attach_host_tls_libraries(),
+        );
+    }
     attach_tls_libraries(&mut attached, &mut pipeline, &stats);
     health.set_ready(true);
     eprintln!(

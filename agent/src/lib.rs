@@ -20,4 +20,5 @@ pub mod process;
 pub mod protocols;
 pub mod spans;
 pub mod stats;
+pub mod tls_writes;
 pub mod tracecontext;

@@ -27,9 +27,10 @@ use crate::{
         tls::TlsProcesses,
     },
     protocols::Payload,
-    protocols::{Chunk, Exchange, ParserCounts, ParserOutput, SharedState},
+    protocols::{Chunk, Direction, Exchange, ParserCounts, ParserOutput, SharedState},
     spans::{self, Export, ProducedMessages, Resource, Span, build_spans},
     stats::Stats,
+    tls_writes::{HeldTlsWrites, HeldWrite},
 };
 
 /// A finished span and its trace's sampling decision (unsampled spans still count in metrics).
@@ -197,6 +198,8 @@ pub struct Pipeline<K: KernelControl, S: SpanSink> {
     next_partial_check_ns: u64,
     /// Which processes' TLS kspan sees into; the looks at their libraries to make.
     tls: TlsProcesses,
+    /// TLS plaintext written before its socket was known (memory BIOs).
+    held_tls_writes: HeldTlsWrites,
 }
 
 impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
@@ -229,6 +232,7 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             partial_connections: 0,
             next_partial_check_ns: 0,
             tls: TlsProcesses::default(),
+            held_tls_writes: HeldTlsWrites::default(),
         }
     }
 
@@ -262,6 +266,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             self.untraced_at
                 .retain(|_, at| now_ns.saturating_sub(*at) < UNTRACED_EVENTS_WINDOW_NS);
         }
+        let expired = self.held_tls_writes.expire(now_ns);
+        Stats::add(&self.stats.tls_writes_expired, expired);
         if self.partial_connections > 0 && now_ns >= self.next_partial_check_ns {
             self.evict_partials_older_than(now_ns.saturating_sub(self.partial_timeout_ns()));
             self.next_partial_check_ns = now_ns + PARTIAL_CHECK_INTERVAL_NS;
@@ -545,7 +551,34 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                     tid: header.tid,
                 };
                 let tls = header.source == kspan_common::SOURCE_TLS;
+                if tls && header.fd < 0 {
+                    // Written to a TLS object with no socket yet: held until a TlsBound.
+                    let write = HeldWrite {
+                        data: data.to_vec(),
+                        tail: tail.to_vec(),
+                        full_len: header.full_len,
+                        start_ns: header.start_ns,
+                        end_ns: header.end_ns,
+                    };
+                    let dropped = self.held_tls_writes.hold(header.pid, header.tid, write);
+                    Stats::add(&self.stats.tls_writes_expired, dropped);
+                    return;
+                }
                 self.on_data(header.pid, header.fd, header.conn_id, &chunk, tls);
+            }
+            Event::TlsBound(header) => {
+                for write in self.held_tls_writes.take(header.pid, header.tid) {
+                    let chunk = Chunk {
+                        direction: Direction::Egress,
+                        data: &write.data,
+                        tail: &write.tail,
+                        full_len: write.full_len,
+                        start_ns: write.start_ns,
+                        end_ns: write.end_ns,
+                        tid: header.tid,
+                    };
+                    self.on_data(header.pid, header.fd, header.conn_id, &chunk, true);
+                }
             }
             Event::Socket {
                 kind: EventKind::Listen,
@@ -624,6 +657,8 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
                 }
             }
             Event::Exit(header) => {
+                let dropped = self.held_tls_writes.forget_process(header.pid);
+                Stats::add(&self.stats.tls_writes_expired, dropped);
                 self.forget_process(header.pid, header.end_ns);
                 self.processes.on_exit(header.pid);
                 self.tls.forget(header.pid);
@@ -1048,7 +1083,6 @@ mod tests {
     use kspan_common::EventHeader;
 
     use super::*;
-    use crate::protocols::Direction;
     use crate::spans::{AttributeValue, Resource, SpanKind, SpanStatus};
 
     fn finished(n: u8) -> Finished {
@@ -1705,6 +1739,82 @@ mod tests {
         p.tls_scanned(pid, Some(false));
         assert_eq!(Stats::get(&p.stats.tls_processes_unseen), 1);
         assert!(p.sink().is_empty());
+    }
+
+    /// A memory-BIO client (gRPC core, Node.js): its first request's plaintext comes before
+    /// its socket is known (fd -1), is held, and joins the socket the kernel names next
+    /// (TlsBound), before the response; a held write whose socket never comes expires, counted.
+    #[test]
+    fn plaintext_written_before_its_socket_joins_it_when_named() {
+        let mut p = test_pipeline();
+        let pid = std::process::id();
+        p.handle_event(Event::Socket {
+            kind: EventKind::Connect,
+            header: EventHeader {
+                kind: EventKind::Connect as u32,
+                pid,
+                tid: pid,
+                fd: 9,
+                conn_id: 9,
+                ..Default::default()
+            },
+            tuple: loopback_tuple(40000, 8443),
+        });
+        let request: &[u8] = b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n";
+        data_event_from(
+            &mut p,
+            -1,
+            0,
+            1_000,
+            Direction::Egress,
+            request,
+            kspan_common::SOURCE_TLS,
+        );
+        assert!(p.sink().is_empty());
+        p.handle_event(Event::TlsBound(EventHeader {
+            kind: EventKind::TlsBound as u32,
+            pid,
+            tid: pid,
+            fd: 9,
+            conn_id: 9,
+            start_ns: 1_500,
+            end_ns: 1_500,
+            ..Default::default()
+        }));
+        tls_plaintext(
+            &mut p,
+            9,
+            2_000,
+            Direction::Ingress,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        // Never bound: expires at a flush more than a second later (kernel time 5 µs after
+        // boot, the flush's clock is the kernel's, CLOCK_MONOTONIC).
+        data_event_from(
+            &mut p,
+            -1,
+            0,
+            5_000,
+            Direction::Egress,
+            request,
+            kspan_common::SOURCE_TLS,
+        );
+        p.flush();
+        assert_eq!(Stats::get(&p.stats.tls_writes_expired), 1);
+        p.shutdown();
+        let held_write_start = p.clock.to_unix_nanos(1_000);
+        let spans = p.sink();
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        assert_eq!(spans[0].kind, SpanKind::Client);
+        assert_eq!(spans[0].name, "GET /held");
+        assert_eq!(
+            spans[0].attribute("url.scheme"),
+            Some(&AttributeValue::Str("https".into()))
+        );
+        assert_eq!(
+            spans[0].start_unix_nano, held_write_start,
+            "the held write's time"
+        );
     }
 
     /// A connection muted for its ciphertext (a TLS record version kspan did not take for one,

@@ -79,9 +79,13 @@ pub struct Stats {
     /// Connections whose parser state was dropped because a message stayed incomplete past
     /// `--partial-timeout` (slowloris).
     pub parser_evictions_timeout: AtomicU64,
-    /// TLS library calls whose plaintext the kernel dropped: their socket was unknown (a TLS
-    /// object on memory BIOs) or no longer tracked. Mirrored from the kernel.
+    /// TLS library calls whose plaintext the kernel dropped: their socket was unknown (a read on
+    /// memory BIOs with no TLS socket read before it on its thread) or no longer tracked.
+    /// Mirrored from the kernel.
     pub tls_unbound: AtomicU64,
+    /// TLS plaintext written before its socket was known (memory BIOs) and dropped: no write on
+    /// a TLS socket followed in time, the process exited, or the holding bounds were reached.
+    pub tls_writes_expired: AtomicU64,
     /// Processes seen sending TLS records whose TLS library kspan cannot read (reported once
     /// each).
     pub tls_processes_unseen: AtomicU64,
@@ -325,8 +329,15 @@ pub const COUNTERS: &[Counter] = &[
         tls_unbound,
         "kspan.tls.unbound",
         "{call}",
-        "TLS library calls whose plaintext was dropped because their socket was unknown (a TLS \
-         object on memory BIOs, like Node.js's) or no longer tracked."
+        "TLS library calls whose plaintext was dropped because their socket was unknown (a read \
+         on memory BIOs with no TLS socket read before it on its thread) or no longer tracked."
+    ),
+    counter!(
+        tls_writes_expired,
+        "kspan.tls.writes_expired",
+        "{call}",
+        "TLS plaintext written before its socket was known (a TLS object on memory BIOs, like \
+         gRPC's or Node.js's) and dropped because no write on a TLS socket followed in time."
     ),
     counter!(
         tls_processes_unseen,

@@ -82,6 +82,10 @@ pub enum EventKind {
     /// A traced process mapped a file executable (a library loaded, `dlopen` included): the
     /// agent looks for TLS libraries in its maps again. No body.
     LibraryMapped = 8,
+    /// A thread that wrote TLS plaintext before its socket was known (a memory BIO) now wrote on
+    /// this socket (`fd`, `conn_id`): the plaintext the agent holds for the thread (`tid`) is
+    /// this socket's. No body.
+    TlsBound = 9,
 }
 
 impl EventKind {
@@ -95,6 +99,7 @@ impl EventKind {
             6 => Self::Exit,
             7 => Self::Listen,
             8 => Self::LibraryMapped,
+            9 => Self::TlsBound,
             _ => return None,
         })
     }

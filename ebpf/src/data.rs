@@ -20,10 +20,15 @@ use kspan_common::{
     USUAL_SYSCALL_RET, connection_key, counter,
 };
 
-use crate::maps::{
-    CONNECTIONS, DataRecord, EVENTS, IOVEC_CONTINUE, InFlight, Iovec, IovecCopy, LAST_READS,
-    LastRead, SCRATCH, SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS, atomic_add, capture_bytes,
-    count, mark_tls, may_be_traced, shape, stash, submit_flags, tls_call_of, unstash,
+use crate::{
+    maps::{
+        CONNECTIONS, DataRecord, EVENTS, IOVEC_CONTINUE, InFlight, Iovec, IovecCopy, LAST_READS,
+        LastRead, PENDING_WRITES, SCRATCH, SCRATCH_PER_CPU, TAIL_CALLS, TRACEPOINT_OFFSETS,
+        TlsObjectKey, atomic_add, capture_bytes, count, mark_tls, may_be_traced, shape, stash,
+        submit_flags, tls_call_of, unstash,
+    },
+    socket::header,
+    tls::bind,
 };
 
 const MSG_PEEK: u64 = 2;
@@ -88,21 +93,30 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
         mark_tls(conn);
         return;
     }
-    if direction == DIRECTION_INGRESS
-        && let Some(slot) = LAST_READS.get_ptr_mut(pid_tgid as u32 & (TLS_CALL_SLOTS - 1))
-    {
-        unsafe {
-            *slot = LastRead {
-                pid_tgid,
-                conn_id: conn.conn_id,
-                fd,
-                _pad: 0,
-            };
+    // A TLS connection's ciphertext outside a library call (a handshake, an alert, or all of it
+    // for a library on memory BIOs) and a muted connection (no protocol kspan parses) cost the
+    // lookup, nothing more.
+    if conn.tls != 0 {
+        // A library on memory BIOs (Node.js) decrypts what the thread read last: tls.rs binds
+        // its object to this socket. Only TLS sockets are remembered, so a plaintext socket is
+        // never taken for one.
+        if direction == DIRECTION_INGRESS
+            && let Some(slot) = LAST_READS.get_ptr_mut(pid_tgid as u32 & (TLS_CALL_SLOTS - 1))
+        {
+            unsafe {
+                *slot = LastRead {
+                    pid_tgid,
+                    conn_id: conn.conn_id,
+                    fd,
+                    _pad: 0,
+                };
+            }
+        } else if direction == DIRECTION_EGRESS {
+            bind_pending_write(pid_tgid, fd, conn.conn_id);
         }
+        return;
     }
-    // A TLS connection's ciphertext outside a library call (a handshake, an alert) and a muted
-    // connection (no protocol kspan parses) cost the lookup, nothing more.
-    if conn.tls != 0 || conn.capture == CAPTURE_MUTED {
+    if conn.capture == CAPTURE_MUTED {
         return;
     }
     if flags_arg != 0 && syscall_arg(ctx, flags_arg) & MSG_PEEK != 0 {
@@ -129,6 +143,34 @@ fn enter_data(ctx: &TracePointContext, shape: u32, direction: u32, flags_arg: us
         conn_id: conn.conn_id,
     };
     stash(&in_flight);
+}
+
+/// The thread wrote plaintext to a TLS object with no socket yet (tls.rs), and now writes on a
+/// TLS socket: that is the object's socket. Bound for the object's later calls, and the agent
+/// is told (a `TlsBound` event), so the plaintext it holds for the thread joins the socket.
+#[inline(always)]
+fn bind_pending_write(pid_tgid: u64, fd: i32, conn_id: u64) {
+    let Some(slot) = PENDING_WRITES.get_ptr_mut(pid_tgid as u32 & (TLS_CALL_SLOTS - 1)) else {
+        return;
+    };
+    let pending = unsafe { *slot };
+    if pending.pid_tgid != pid_tgid {
+        return;
+    }
+    unsafe { (*slot).pid_tgid = 0 };
+    let key = TlsObjectKey {
+        pid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        ssl: pending.ssl,
+    };
+    bind(&key, fd, conn_id);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) {
+        entry.write(header(EventKind::TlsBound, pid_tgid, fd, conn_id, now, now));
+        entry.submit(submit_flags());
+    } else {
+        count(counter::EVENTS_LOST);
+    }
 }
 
 /// Exit of a data syscall: with the real byte count, copy the bytes. The shape is a constant per
@@ -383,7 +425,7 @@ fn submit_record(record: *mut DataRecord, head_copied: u32, tail_copied: u32, wa
         (*record).iov.owner = 0;
     }
     if copied >= 8 {
-        capture_http2_from_its_preface(record);
+        act_on_known_starts(record);
     }
     let len = EVENT_HEADER_LEN + copied as usize;
     let bytes = unsafe { core::slice::from_raw_parts(record.cast::<u8>(), len) };
@@ -393,29 +435,45 @@ fn submit_record(record: *mut DataRecord, head_copied: u32, tail_copied: u32, wa
     release_scratch(record);
 }
 
-/// A connection whose bytes start with the HTTP/2 client preface gets HTTP/2's capture now,
-/// not when the agent has read the event: a connection's first large response comes within
-/// milliseconds. The one protocol fact the kernel knows; detection proper is the agent's.
+/// The two protocol facts the kernel acts on itself, not when the agent has read the event
+/// (detection proper is the agent's):
+/// - bytes that start with the HTTP/2 client preface get HTTP/2's capture: a connection's first
+///   large response comes within milliseconds;
+/// - a socket's bytes that start with a TLS handshake record mark it TLS: its ciphertext is not
+///   copied, and a library on memory BIOs can be bound to it (tls.rs) from its next read on,
+///   which on loopback comes before the agent would have marked it.
 #[inline(always)]
-fn capture_http2_from_its_preface(record: *mut DataRecord) {
-    let (start, pid, fd, conn_id) = unsafe {
+fn act_on_known_starts(record: *mut DataRecord) {
+    let (start, pid, fd, conn_id, source) = unsafe {
         let r = &*record;
         (
             core::ptr::read_unaligned(r.data.as_ptr().cast::<u64>()),
             r.header.pid,
             r.header.fd,
             r.header.conn_id,
+            r.header.source,
         )
     };
-    if start != HTTP2_PREFACE_START {
+    let http2 = start == HTTP2_PREFACE_START;
+    // Content type 22 (handshake), version 3.x with x <= 4 (SSL 3.0 to TLS 1.3): no HTTP,
+    // HTTP/2 or Kafka message starts so (as a Kafka length it would be 369 MB).
+    let tls_handshake = source == SOURCE_SYSCALL
+        && start & 0xff == 0x16
+        && (start >> 8) & 0xff == 0x03
+        && (start >> 16) & 0xff <= 0x04;
+    if !http2 && !tls_handshake {
         return;
     }
     if let Some(conn) = CONNECTIONS.get_ptr_mut(&connection_key(pid, fd)) {
-        unsafe {
-            if (*conn).conn_id == conn_id && (*conn).capture == CAPTURE_DEFAULT {
-                (*conn).capture = HTTP2_CAPTURE;
-                (*conn).tail = HTTP2_CAPTURE_TAIL;
-            }
+        let conn = unsafe { &mut *conn };
+        if conn.conn_id != conn_id {
+            return;
+        }
+        if tls_handshake {
+            mark_tls(conn);
+        } else if conn.capture == CAPTURE_DEFAULT {
+            conn.capture = HTTP2_CAPTURE;
+            conn.tail = HTTP2_CAPTURE_TAIL;
         }
     }
 }

@@ -292,6 +292,23 @@ pub struct LastRead {
 #[map]
 pub static LAST_READS: Array<LastRead> = Array::with_max_entries(TLS_CALL_SLOTS, 0);
 
+/// A thread's plaintext written to a TLS object whose socket is not known yet (memory BIOs: the
+/// library encrypts into memory, the application then writes the ciphertext itself). The
+/// thread's next write on a TLS socket names the socket (data.rs); the agent holds the
+/// plaintext until then.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingWrite {
+    /// Owner of the slot; 0 when free.
+    pub pid_tgid: u64,
+    /// The `SSL*` object.
+    pub ssl: u64,
+}
+
+/// One slot per thread (id modulo the size), as [`TLS_CALLS`].
+#[map]
+pub static PENDING_WRITES: Array<PendingWrite> = Array::with_max_entries(TLS_CALL_SLOTS, 0);
+
 /// Marks a connection TLS: its syscalls' ciphertext is no longer copied. A mute decided on that
 /// ciphertext (no known protocol) is lifted: the plaintext gets its chance.
 #[inline(always)]

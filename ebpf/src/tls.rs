@@ -13,15 +13,15 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use kspan_common::{
-    CAPTURE_MUTED, DIRECTION_EGRESS, DIRECTION_INGRESS, SOURCE_TLS, TLS_CALL_SLOTS, connection_key,
-    counter,
+    CAPTURE_MUTED, DIRECTION_EGRESS, DIRECTION_INGRESS, HTTP2_CAPTURE, HTTP2_CAPTURE_TAIL,
+    SOURCE_TLS, TLS_CALL_SLOTS, connection_key, counter,
 };
 
 use crate::{
     data::submit_buffer,
     maps::{
-        CONNECTIONS, InFlight, LAST_READS, TLS_CALLS, TLS_SOCKETS, TlsCall, TlsObjectKey,
-        TlsSocket, count, is_traced, mark_tls, shape,
+        CONNECTIONS, InFlight, LAST_READS, PENDING_WRITES, PendingWrite, TLS_CALLS, TLS_SOCKETS,
+        TlsCall, TlsObjectKey, TlsSocket, count, is_traced, mark_tls, shape,
     },
 };
 
@@ -119,6 +119,9 @@ fn exit(ctx: &RetProbeContext, count_arg: bool) {
     {
         bind(&key, last.fd, last.conn_id);
         (last.fd, last.conn_id)
+    } else if call.direction == DIRECTION_EGRESS {
+        submit_unbound_write(pid_tgid, &call, moved);
+        return;
     } else {
         count(counter::TLS_UNBOUND);
         return;
@@ -155,9 +158,43 @@ fn exit(ctx: &RetProbeContext, count_arg: bool) {
     submit_buffer(pid_tgid, &in_flight, moved, end_ns, SOURCE_TLS);
 }
 
+/// Plaintext written to an object with no socket yet (a memory-BIO client's first request):
+/// reported with fd -1, and the thread's slot in `PENDING_WRITES` remembers the object. The
+/// thread's next write on a TLS socket binds the object and tells the agent which socket the
+/// plaintext it holds belongs to (data.rs, `bind_pending_write`). The capture is HTTP/2's,
+/// as the connection's capture is not known: the first write of an h2 client holds its
+/// preface, settings and first headers together.
+#[inline(always)]
+fn submit_unbound_write(pid_tgid: u64, call: &TlsCall, moved: u64) {
+    let Some(slot) = PENDING_WRITES.get_ptr_mut(pid_tgid as u32 & (TLS_CALL_SLOTS - 1)) else {
+        return;
+    };
+    unsafe {
+        *slot = PendingWrite {
+            pid_tgid,
+            ssl: call.ssl,
+        };
+    }
+    let in_flight = InFlight {
+        pid_tgid,
+        shape: shape::BUFFER,
+        direction: DIRECTION_EGRESS,
+        fd: -1,
+        capture: HTTP2_CAPTURE,
+        tail: HTTP2_CAPTURE_TAIL,
+        _pad: 0,
+        ptr: call.buf,
+        count: moved,
+        start_ns: call.start_ns,
+        conn_id: 0,
+    };
+    let end_ns = unsafe { bpf_ktime_get_ns() };
+    submit_buffer(pid_tgid, &in_flight, moved, end_ns, SOURCE_TLS);
+}
+
 /// Remembers the socket of a TLS object (once per change: a map update costs).
 #[inline(always)]
-fn bind(key: &TlsObjectKey, fd: i32, conn_id: u64) {
+pub(crate) fn bind(key: &TlsObjectKey, fd: i32, conn_id: u64) {
     let known = unsafe { TLS_SOCKETS.get(key) }.is_some_and(|s| s.fd == fd && s.conn_id == conn_id);
     if !known {
         let socket = TlsSocket {

@@ -2,6 +2,7 @@
 """gRPC test client for kspan's end-to-end tests (grpcio, no generated code).
 
 Usage: grpc_client.py --port P --calls SPEC[,SPEC...] [--calls ...] [--traceparent V] [--wait]
+                      [--tls-ca CERT]
 
 Calls `acc.Shop` of grpc_server.py on 127.0.0.1:P, in the order given, all on ONE channel (one
 HTTP/2 connection), with raw bytes as messages. SPEC is one of
@@ -178,6 +179,7 @@ def main():
     parser.add_argument("--calls", action="append", required=True)
     parser.add_argument("--traceparent")
     parser.add_argument("--wait", action="store_true")
+    parser.add_argument("--tls-ca", metavar="CERT", help="TLS, trusting this PEM certificate")
     args = parser.parse_args()
     calls = parse_calls(args.calls)
     metadata = (("traceparent", args.traceparent),) if args.traceparent else None
@@ -193,7 +195,14 @@ def main():
         # One connection of our own, not shared through the global subchannel pool.
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    with grpc.insecure_channel("127.0.0.1:%d" % args.port, options=options) as channel:
+    target = "127.0.0.1:%d" % args.port
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
         except grpc.FutureTimeoutError:

@@ -17,7 +17,7 @@ Serves the service `acc.Shop` on 127.0.0.1 with raw bytes as messages (no protob
 
 Prints `PORT <n>` (flushed) once serving. Exits 0 on SIGTERM or SIGINT.
 
-Usage: grpc_server.py [--port N] [--threads N]
+Usage: grpc_server.py [--port N] [--threads N] [--tls CERT KEY]
 """
 
 import argparse
@@ -82,6 +82,12 @@ def main():
         default=128,
         help="handler threads (100 concurrent calls need 100 of them)",
     )
+    parser.add_argument(
+        "--tls",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="serve TLS (PEM files) instead of cleartext HTTP/2",
+    )
     args = parser.parse_args()
 
     # Messages are bytes: no (de)serializers.
@@ -99,7 +105,13 @@ def main():
         handlers=(handler,),
         maximum_concurrent_rpcs=None,
     )
-    port = server.add_insecure_port("127.0.0.1:%d" % args.port)
+    address = "127.0.0.1:%d" % args.port
+    if args.tls:
+        with open(args.tls[0], "rb") as cert, open(args.tls[1], "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         print("grpc_server.py: cannot bind 127.0.0.1:%d" % args.port, file=sys.stderr)
         sys.exit(1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Keep-alive HTTP client used by the kspan end-to-end tests.
 
-Usage: keepalive_client.py [--tls CAFILE] [--late-import] PORT N [PREFIX]
+Usage: keepalive_client.py [--tls CAFILE] [--late-import [--libssl PATH]] PORT N [PREFIX]
 
 Prints ``READY`` (flushed) and blocks until a line arrives on stdin, so the
 test can start kspan with this process's pid selected before any traffic.
@@ -19,6 +19,9 @@ connection was re-established or a response could not be read.
 --late-import: ``http.client`` (and with it ``ssl``, which loads libssl with
 dlopen) is imported only after the first stdin line; then ``LOADED`` is
 printed and a second line awaited before the requests.
+--libssl PATH: with --late-import, the libssl loaded is this file (a private copy,
+as an application bundling its own OpenSSL): loaded with dlopen first, its soname
+then serves ``ssl``'s own dependency.
 """
 
 import sys
@@ -28,17 +31,22 @@ def main():
     args = sys.argv[1:]
     cafile = None
     late = False
+    libssl = None
     while args and args[0].startswith("--"):
         flag = args.pop(0)
         if flag == "--tls" and args:
             cafile = args.pop(0)
         elif flag == "--late-import":
             late = True
+        elif flag == "--libssl" and args:
+            libssl = args.pop(0)
         else:
             sys.stderr.write("unknown flag %s\n" % flag)
             return 2
     if len(args) not in (2, 3):
-        sys.stderr.write("usage: keepalive_client.py [--tls CAFILE] [--late-import] PORT N [PREFIX]\n")
+        sys.stderr.write(
+            "usage: keepalive_client.py [--tls CAFILE] [--late-import [--libssl PATH]] PORT N [PREFIX]\n"
+        )
         return 2
     port = int(args[0])
     n = int(args[1])
@@ -50,6 +58,10 @@ def main():
     sys.stdout.flush()
     sys.stdin.readline()
     if late:
+        if libssl is not None:
+            import ctypes
+
+            ctypes.CDLL(libssl, mode=ctypes.RTLD_GLOBAL)
         import http.client  # noqa: F401
         import ssl  # noqa: F401
 

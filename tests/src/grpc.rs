@@ -39,6 +39,30 @@ pub fn ensure_grpcio() {
     ensure_python_package("grpcio", "grpc", GRPCIO_VERSION, "the gRPC tests");
 }
 
+/// Debian's python3 (`/usr/bin/python3`) importing Debian's python3-grpcio: gRPC C core on the
+/// system's OpenSSL (`libssl.so.3`, memory BIOs), the TLS kspan reads; PyPI's grpcio carries
+/// BoringSSL without symbols. Or a failed test saying how to install it.
+pub fn debian_python_with_grpcio() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let python = PathBuf::from("/usr/bin/python3");
+        let probe = Command::new(&python)
+            .args([
+                "-c",
+                "import grpc, sys; sys.exit(not grpc.__file__.startswith('/usr/lib/python3/'))",
+            ])
+            .stdin(Stdio::null())
+            .status();
+        assert!(
+            probe.is_ok_and(|s| s.success()),
+            "{} does not import Debian's grpc (package python3-grpcio, for gRPC over TLS); \
+             {SETUP_HINT}",
+            python.display()
+        );
+        python
+    })
+}
+
 /// The `node` executable (canonical path), or a failed test saying how to install it.
 pub fn node() -> &'static Path {
     static NODE: OnceLock<PathBuf> = OnceLock::new();
@@ -96,9 +120,26 @@ impl GrpcServer {
     /// removed from the environment). Returns once it printed `PORT <n>`, i.e. serves.
     pub fn start(service_name: Option<&str>) -> GrpcServer {
         ensure_grpcio();
-        let mut cmd = Command::new(python());
+        Self::spawn(Command::new(python()), service_name)
+    }
+
+    /// Starts the server with TLS on `cert`, under Debian's python3-grpcio (OpenSSL, which
+    /// kspan reads: [`debian_python_with_grpcio`]).
+    pub fn start_tls(cert: &crate::tls::TestCertificate) -> GrpcServer {
+        let mut cmd = Command::new(debian_python_with_grpcio());
         cmd.arg(server_script("grpc_server.py"))
-            .stdin(Stdio::null())
+            .args(["--tls", cert.cert_str(), cert.key_str()]);
+        Self::spawn_with(cmd, None)
+    }
+
+    fn spawn(mut cmd: Command, service_name: Option<&str>) -> GrpcServer {
+        cmd.arg(server_script("grpc_server.py"));
+        Self::spawn_with(cmd, service_name)
+    }
+
+    /// `cmd`: python and the script with its arguments.
+    fn spawn_with(mut cmd: Command, service_name: Option<&str>) -> GrpcServer {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("PYTHONDONTWRITEBYTECODE", "1");
@@ -143,12 +184,15 @@ impl Drop for GrpcServer {
 // ---------------------------------------------------------------------------
 
 /// Which gRPC implementation a [`GrpcClient`] runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrpcImpl {
     /// `servers/grpc_client.py`: grpcio (gRPC C core, its own HTTP/2 and HPACK).
     Python,
     /// `node/grpc_client.js`: @grpc/grpc-js on Node's http2 (nghttp2). Unary calls only.
     Node,
+    /// `servers/grpc_client.py` under Debian's python3-grpcio, over TLS trusting the PEM
+    /// certificate `ca`.
+    DebianPythonTls { ca: String },
 }
 
 /// One call as the client saw it.
@@ -192,6 +236,19 @@ impl GrpcClient {
         Self::start(GrpcImpl::Node, port, calls, traceparent)
     }
 
+    /// Starts a grpcio client over TLS trusting `cert`, under Debian's python3-grpcio
+    /// (OpenSSL, which kspan reads: [`debian_python_with_grpcio`]).
+    pub fn python_tls(port: u16, calls: &[&str], cert: &crate::tls::TestCertificate) -> GrpcClient {
+        Self::start(
+            GrpcImpl::DebianPythonTls {
+                ca: cert.cert_str().to_string(),
+            },
+            port,
+            calls,
+            None,
+        )
+    }
+
     /// Starts the client and waits for its `READY` (printed before it connects).
     pub fn start(
         implementation: GrpcImpl,
@@ -212,6 +269,13 @@ impl GrpcClient {
                 let script = node_script("grpc_client.js");
                 let mut c = Command::new(node());
                 c.arg(script);
+                c
+            }
+            GrpcImpl::DebianPythonTls { ref ca } => {
+                let mut c = Command::new(debian_python_with_grpcio());
+                c.arg(server_script("grpc_client.py"))
+                    .args(["--tls-ca", ca])
+                    .env("PYTHONDONTWRITEBYTECODE", "1");
                 c
             }
         };

@@ -54,6 +54,21 @@ impl TestCertificate {
     pub fn key_str(&self) -> &str {
         self.key.to_str().expect("UTF-8 temporary path")
     }
+
+    /// A copy of Debian's libssl.so.3 in the certificate's temporary directory: another file
+    /// than the system's (which kspan attaches to at start), as an application bundling its
+    /// own OpenSSL carries.
+    pub fn private_libssl_copy(&self) -> PathBuf {
+        let system = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]
+            .iter()
+            .map(|dir| PathBuf::from(dir).join("libssl.so.3"))
+            .find(|path| path.is_file())
+            .expect("Debian's libssl.so.3 (package libssl3, installed with openssl)");
+        let copy = self.dir.join("libssl.so.3");
+        std::fs::copy(&system, &copy)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", system.display(), copy.display()));
+        copy
+    }
 }
 
 impl Default for TestCertificate {

@@ -269,6 +269,67 @@ fn unary_calls_both_sides() {
     assert_one_connection(&servers);
 }
 
+/// gRPC over TLS, both ends Debian's python3-grpcio (gRPC C core on the system's OpenSSL with
+/// memory BIOs: its socket I/O happens outside the `SSL_*` calls). The server's `SSL_read`s are
+/// bound to the TLS socket the thread read last, the client's first write (preface, settings,
+/// first HEADERS) is held until the thread writes the socket. The same spans as cleartext,
+/// and none from ciphertext.
+#[test]
+fn grpc_over_tls_both_sides() {
+    let _env = preflight();
+    let cert = kspan_e2e::tls::TestCertificate::new();
+    let mut server = GrpcServer::start_tls(&cert);
+    let calls = [
+        "unary:ok",
+        "unary:internal",
+        "unary:notfound",
+        "server_stream",
+    ];
+    let client = GrpcClient::python_tls(server.port, &calls, &cert);
+    let client_pid = client.pid;
+    let kspan = Kspan::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client_pid.to_string(),
+    ]);
+    let result = client.go();
+    let run = kspan.stop();
+    server.assert_alive();
+    assert_statuses(&result, &["OK", "INTERNAL", "NOT_FOUND", "OK"]);
+    assert_clean_run(&run);
+    for counter_name in ["tls_processes_unseen", "tls_writes_expired", "tls_unbound"] {
+        assert_eq!(
+            counter(&run, counter_name),
+            0,
+            "{counter_name}\n{}",
+            run.dump()
+        );
+    }
+    assert_eq!(
+        run.spans.len(),
+        8,
+        "expected exactly 4 + 4 spans\n{}",
+        run.dump()
+    );
+    let servers = spans_of(&run, server.pid, "SERVER", 4, "gRPC server");
+    let clients = spans_of(&run, client_pid, "CLIENT", 4, "gRPC client");
+    let expected = [
+        ("GetItem", OK),
+        ("GetItem", INTERNAL),
+        ("GetItem", NOT_FOUND),
+        ("ListItems", OK),
+    ];
+    for ((srv, cli), (method, code)) in servers.iter().zip(&clients).zip(expected) {
+        let want = Expected::call(method, code, server.port);
+        want.check_server(srv);
+        want.check_client(cli);
+        assert_child_of(srv, cli, &run);
+        assert_client_encloses_server(cli, srv);
+    }
+    assert_one_connection(&servers);
+}
+
 /// Replies of 256 KiB: the server writes the HEADERS, sixteen 16 KiB DATA frames and the trailers
 /// in one sendmsg, far past what the kernel copies. The trailers come from the copy of the
 /// syscall's last bytes, so every call gets its span on both sides. The first call's

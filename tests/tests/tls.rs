@@ -238,10 +238,11 @@ fn python_ssl_keepalive_both_sides() {
     }
 }
 
-/// A traced Python client that loads libssl with dlopen (`import ssl`) after kspan started:
-/// the new mapping is seen in the kernel, kspan reads the process's maps again and attaches
-/// to the library; the requests after that are traced. The server (nginx, not selected) links
-/// the same libssl but is not what made kspan attach: no selected process mapped it at start.
+/// A traced Python client that loads a private copy of libssl with dlopen (then `import
+/// ssl`) after kspan started: the new mapping is seen in the kernel, kspan reads the process's
+/// maps again and attaches to the library; the requests after that are traced. The system's
+/// libssl (attached at start, nginx's) is another file: only the dlopen makes kspan attach to
+/// this one.
 ///
 /// The test waits for kspan's line saying it attached before the client sends: a program that
 /// sends within the milliseconds the attachment takes after its dlopen loses those first calls
@@ -251,26 +252,36 @@ fn a_library_loaded_with_dlopen_after_the_start_is_attached() {
     let _env = preflight();
     let cert = TestCertificate::new();
     let nginx = Nginx::start_tls(&cert);
+    let libssl = cert.private_libssl_copy();
+    let libssl = libssl.to_str().expect("UTF-8 temporary path");
     let mut client = KeepaliveClient::start_with_flags(
-        &["--tls", cert.cert_str(), "--late-import"],
+        &[
+            "--tls",
+            cert.cert_str(),
+            "--late-import",
+            "--libssl",
+            libssl,
+        ],
         nginx.port,
         2,
         "/ok?n=",
     );
     let client_pid = client.pid;
     let mut kspan = Kspan::start(&["--pid", &client_pid.to_string()]);
+    let attached_copy = format!("{ATTACHED}{libssl} ");
     assert!(
-        !kspan.stderr_so_far().contains(ATTACHED),
-        "no selected process maps libssl yet:\n{}",
+        !kspan.stderr_so_far().contains(&attached_copy),
+        "no process maps the copy yet:\n{}",
         kspan.stderr_so_far()
     );
     client.load_tls_library();
-    kspan.wait_for_stderr(ATTACHED);
+    kspan.wait_for_stderr(&attached_copy);
     let result = client.go();
     let run = kspan.stop();
     assert_eq!(result.statuses, [200, 200], "{}", result.stdout);
     assert_clean_run(&run);
-    assert_eq!(counter(&run, "tls_libraries_attached"), 1, "{}", run.dump());
+    // The system's libssl at start, the copy at the dlopen.
+    assert_eq!(counter(&run, "tls_libraries_attached"), 2, "{}", run.dump());
     assert_eq!(
         run.spans.len(),
         2,

@@ -43,6 +43,13 @@ const TEST_PACKAGES: &[Package] = &[
         "Kafka peer of the end-to-end tests (older protocol versions)",
     ),
     (
+        "python3-grpcio",
+        None,
+        "gRPC-over-TLS peer of the end-to-end tests: Debian's grpcio (under /usr/bin/python3) \
+         links the system's libssl.so.3, which kspan reads; PyPI's carries BoringSSL without \
+         symbols",
+    ),
+    (
         "openssl",
         Some("openssl"),
         "makes the TLS end-to-end tests' self-signed certificate",

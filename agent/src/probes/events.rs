@@ -36,6 +36,9 @@ pub enum Event<'a> {
     Exit(EventHeader),
     /// A traced process mapped an executable file (a library).
     LibraryMapped(EventHeader),
+    /// The TLS plaintext thread `tid` wrote before its socket was known belongs to this socket
+    /// (`fd`, `conn_id`).
+    TlsBound(EventHeader),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -97,6 +100,7 @@ pub fn decode(record: &[u8]) -> Option<Event<'_>> {
         }
         EventKind::Exit => Event::Exit(header),
         EventKind::LibraryMapped => Event::LibraryMapped(header),
+        EventKind::TlsBound => Event::TlsBound(header),
     })
 }
 

@@ -356,6 +356,11 @@ impl Attached {
         self.tls.scan(&mut self.ebpf, pid)
     }
 
+    /// See [`tls::TlsProbes::attach_host_libraries`]. Returns the files attached.
+    pub fn attach_host_tls_libraries(&mut self) -> u64 {
+        self.tls.attach_host_libraries(&mut self.ebpf)
+    }
+
     /// Detaches every program. Each detach waits for an RCU grace period in the kernel (tens of
     /// milliseconds; a uprobe's ~250 ms here), so the links are dropped in parallel: 29
     /// tracepoints in sequence took seconds, a library's 8 uprobes 2 s.

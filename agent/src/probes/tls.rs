@@ -205,10 +205,13 @@ pub struct TlsProbes {
 
 impl TlsProbes {
     /// Looks at `pid`'s executable mappings; attaches to the OpenSSL functions it uses that
-    /// are not attached yet. None: the process is gone.
+    /// are not attached yet. None: the process is gone (a zombie's maps are empty).
     pub fn scan(&mut self, ebpf: &mut Ebpf, pid: u32) -> Option<Scan> {
         let mut scan = Scan::default();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        if maps.is_empty() {
+            return None;
+        }
         let executable = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         // Each mapping as kspan reaches it (through the process's root: its container's files).
         let mapped: Vec<(&str, PathBuf, FileId)> = executable_mappings(&maps)
@@ -230,50 +233,126 @@ impl TlsProbes {
             if !is_candidate(path, executable.as_deref()) {
                 continue;
             }
-            let file = self.files.entry(*id).or_insert_with(|| LibraryFile {
-                functions: openssl_functions(reachable).unwrap_or_else(|err| {
-                    log::debug!("TLS: {path} (pid {pid}) not examined: {err:#}");
-                    None
-                }),
-                attached: 0,
-            });
-            let Some(functions) = &file.functions else {
-                continue;
-            };
             let in_executable = executable.as_deref() == Some(Path::new(path));
             let wanted = if in_executable || imported == 0 {
                 ALL_FUNCTIONS
             } else {
                 imported
             };
-            let missing = wanted & functions.set() & !file.attached;
-            if missing != 0 {
-                match attach(ebpf, reachable, functions, missing) {
-                    Ok(links) => {
-                        log::info!(
-                            "TLS: uprobes attached to {path} ({}), seen from pid {pid}",
-                            functions.names(missing).join(", ")
-                        );
-                        if file.attached == 0 {
-                            scan.attached += 1;
-                        }
-                        file.attached |= missing;
-                        self.links.extend(links);
-                    }
-                    Err(err) => {
-                        log::warn!(
-                            "TLS: cannot attach uprobes to {path} (pid {pid}): {err:#}; the \
-                             TLS traffic of processes using it is not seen"
-                        );
-                        // Not tried again for every process that maps it.
-                        file.functions = None;
-                    }
-                }
-            }
-            scan.visible |= file.attached != 0;
+            let seen_from = format!("seen from pid {pid}");
+            let (newly, visible) = self.attach_file(ebpf, path, reachable, *id, wanted, &seen_from);
+            scan.attached += u64::from(newly);
+            scan.visible |= visible;
         }
         Some(scan)
     }
+
+    /// Attaches to the host's own libssl files (every function) before any process is looked
+    /// at: a short-lived client selected at its exec (`--exe curl`) makes its first TLS calls
+    /// within milliseconds of starting, before a look at its maps could attach. Containers'
+    /// own copies are other files, attached when a selected process maps them. Returns the
+    /// files newly attached.
+    pub fn attach_host_libraries(&mut self, ebpf: &mut Ebpf) -> u64 {
+        let mut attached = 0;
+        for (path, reachable) in host_libssl_files() {
+            let Ok(meta) = std::fs::metadata(&reachable) else {
+                continue;
+            };
+            let id = (meta.dev(), meta.ino());
+            let (newly, _) = self.attach_file(
+                ebpf,
+                &path,
+                &reachable,
+                id,
+                ALL_FUNCTIONS,
+                "the host's libssl",
+            );
+            attached += u64::from(newly);
+        }
+        attached
+    }
+
+    /// Examines the file once, then attaches the `wanted` functions it has that are not
+    /// attached yet. Returns (attached for the first time now, attached at all).
+    fn attach_file(
+        &mut self,
+        ebpf: &mut Ebpf,
+        path: &str,
+        reachable: &Path,
+        id: FileId,
+        wanted: FunctionSet,
+        seen_from: &str,
+    ) -> (bool, bool) {
+        let file = self.files.entry(id).or_insert_with(|| LibraryFile {
+            functions: openssl_functions(reachable).unwrap_or_else(|err| {
+                log::debug!("TLS: {path} ({seen_from}) not examined: {err:#}");
+                None
+            }),
+            attached: 0,
+        });
+        let Some(functions) = &file.functions else {
+            return (false, false);
+        };
+        let mut newly = false;
+        let missing = wanted & functions.set() & !file.attached;
+        if missing != 0 {
+            match attach(ebpf, reachable, functions, missing) {
+                Ok(links) => {
+                    log::info!(
+                        "TLS: uprobes attached to {path} ({}), {seen_from}",
+                        functions.names(missing).join(", ")
+                    );
+                    newly = file.attached == 0;
+                    file.attached |= missing;
+                    self.links.extend(links);
+                }
+                Err(err) => {
+                    log::warn!(
+                        "TLS: cannot attach uprobes to {path} ({seen_from}): {err:#}; the TLS \
+                         traffic of processes using it is not seen"
+                    );
+                    // Not tried again for every process that maps it.
+                    file.functions = None;
+                }
+            }
+        }
+        (newly, file.attached != 0)
+    }
+}
+
+/// Where the host's libssl is: the usual library directories of the host's root (pid 1's, so
+/// that kspan in a container finds the node's), `libssl.so.N` files (not the `libssl.so`
+/// development link, often the same file). (shown path, path kspan opens).
+fn host_libssl_files() -> Vec<(String, PathBuf)> {
+    const DIRS: [&str; 6] = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/lib/x86_64-linux-gnu",
+        "/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ];
+    let mut files = Vec::new();
+    for dir in DIRS {
+        // pid 1's root is out of reach in some sandboxes: kspan's own root then.
+        let Some(entries) = [format!("/proc/1/root{dir}"), dir.to_string()]
+            .iter()
+            .find_map(|d| std::fs::read_dir(d).ok())
+        else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if name.starts_with("libssl.so.") {
+                files.push((format!("{dir}/{name}"), entry.path()));
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 impl OpensslFunctions {
