@@ -4,6 +4,7 @@
 // messages are raw bytes.
 //
 // Usage: node grpc_client.js --port P --calls SPEC[,SPEC...] [--calls ...] [--traceparent V] [--wait]
+//                            [--tls-ca CERT]
 //
 // Calls acc.Shop/GetItem of tests/servers/grpc_server.py on 127.0.0.1:P, in order, one call at a
 // time, all on ONE client (one HTTP/2 connection). SPEC is one of
@@ -14,6 +15,7 @@
 //   unary:slow      GetItem("slow") (0.2 s handler), expects OK
 //   unary:deadline  GetItem("sleep") (2 s handler) with a 0.3 s deadline, expects DEADLINE_EXCEEDED
 //
+// --tls-ca CERT: TLS (Node's OpenSSL), trusting that PEM certificate.
 // --traceparent V adds the metadata `traceparent: V` to every call. --wait prints READY and waits
 // for a line on stdin before connecting (so a test can select this process in kspan first).
 //
@@ -40,7 +42,7 @@ function usage(message) {
 }
 
 function parseArgs(argv) {
-  const args = { port: null, calls: [], traceparent: null, wait: false };
+  const args = { port: null, calls: [], traceparent: null, wait: false, tlsCa: null };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const value = () => {
@@ -58,6 +60,7 @@ function parseArgs(argv) {
       }
     } else if (arg === '--traceparent') args.traceparent = value();
     else if (arg === '--wait') args.wait = true;
+    else if (arg === '--tls-ca') args.tlsCa = value();
     else usage(`unknown argument ${arg}`);
   }
   if (!Number.isInteger(args.port) || args.port <= 0) usage('--port P is required');
@@ -115,7 +118,10 @@ async function main() {
     await waitForLine();
   }
 
-  const client = new grpc.Client(`127.0.0.1:${args.port}`, grpc.credentials.createInsecure(), {
+  const credentials = args.tlsCa
+    ? grpc.credentials.createSsl(require('fs').readFileSync(args.tlsCa))
+    : grpc.credentials.createInsecure();
+  const client = new grpc.Client(`127.0.0.1:${args.port}`, credentials, {
     'grpc.enable_retries': 0,
     'grpc.enable_http_proxy': 0,
     'grpc.use_local_subchannel_pool': 1,

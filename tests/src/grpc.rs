@@ -193,6 +193,8 @@ pub enum GrpcImpl {
     /// `servers/grpc_client.py` under Debian's python3-grpcio, over TLS trusting the PEM
     /// certificate `ca`.
     DebianPythonTls { ca: String },
+    /// `node/grpc_client.js` over TLS (Node's OpenSSL) trusting the PEM certificate `ca`.
+    NodeTls { ca: String },
 }
 
 /// One call as the client saw it.
@@ -236,6 +238,12 @@ impl GrpcClient {
         Self::start(GrpcImpl::Node, port, calls, traceparent)
     }
 
+    /// Starts a @grpc/grpc-js client over TLS trusting `cert` (`unary:*` calls only).
+    pub fn node_tls(port: u16, calls: &[&str], cert: &crate::tls::TestCertificate) -> GrpcClient {
+        let ca = cert.cert_str().to_string();
+        Self::start(GrpcImpl::NodeTls { ca }, port, calls, None)
+    }
+
     /// Starts a grpcio client over TLS trusting `cert`, under Debian's python3-grpcio
     /// (OpenSSL, which kspan reads: [`debian_python_with_grpcio`]).
     pub fn python_tls(port: u16, calls: &[&str], cert: &crate::tls::TestCertificate) -> GrpcClient {
@@ -269,6 +277,12 @@ impl GrpcClient {
                 let script = node_script("grpc_client.js");
                 let mut c = Command::new(node());
                 c.arg(script);
+                c
+            }
+            GrpcImpl::NodeTls { ref ca } => {
+                let script = node_script("grpc_client.js");
+                let mut c = Command::new(node());
+                c.arg(script).args(["--tls-ca", ca]);
                 c
             }
             GrpcImpl::DebianPythonTls { ref ca } => {

@@ -720,6 +720,54 @@ fn grpc_js_client() {
     assert_one_connection(&servers);
 }
 
+/// @grpc/grpc-js over TLS (Node's static OpenSSL on memory BIOs: its first write, the
+/// preface with settings and headers, is held until the thread writes the socket) to Debian's
+/// grpcio over TLS: exactly the spans of cleartext.
+#[test]
+fn grpc_js_client_over_tls() {
+    let _env = preflight();
+    let cert = kspan_e2e::tls::TestCertificate::new();
+    let mut server = GrpcServer::start_tls(&cert);
+    let client = GrpcClient::node_tls(server.port, &["unary:ok", "unary:internal"], &cert);
+    let client_pid = client.pid;
+    let kspan = Kspan::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client_pid.to_string(),
+    ]);
+    let result = client.go();
+    let run = kspan.stop();
+    server.assert_alive();
+    assert_statuses(&result, &["OK", "INTERNAL"]);
+    assert_clean_run(&run);
+    for counter_name in ["tls_processes_unseen", "tls_writes_expired", "tls_unbound"] {
+        assert_eq!(
+            counter(&run, counter_name),
+            0,
+            "{counter_name}\n{}",
+            run.dump()
+        );
+    }
+    assert_eq!(
+        run.spans.len(),
+        4,
+        "expected exactly 2 + 2 spans\n{}",
+        run.dump()
+    );
+    let servers = spans_of(&run, server.pid, "SERVER", 2, "gRPC server");
+    let clients = spans_of(&run, client_pid, "CLIENT", 2, "grpc-js client");
+    for ((srv, cli), code) in servers.iter().zip(&clients).zip([OK, INTERNAL]) {
+        let want = Expected::call("GetItem", code, server.port);
+        want.check_server(srv);
+        want.check_client(cli);
+        assert_service(cli, "node", client_pid);
+        assert_child_of(srv, cli, &run);
+        assert_client_encloses_server(cli, srv);
+    }
+    assert_one_connection(&servers);
+}
+
 // ---------------------------------------------------------------------------
 // Metrics
 // ---------------------------------------------------------------------------
