@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use kspan_common::{
-    CAPTURE_MUTED, DIRECTION_EGRESS, DIRECTION_INGRESS, HTTP2_CAPTURE, HTTP2_CAPTURE_TAIL,
-    SOURCE_TLS, TLS_CALL_SLOTS, connection_key, counter,
+    CAPTURE_MUTED, ConnectionValue, DIRECTION_EGRESS, DIRECTION_INGRESS, HTTP2_CAPTURE,
+    HTTP2_CAPTURE_TAIL, SOURCE_TLS, TLS_CALL_SLOTS, connection_key, counter,
 };
 
 use crate::{
@@ -106,37 +106,39 @@ fn exit(ctx: &RetProbeContext, count_arg: bool) {
         ssl: call.ssl,
     };
     // The socket: the one a syscall inside this call named; else the one this object was last
-    // bound to; else, for a read, the socket this thread last read from (the ciphertext an
-    // application on memory BIOs read before handing it to the library).
-    let (fd, conn_id) = if call.fd >= 0 {
+    // bound to, if that socket is still open (an object freed and another allocated at its
+    // address, on a reused fd, is caught by the conn_id); else, on memory BIOs, for a read the
+    // TLS socket this thread last read, for a write the one it writes next (held meanwhile).
+    let mut socket = None;
+    if call.fd >= 0 {
         bind(&key, call.fd, call.conn_id);
-        (call.fd, call.conn_id)
-    } else if let Some(socket) = unsafe { TLS_SOCKETS.get(&key) } {
-        (socket.fd, socket.conn_id)
-    } else if call.direction == DIRECTION_INGRESS
+        socket = live_connection(pid, call.fd, call.conn_id).map(|c| (call.fd, call.conn_id, c));
+    } else if let Some(known) = unsafe { TLS_SOCKETS.get(&key) } {
+        let (fd, conn_id) = (known.fd, known.conn_id);
+        socket = live_connection(pid, fd, conn_id).map(|c| (fd, conn_id, c));
+        if socket.is_none() {
+            let _ = TLS_SOCKETS.remove(&key);
+        }
+    }
+    if socket.is_none()
+        && call.fd < 0
+        && call.direction == DIRECTION_INGRESS
         && let Some(last) = LAST_READS.get(pid_tgid as u32 & (TLS_CALL_SLOTS - 1))
         && last.pid_tgid == pid_tgid
+        && let Some(conn) = live_connection(pid, last.fd, last.conn_id)
     {
         bind(&key, last.fd, last.conn_id);
-        (last.fd, last.conn_id)
-    } else if call.direction == DIRECTION_EGRESS {
-        submit_unbound_write(pid_tgid, &call, moved);
-        return;
-    } else {
-        count(counter::TLS_UNBOUND);
-        return;
-    };
-    let Some(conn) = CONNECTIONS.get_ptr_mut(&connection_key(pid, fd)) else {
-        count(counter::TLS_UNBOUND);
+        socket = Some((last.fd, last.conn_id, conn));
+    }
+    let Some((fd, conn_id, conn)) = socket else {
+        if call.fd < 0 && call.direction == DIRECTION_EGRESS {
+            submit_unbound_write(pid_tgid, &call, moved);
+        } else {
+            count(counter::TLS_UNBOUND);
+        }
         return;
     };
     let conn = unsafe { &mut *conn };
-    if conn.conn_id != conn_id {
-        // The fd names a newer socket: this object's socket is closed.
-        let _ = TLS_SOCKETS.remove(&key);
-        count(counter::TLS_UNBOUND);
-        return;
-    }
     mark_tls(conn);
     if conn.capture == CAPTURE_MUTED {
         return;
@@ -190,6 +192,17 @@ fn submit_unbound_write(pid_tgid: u64, call: &TlsCall, moved: u64) {
     };
     let end_ns = unsafe { bpf_ktime_get_ns() };
     submit_buffer(pid_tgid, &in_flight, moved, end_ns, SOURCE_TLS);
+}
+
+/// The tracked connection on `fd` if it is still the socket `conn_id` names (fds are reused).
+#[inline(always)]
+fn live_connection(pid: u32, fd: i32, conn_id: u64) -> Option<*mut ConnectionValue> {
+    let conn = CONNECTIONS.get_ptr_mut(&connection_key(pid, fd))?;
+    if unsafe { (*conn).conn_id } == conn_id {
+        Some(conn)
+    } else {
+        None
+    }
 }
 
 /// Remembers the socket of a TLS object (once per change: a map update costs).

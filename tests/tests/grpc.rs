@@ -188,6 +188,35 @@ fn assert_one_connection(servers: &[&Value]) {
     );
 }
 
+/// Traces the server and the client, lets the client make its calls, and checks that the
+/// server lived, each call got its status, and the run was clean.
+fn trace_both_ends(server: &mut GrpcServer, client: GrpcClient, statuses: &[&str]) -> Run {
+    let kspan = Kspan::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client.pid.to_string(),
+    ]);
+    let result = client.go();
+    let run = kspan.stop();
+    server.assert_alive();
+    assert_statuses(&result, statuses);
+    assert_clean_run(&run);
+    run
+}
+
+/// No TLS plaintext lost or unseen.
+fn assert_tls_plaintext_complete(run: &Run) {
+    for counter_name in ["tls_processes_unseen", "tls_writes_expired", "tls_unbound"] {
+        assert_eq!(
+            counter(run, counter_name),
+            0,
+            "{counter_name}\n{}",
+            run.dump()
+        );
+    }
+}
+
 fn assert_statuses(result: &GrpcClientResult, want: &[&str]) {
     let got: Vec<&str> = result.calls.iter().map(|c| c.status.as_str()).collect();
     assert_eq!(got, want, "client output:\n{}", result.stdout);
@@ -217,17 +246,7 @@ fn unary_calls_both_sides() {
     let calls = ["unary:ok", "unary:internal", "unary:notfound", "unary:slow"];
     let client = GrpcClient::python(server.port, &calls, None);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "INTERNAL", "NOT_FOUND", "OK"]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["OK", "INTERNAL", "NOT_FOUND", "OK"]);
 
     assert_eq!(
         run.spans.len(),
@@ -287,25 +306,8 @@ fn grpc_over_tls_both_sides() {
     ];
     let client = GrpcClient::python_tls(server.port, &calls, &cert);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "INTERNAL", "NOT_FOUND", "OK"]);
-    assert_clean_run(&run);
-    for counter_name in ["tls_processes_unseen", "tls_writes_expired", "tls_unbound"] {
-        assert_eq!(
-            counter(&run, counter_name),
-            0,
-            "{counter_name}\n{}",
-            run.dump()
-        );
-    }
+    let run = trace_both_ends(&mut server, client, &["OK", "INTERNAL", "NOT_FOUND", "OK"]);
+    assert_tls_plaintext_complete(&run);
     assert_eq!(
         run.spans.len(),
         8,
@@ -343,17 +345,7 @@ fn large_replies_both_sides() {
     let calls = ["unary:big", "unary:ok", "unary:big"];
     let client = GrpcClient::python(server.port, &calls, None);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "OK", "OK"]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["OK", "OK", "OK"]);
 
     assert_eq!(
         run.spans.len(),
@@ -394,17 +386,7 @@ fn deadline_exceeded() {
     let mut server = GrpcServer::start(Some(SERVER_SERVICE));
     let client = GrpcClient::python(server.port, &["unary:deadline", "unary:ok"], None);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["DEADLINE_EXCEEDED", "OK"]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["DEADLINE_EXCEEDED", "OK"]);
 
     assert_eq!(
         run.spans.len(),
@@ -452,17 +434,7 @@ fn streaming_calls() {
     let calls = ["server_stream", "client_stream", "bidi"];
     let client = GrpcClient::python(server.port, &calls, None);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "OK", "OK"]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["OK", "OK", "OK"]);
 
     assert_eq!(
         run.spans.len(),
@@ -502,17 +474,7 @@ fn traceparent_metadata_both_sides() {
         Some(&traceparent),
     );
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "NOT_FOUND"]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["OK", "NOT_FOUND"]);
 
     assert_eq!(
         run.spans.len(),
@@ -582,17 +544,7 @@ fn hundred_concurrent_calls_on_one_channel() {
     let mut server = GrpcServer::start(Some(SERVER_SERVICE));
     let client = GrpcClient::python(server.port, &[&format!("concurrent:{N}")], None);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK"; N]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["OK"; N]);
 
     // Runs the kernel skipped (`program_misses`: 7.2 runs syscall tracepoint programs
     // preemptibly, and a program already running on a CPU makes the kernel skip the next) are
@@ -688,17 +640,7 @@ fn grpc_js_client() {
     let mut server = GrpcServer::start(Some(SERVER_SERVICE));
     let client = GrpcClient::node(server.port, &["unary:ok", "unary:internal"], None);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "INTERNAL"]);
-    assert_clean_run(&run);
+    let run = trace_both_ends(&mut server, client, &["OK", "INTERNAL"]);
 
     let servers = spans_of(&run, server.pid, "SERVER", 2, "gRPC server");
     let clients = spans_of(&run, client_pid, "CLIENT", 2, "grpc-js client");
@@ -730,25 +672,8 @@ fn grpc_js_client_over_tls() {
     let mut server = GrpcServer::start_tls(&cert);
     let client = GrpcClient::node_tls(server.port, &["unary:ok", "unary:internal"], &cert);
     let client_pid = client.pid;
-    let kspan = Kspan::start(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--pid",
-        &client_pid.to_string(),
-    ]);
-    let result = client.go();
-    let run = kspan.stop();
-    server.assert_alive();
-    assert_statuses(&result, &["OK", "INTERNAL"]);
-    assert_clean_run(&run);
-    for counter_name in ["tls_processes_unseen", "tls_writes_expired", "tls_unbound"] {
-        assert_eq!(
-            counter(&run, counter_name),
-            0,
-            "{counter_name}\n{}",
-            run.dump()
-        );
-    }
+    let run = trace_both_ends(&mut server, client, &["OK", "INTERNAL"]);
+    assert_tls_plaintext_complete(&run);
     assert_eq!(
         run.spans.len(),
         4,

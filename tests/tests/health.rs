@@ -54,6 +54,7 @@ const STOP_LINE_TO_METRIC: &[(&str, &str)] = &[
     ("series_overflow", "kspan.metrics.series_overflow"),
     ("tls_libraries_attached", "kspan.tls.libraries_attached"),
     ("tls_unbound", "kspan.tls.unbound"),
+    ("tls_writes_expired", "kspan.tls.writes_expired"),
     ("tls_processes_unseen", "kspan.tls.processes_unseen"),
 ];
 
