@@ -27,7 +27,7 @@ use crate::{
         TlsObjectKey, atomic_add, capture_bytes, count, mark_tls, may_be_traced, shape, stash,
         submit_flags, tls_call_of, unstash,
     },
-    socket::header,
+    process::emit,
     tls::bind,
 };
 
@@ -164,13 +164,7 @@ fn bind_pending_write(pid_tgid: u64, fd: i32, conn_id: u64) {
         ssl: pending.ssl,
     };
     bind(&key, fd, conn_id);
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) {
-        entry.write(header(EventKind::TlsBound, pid_tgid, fd, conn_id, now, now));
-        entry.submit(submit_flags());
-    } else {
-        count(counter::EVENTS_LOST);
-    }
+    emit(EventKind::TlsBound, pid_tgid, fd, conn_id);
 }
 
 /// Exit of a data syscall: with the real byte count, copy the bytes. The shape is a constant per

@@ -22,11 +22,13 @@ use crate::{
     socket::header,
 };
 
+/// A header-only event (no body) of `kind`, now; `fd` -1 and `conn_id` 0 when no socket is
+/// concerned.
 #[inline(always)]
-fn emit(kind: EventKind, pid_tgid: u64) {
+pub(crate) fn emit(kind: EventKind, pid_tgid: u64, fd: i32, conn_id: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) {
-        entry.write(header(kind, pid_tgid, -1, 0, now, now));
+        entry.write(header(kind, pid_tgid, fd, conn_id, now, now));
         entry.submit(submit_flags());
     } else {
         count(counter::EVENTS_LOST);
@@ -122,7 +124,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         unmark_traced(pid);
     }
     if traced {
-        emit(EventKind::Exit, pid_tgid);
+        emit(EventKind::Exit, pid_tgid, -1, 0);
     }
     0
 }
@@ -174,7 +176,7 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     // An error is -4095..-1; an address is anything else.
     let ret = syscall_ret(&ctx);
     if in_flight.shape == shape::MMAP && !(-4095..0).contains(&ret) {
-        emit(EventKind::LibraryMapped, pid_tgid);
+        emit(EventKind::LibraryMapped, pid_tgid, -1, 0);
     }
     0
 }
