@@ -4,6 +4,7 @@
 //! and describes them, with `kubernetes` for this node's pods; `pipeline` wires the stages
 //! together.
 
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -18,7 +19,9 @@ pub mod pipeline;
 pub mod probes;
 pub mod process;
 pub mod protocols;
+pub mod service_graph;
 pub mod spans;
 pub mod stats;
 pub mod tls_writes;
+pub mod top;
 pub mod tracecontext;

@@ -26,6 +26,7 @@ use opentelemetry_sdk::{
 
 use crate::{
     export::otlp::traces::sdk_resource,
+    service_graph::{EdgeKey, EdgeStats, ServiceGraph},
     spans::{AttributeValue, Resource, Span, SpanKind},
     stats::{COUNTERS, Stats},
 };
@@ -244,6 +245,8 @@ pub struct MetricsHub {
     registry: Mutex<Registry>,
     agent: Provider,
     stats: Arc<Stats>,
+    /// Edges between traced services, recorded on the agent's own resource.
+    service_graph: Mutex<ServiceGraph>,
 }
 
 impl MetricsHub {
@@ -251,6 +254,7 @@ impl MetricsHub {
     pub fn new(agent_resource: &Resource, stats: Arc<Stats>) -> Self {
         let agent = Provider::new(sdk_resource(agent_resource));
         register_health_counters(&agent.provider, stats.clone());
+        let graph_meter = agent.provider.meter("kspan.service_graph");
         MetricsHub {
             registry: Mutex::new(Registry {
                 processes: FxHashMap::default(),
@@ -258,13 +262,25 @@ impl MetricsHub {
             }),
             agent,
             stats,
+            service_graph: Mutex::new(ServiceGraph::new(Some(&graph_meter))),
         }
+    }
+
+    /// The service graph's edges so far (for `kspan graph`).
+    pub fn service_graph_edges(&self) -> Vec<(EdgeKey, EdgeStats)> {
+        self.service_graph
+            .lock()
+            .map(|graph| graph.edges())
+            .unwrap_or_default()
     }
 
     /// Adds one span's duration to its process's http.{server,client}.request.duration, or
     /// rpc.{server,client}.call.duration for RPC spans; PRODUCER and CONSUMER spans (and
     /// empty fetches) to messaging.client.operation.duration and the message counters.
     pub fn record(&self, span: &Span) {
+        if let Ok(mut graph) = self.service_graph.lock() {
+            graph.record(span);
+        }
         let seconds = span.end_unix_nano.saturating_sub(span.start_unix_nano) as f64 / 1e9;
         let family = match span.kind {
             SpanKind::Producer | SpanKind::Consumer => Family::Messaging,

@@ -22,7 +22,8 @@ pub struct Stats {
     pub spans_emitted: AtomicU64,
     /// Spans of traces the sampler dropped (they still count in metrics).
     pub spans_sampled_out: AtomicU64,
-    /// Spans dropped: an exporter queue was full, or the collector refused or never got them.
+    /// Spans dropped: an exporter queue was full, the collector refused or never got them, or
+    /// the trace view's trace was at its span bound.
     pub spans_dropped: AtomicU64,
     /// Spans a collector accepted.
     pub spans_exported: AtomicU64,

@@ -12,6 +12,8 @@
 #[cfg(target_arch = "bpf")]
 mod data;
 #[cfg(target_arch = "bpf")]
+mod floor;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod process;

@@ -101,6 +101,23 @@ pub struct Chain {
 /// What the frontend answers to every /chain/ request.
 pub const CHAIN_BODY: &str = "frontend > backend > store";
 
+/// Asserts the body every chain request must return.
+pub fn assert_chain_body(body: &str, what: &str, chain: &Chain) {
+    assert_eq!(
+        body.trim(),
+        CHAIN_BODY,
+        "{what}: unexpected response body\n{}",
+        chain.stderr()
+    );
+}
+
+/// kspan's `--pid` arguments for the chain ([`Chain::pid_args`]) plus `extra`.
+pub fn args_with<'a>(pid_args: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = pid_args.iter().map(String::as_str).collect();
+    v.extend_from_slice(extra);
+    v
+}
+
 impl Chain {
     /// Starts store, backend (→ store), frontend (→ backend), with OTEL_SERVICE_NAME
     /// `e2e-ctx-store`, `e2e-ctx-backend`, `e2e-ctx-frontend`.

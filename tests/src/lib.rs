@@ -512,7 +512,7 @@ fn spawn_reader<R: Read + Send + 'static>(mut reader: R) -> JoinHandle<Vec<u8>> 
     })
 }
 
-fn kill_and_reap(child: &mut Child) {
+pub fn kill_and_reap(child: &mut Child) {
     if let Ok(None) = child.try_wait() {
         let _ = child.kill();
         let _ = child.wait();
@@ -520,7 +520,7 @@ fn kill_and_reap(child: &mut Child) {
 }
 
 /// Polls `child` until it exits or `timeout` passes.
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {

@@ -56,13 +56,6 @@ fn assert_clean_run(run: &Run) {
     );
 }
 
-/// kspan's `--pid` arguments for the chain plus `extra`.
-fn args_with<'a>(pid_args: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v: Vec<&str> = pid_args.iter().map(String::as_str).collect();
-    v.extend_from_slice(extra);
-    v
-}
-
 /// Spans grouped by trace id.
 fn by_trace<'a>(spans: impl IntoIterator<Item = &'a Value>) -> BTreeMap<String, Vec<&'a Value>> {
     let mut m: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
@@ -245,16 +238,6 @@ impl<'a> Tree<'a> {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-/// Asserts the body every chain request must return.
-fn assert_chain_body(body: &str, what: &str, chain: &Chain) {
-    assert_eq!(
-        body.trim(),
-        CHAIN_BODY,
-        "{what}: unexpected response body\n{}",
-        chain.stderr()
-    );
 }
 
 /// 32-hex trace id and 16-hex span id, random, each with at least one letter (so the

@@ -299,14 +299,18 @@ while True:
             .map(|s| s.value)
             .expect("kspan_events_received_total")
     };
-    // Three scrapes, each answered, the count growing between them.
+    // Scrapes, each answered, the count growing between them, until the flood has brought
+    // 10,000 events (at least three growths): how long that takes depends on the machine (a
+    // single emulated CPU shared by the flood and kspan), so it is waited for, not assumed.
     let mut last = received();
-    for _ in 0..3 {
+    let mut growths = 0;
+    while growths < 3 || last < 10_000.0 {
         let deadline = Instant::now() + scaled(10);
         loop {
             let now = received();
             if now > last {
                 last = now;
+                growths += 1;
                 break;
             }
             assert!(
@@ -335,4 +339,130 @@ impl Drop for ProcessGroup {
         unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.0.wait();
     }
+}
+
+/// `--bench-floor` (the benchmark's floor of the hooks): every tracepoint attached with a
+/// program that returns at once, so a traced server's requests reach kspan as nothing at all.
+#[test]
+fn the_bench_floor_attaches_the_hooks_and_sees_nothing() {
+    let _env = preflight();
+    let server = PyServer::start(Some("floor-server"));
+    let spid = server.pid.to_string();
+    let kspan = Kspan::start(&["--pid", &spid, "--bench-floor"]);
+    let links = bpf_links(kspan.pid());
+    for _ in 0..3 {
+        curl(&["-o", "/dev/null", &server.url("/floor")]);
+    }
+    let run = kspan.stop();
+    assert!(
+        run.stderr
+            .contains("--bench-floor: every tracepoint and uprobe runs a program"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.spans.is_empty(),
+        "no span in the floor mode: {:?}",
+        run.spans
+    );
+    let counters = run.counters();
+    assert_eq!(counters["events_received"], 0, "{counters:?}");
+    assert_eq!(counters["spans_emitted"], 0, "{counters:?}");
+    // Since Linux 5.15 a tracepoint attachment is a BPF link, which names its program: every
+    // one of the 31 tracepoints (and the libssl uprobes) runs one of the three floor programs.
+    // Older kernels attach through perf events, which do not say.
+    if kernel_release_at_least(5, 15) {
+        assert!(links.len() >= 31, "{} links: {links:?}", links.len());
+        let programs: std::collections::BTreeSet<_> = links.iter().collect();
+        assert!(
+            programs.len() <= 3,
+            "the links run {} programs: {programs:?}",
+            programs.len()
+        );
+    }
+}
+
+/// The program id of each BPF link `pid` holds (`/proc/PID/fdinfo`).
+fn bpf_links(pid: u32) -> Vec<u64> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut programs = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let Ok(text) = std::fs::read_to_string(entry.unwrap().path()) else {
+            continue;
+        };
+        if !text.lines().any(|l| l.starts_with("link_type:")) {
+            continue;
+        }
+        let program: Option<u64> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok());
+        programs.extend(program);
+    }
+    programs
+}
+
+fn kernel_release_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
+/// `kspan check`: every prerequisite met on this machine as root (exit 0); run as nobody
+/// without capabilities, the missing privileges are named with what to do (exit 1).
+#[test]
+fn kspan_check_passes_as_root_and_names_what_an_unprivileged_user_lacks() {
+    let _env = preflight();
+    let out = std::process::Command::new(kspan_bin())
+        .arg("check")
+        .output()
+        .expect("run kspan check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kspan check as root:\n{text}");
+    assert!(text.ends_with("kspan can run here.\n"), "{text}");
+    for name in [
+        "kernel",
+        "privileges",
+        "BTF",
+        "tracefs",
+        "syscall tracepoints",
+        "ring buffer",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok ") && l[9..].starts_with(name)),
+            "no ok line for {name}:\n{text}"
+        );
+    }
+    assert!(!text.contains("MISSING"), "{text}");
+
+    // A copy nobody may execute (the build tree may be closed to other users).
+    let dir = std::env::temp_dir().join(format!("kspan-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let bin = dir.join("kspan");
+    std::fs::copy(kspan_bin(), &bin).expect("copy kspan");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(&bin)
+        .arg("check")
+        .output()
+        .expect("run setpriv (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "kspan check as nobody:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("MISSING  privileges"), "{text}");
+    assert!(text.contains("lacking CAP_BPF, CAP_PERFMON"), "{text}");
+    assert!(text.contains("fix: run kspan as root"), "{text}");
+    assert!(text.contains("kspan cannot run here:"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

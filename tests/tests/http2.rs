@@ -220,38 +220,19 @@ fn sequential_streams_on_one_connection() {
     let run = kspan.stop();
     assert_responses(&res, &paths);
     assert_clean_run(&run);
-
-    let n = paths.len();
-    assert_eq!(
-        run.spans.len(),
-        2 * n,
-        "expected exactly {n} + {n} spans\n{}",
-        run.dump()
-    );
-    let servers = spans_of(&run, nginx.pid, "SERVER", n, "nginx");
-    let clients = spans_of(&run, client_pid, "CLIENT", n, "h2_client.js");
-    for ((srv, cli), path) in servers.iter().zip(&clients).zip(paths) {
-        let req = Req {
-            path,
-            status: expected_status(path),
-            port: nginx.port,
-            client_port: res.local_port,
-            // Node's http2 client sends no user-agent.
-            user_agent: None,
-        };
-        req.check_server(srv);
-        req.check_client(cli);
-        assert_service(cli, "node", client_pid);
-        assert_child_of(srv, cli, &run);
-        assert_client_encloses_server(cli, srv);
-    }
-    for spans in [&servers, &clients] {
-        for w in spans.windows(2) {
+    let pairs = check_streams(&run, &res, &paths, &nginx, client_pid);
+    for side in [0, 1] {
+        for w in pairs.windows(2) {
+            let (a, b) = if side == 0 {
+                (w[0].0, w[1].0)
+            } else {
+                (w[0].1, w[1].1)
+            };
             assert!(
-                end_ns(w[0]) <= start_ns(w[1]),
+                end_ns(a) <= start_ns(b),
                 "sequential requests' spans overlap:\n{}\n{}",
-                pretty(w[0]),
-                pretty(w[1])
+                pretty(a),
+                pretty(b)
             );
         }
     }
@@ -278,82 +259,136 @@ fn concurrent_streams_on_one_connection() {
     let run = kspan.stop();
     assert_responses(&res, &paths);
     assert_clean_run(&run);
+    check_streams(&run, &res, &paths, &nginx, client_pid);
+}
 
+/// Checks the spans of `paths` requested by Node's client on one connection to nginx, and
+/// returns the (SERVER, CLIENT) pairs checked whole, by start.
+///
+/// With no program run skipped by the kernel: exactly one SERVER and one CLIENT span per
+/// request, every attribute as expected, each SERVER span the child of a different CLIENT span
+/// of the same path, as many of each path as were sent.
+///
+/// Runs the kernel skipped (`program_misses`: 7.2 runs syscall tracepoint programs
+/// preemptibly, and a program already running on a CPU makes the kernel skip it for others,
+/// here Node's and nginx's writev exits) are syscalls kspan never saw: a response never seen
+/// leaves its span to end at the close as `connection_closed`, a request never seen leaves no
+/// span. Then each pair both of whose spans have a response is still checked whole, spans
+/// never outnumber the requests, and at most two requests per skipped run are affected (a lost
+/// header block can also cost the next one its HPACK entries), as in `context.rs`.
+fn check_streams<'a>(
+    run: &'a Run,
+    res: &H2Result,
+    paths: &[&str],
+    nginx: &Nginx,
+    client_pid: u32,
+) -> Vec<(&'a Value, &'a Value)> {
     let n = paths.len();
-    assert_eq!(
-        run.spans.len(),
-        2 * n,
-        "expected exactly {n} + {n} spans\n{}",
-        run.dump()
-    );
-    let servers = spans_of(&run, nginx.pid, "SERVER", n, "nginx");
-    let clients = spans_of(&run, client_pid, "CLIENT", n, "h2_client.js");
-    let req = |path: &'static str| Req {
-        path,
+    let misses = counter(run, "program_misses") as usize;
+    let (servers, clients) = if misses == 0 {
+        assert_eq!(
+            run.spans.len(),
+            2 * n,
+            "expected exactly {n} + {n} spans\n{}",
+            run.dump()
+        );
+        (
+            spans_of(run, nginx.pid, "SERVER", n, "nginx"),
+            spans_of(run, client_pid, "CLIENT", n, "h2_client.js"),
+        )
+    } else {
+        assert!(
+            run.spans.len() <= 2 * n,
+            "more spans than requests\n{}",
+            run.dump()
+        );
+        let of = |pid, kind| {
+            sorted_by_start(
+                by_pid(&run.spans, pid)
+                    .into_iter()
+                    .filter(|s| s["kind"] == kind)
+                    .collect(),
+            )
+        };
+        (of(nginx.pid, "SERVER"), of(client_pid, "CLIENT"))
+    };
+    let answered = |s: &Value| attr_i64(s, "http.response.status_code").is_some();
+    let req = |path: &str| Req {
+        path: if path == "/ok" { "/ok" } else { "/missing" },
         status: expected_status(path),
         port: nginx.port,
         client_port: res.local_port,
+        // Node's http2 client sends no user-agent.
         user_agent: None,
     };
-    let mut by_id: BTreeMap<&str, &Value> = BTreeMap::new();
-    for cli in &clients {
-        let path = if must_str(cli, "url.path") == "/ok" {
-            "/ok"
-        } else {
-            "/missing"
-        };
-        req(path).check_client(cli);
-        by_id.insert(span_id(cli), cli);
-    }
+    let by_id: BTreeMap<&str, &Value> = clients.iter().map(|c| (span_id(c), *c)).collect();
+    let mut pairs = Vec::new();
     let mut parents = BTreeSet::new();
     for srv in &servers {
-        let path = if must_str(srv, "url.path") == "/ok" {
-            "/ok"
-        } else {
-            "/missing"
+        let Some(cli) = parent_id(srv).and_then(|p| by_id.get(p)) else {
+            assert!(
+                misses > 0,
+                "SERVER span whose parent is none of the client's CLIENT spans:\n{}\n\n{}",
+                pretty(srv),
+                run.dump()
+            );
+            continue;
         };
-        req(path).check_server(srv);
-        let cli = parent_id(srv)
-            .and_then(|p| by_id.get(p))
-            .unwrap_or_else(|| {
-                panic!(
-                    "SERVER span whose parent is none of the client's CLIENT spans:\n{}\n\n{}",
-                    pretty(srv),
-                    run.dump()
-                )
-            });
+        assert!(
+            parents.insert(span_id(cli)),
+            "two SERVER spans share a parent\n{}",
+            run.dump()
+        );
+        if misses > 0 && !(answered(srv) && answered(cli)) {
+            continue;
+        }
+        let path = must_str(srv, "url.path");
         assert_eq!(
             must_str(cli, "url.path"),
             path,
             "a SERVER span's parent must be the CLIENT span of the same stream\n{}",
             run.dump()
         );
-        assert_child_of(srv, cli, &run);
+        let req = req(path);
+        req.check_server(srv);
+        req.check_client(cli);
+        assert_service(cli, "node", client_pid);
+        assert_service(srv, "nginx", nginx.pid);
+        assert_child_of(srv, cli, run);
+        assert_client_encloses_server(cli, srv);
+        pairs.push((*srv, *cli));
+    }
+    if misses == 0 {
+        let count = |spans: &[&Value], path: &str| {
+            spans
+                .iter()
+                .filter(|s| must_str(s, "url.path") == path)
+                .count()
+        };
+        for path in ["/ok", "/missing"] {
+            let sent = paths.iter().filter(|p| **p == path).count();
+            assert_eq!(
+                count(&servers, path),
+                sent,
+                "SERVER spans for {path}\n{}",
+                run.dump()
+            );
+            assert_eq!(
+                count(&clients, path),
+                sent,
+                "CLIENT spans for {path}\n{}",
+                run.dump()
+            );
+        }
+        assert_eq!(pairs.len(), n, "pairs checked whole\n{}", run.dump());
+    } else {
         assert!(
-            parents.insert(span_id(cli)),
-            "two SERVER spans share a parent\n{}",
+            n - pairs.len() <= 2 * misses,
+            "{} of {n} requests lack a span or its response, with {misses} program runs skipped \
+             by the kernel\n{}",
+            n - pairs.len(),
             run.dump()
         );
     }
-    let count = |spans: &[&Value], path: &str| {
-        spans
-            .iter()
-            .filter(|s| must_str(s, "url.path") == path)
-            .count()
-    };
-    for path in ["/ok", "/missing"] {
-        let sent = paths.iter().filter(|p| **p == path).count();
-        assert_eq!(
-            count(&servers, path),
-            sent,
-            "SERVER spans for {path}\n{}",
-            run.dump()
-        );
-        assert_eq!(
-            count(&clients, path),
-            sent,
-            "CLIENT spans for {path}\n{}",
-            run.dump()
-        );
-    }
+    pairs
 }

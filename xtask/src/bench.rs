@@ -1,10 +1,14 @@
 //! `cargo xtask bench`: what tracing costs a real application, and what kspan itself costs.
 //!
-//! nginx (one worker pinned to CPU 0) answers a fixed 200 on keep-alive connections; wrk (pinned
-//! to CPU 1) loads it. Each pair runs wrk once without kspan and once with kspan tracing nginx,
-//! alternating the order from pair to pair to cancel drift. During the runs with kspan, its CPU
-//! time and peak RSS come from /proc, its eBPF programs' run time from their fdinfo
-//! (kernel.bpf_stats_enabled). Results go to the terminal and to target/bench/results.json.
+//! nginx (one worker pinned to CPU 0) answers a fixed 200 on keep-alive connections; the load
+//! generator (pinned to CPU 1) loads it. Each scenario (HTTP/1 at saturation, HTTP/1 at a held
+//! rate, HTTP/2, HTTPS) runs rounds of three modes back to back, the order rotating: no probes;
+//! the floor (kspan's tracepoints attached with programs that return at once, `--bench-floor`);
+//! kspan tracing nginx. Beside the load generator's figures: the machine's kernel and user CPU
+//! time (/proc/stat), the agent's CPU time and peak RSS (/proc), its eBPF programs' run time
+//! (fdinfo, kernel.bpf_stats_enabled), and its longest busy stretch (its counters line). Then
+//! the scale runs: 1,000 and 10,000 connections, 20 to 200 traced processes. Results go to the
+//! terminal and to target/bench/results.json.
 //!
 //! The bench fails only when something could not be measured, never because a target is missed.
 
@@ -25,13 +29,27 @@ use serde_json::{Value, json};
 
 use crate::{Steps, build, cargo, command, display, kspan_bin, output, run_cmd, setup, target_dir};
 
+mod load;
+use load::{Generator, Load};
+
 const ADDR: &str = "127.0.0.1:18080";
 const URL: &str = "http://127.0.0.1:18080/";
 /// The same `return 200` over TLS (nginx's OpenSSL: Debian's libssl.so.3, uprobes attached).
 const TLS_ADDR: &str = "127.0.0.1:18443";
 const TLS_URL: &str = "https://127.0.0.1:18443/";
-const WRK_THREADS: u32 = 1;
-const WRK_CONNECTIONS: u32 = 16;
+/// nginx's HTTP/2 cleartext server (prior knowledge, no upgrade).
+const HTTP2_ADDR: &str = "127.0.0.1:18082";
+const HTTP2_URL: &str = "http://127.0.0.1:18082/";
+/// Keep-alive connections of the mode-by-mode scenarios.
+const CONNECTIONS: u32 = 16;
+/// The connection counts of the scale runs; the last one's peak RSS has a target.
+const SCALE_CONNECTION_STEPS: [u32; 2] = [1_000, SCALE_CONNECTIONS];
+const SCALE_CONNECTIONS: u32 = 10_000;
+/// Descriptors wrk and nginx need for it, with room for the rest.
+const OPEN_FILES: u32 = SCALE_CONNECTIONS + 1024;
+/// Traced client processes of the scale runs, and each one's request rate.
+const SCALE_PROCESS_STEPS: [u32; 3] = [20, 100, 200];
+const CURL_RATE: u32 = 20;
 const WARMUP_SECS: u64 = 3;
 /// kspan parses the kernel's BTF and attaches its programs before `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,14 +60,17 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 pub struct Options {
     pub duration: u64,
-    pub pairs: u32,
+    pub rounds: u32,
     pub skip_criterion: bool,
 }
 
 pub fn bench(options: &Options) -> Result<()> {
     let mut steps = Steps::default();
     let result = (|| {
-        steps.run("setup", || setup::setup_with(setup::BENCH_PACKAGES))?;
+        steps.run("setup", || {
+            setup::setup_with(setup::BENCH_PACKAGES)?;
+            load::install_oha()
+        })?;
         steps.run("build (release)", || build(false))?;
         steps.run("overhead on nginx", || overhead(options))?;
         if options.skip_criterion {
@@ -65,6 +86,40 @@ pub fn bench(options: &Options) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The overhead measurement
 
+/// What runs beside nginx during a measured run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    /// Nothing attached.
+    NoProbes,
+    /// kspan's tracepoints, each running a program that returns at once (`--bench-floor`): what
+    /// any agent on these hooks pays before doing anything.
+    Floor,
+    /// kspan tracing nginx.
+    Kspan,
+}
+
+const MODES: [Mode; 3] = [Mode::NoProbes, Mode::Floor, Mode::Kspan];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::NoProbes => "none",
+            Mode::Floor => "floor",
+            Mode::Kspan => "kspan",
+        }
+    }
+}
+
+/// One way of loading nginx, measured in every mode, round after round.
+struct Scenario {
+    name: &'static str,
+    what: String,
+    generator: Generator,
+    /// As fast as nginx answers (the throughput ratios mean something), or at a held rate (the
+    /// latencies do).
+    saturation: bool,
+}
+
 fn overhead(options: &Options) -> Result<()> {
     if !setup::is_root() {
         bail!("the benchmark loads eBPF programs and sets {BPF_STATS}: run it as root");
@@ -79,7 +134,7 @@ fn overhead(options: &Options) -> Result<()> {
         text("loadavg")
     );
     if nproc < 2 {
-        bail!("the benchmark pins nginx to CPU 0 and wrk to CPU 1: it needs at least 2 CPUs");
+        bail!("the benchmark pins nginx to CPU 0 and the load to CPU 1: it needs at least 2 CPUs");
     }
     let load = loadavg().0;
     if load > 0.5 {
@@ -92,255 +147,438 @@ fn overhead(options: &Options) -> Result<()> {
     fs::create_dir_all(dir.join("tmp"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     catch_interrupt();
+    raise_open_files_limit()?;
 
     let nginx = Nginx::start(&dir)?;
     let _stats = BpfStats::enable()?;
-    println!("\nwarm-up ({WARMUP_SECS}s, discarded)");
-    wrk(URL, WARMUP_SECS)?;
-    let pairs = run_pairs(nginx.pid(), URL, options)?;
-    // The same over TLS: what the uprobes on nginx's libssl add (and wrk's TLS, on its CPU).
-    println!("\nHTTPS: warm-up ({WARMUP_SECS}s, discarded)");
-    wrk(TLS_URL, WARMUP_SECS)?;
-    let tls_pairs = run_pairs(nginx.pid(), TLS_URL, options)?;
+    let mut results = Vec::new();
+    // HTTP/1 at saturation first: its no-probes maximum sets the held rate.
+    let http1 = Scenario {
+        name: "http1",
+        what: format!("HTTP/1.1 keep-alive, wrk -t1 -c{CONNECTIONS}, saturation"),
+        generator: Generator::Wrk {
+            url: URL,
+            connections: CONNECTIONS,
+        },
+        saturation: true,
+    };
+    results.push(run_scenario(nginx.pid(), http1, options)?);
+    // The held rate: half of what oha itself reaches without probes, so that the client keeps
+    // up with its schedule and the latencies are nginx's (wrk's maximum is beyond oha's).
+    println!("\n== the no-probes maximum of oha -c{CONNECTIONS} (for the held rate)");
+    let oha_max = Generator::Oha {
+        url: URL,
+        connections: CONNECTIONS,
+        rate: None,
+        http2: false,
+    }
+    .run(options.duration)?;
+    let rate = (oha_max.requests_per_sec / 2.0) as u32;
+    let more = [
+        Scenario {
+            name: "http1-rate",
+            what: format!(
+                "HTTP/1.1 keep-alive, oha -c{CONNECTIONS} at {rate} req/s (half of its no-probes \
+                 maximum), open loop"
+            ),
+            generator: Generator::Oha {
+                url: URL,
+                connections: CONNECTIONS,
+                rate: Some(rate),
+                http2: false,
+            },
+            saturation: false,
+        },
+        Scenario {
+            name: "http2",
+            what: format!("HTTP/2 cleartext (prior knowledge), oha -c{CONNECTIONS}, saturation"),
+            generator: Generator::Oha {
+                url: HTTP2_URL,
+                connections: CONNECTIONS,
+                rate: None,
+                http2: true,
+            },
+            saturation: true,
+        },
+        Scenario {
+            name: "https",
+            what: format!(
+                "HTTP/1.1 over TLS (OpenSSL uprobes), wrk -t1 -c{CONNECTIONS}, saturation"
+            ),
+            generator: Generator::Wrk {
+                url: TLS_URL,
+                connections: CONNECTIONS,
+            },
+            saturation: true,
+        },
+    ];
+    for scenario in more {
+        results.push(run_scenario(nginx.pid(), scenario, options)?);
+    }
+    let scale = scale(nginx.pid(), options)?;
     drop(nginx);
     let mut machine = machine;
     machine["loadavg_after"] = loadavg().1.into();
 
-    let summary = Summary::of(&pairs);
-    let rows = rows(&summary);
     println!();
-    print_pairs(&pairs);
+    print_modes(&results);
+    println!();
+    print_ebpf(&results);
+    println!();
+    scale.print();
+    let rows = rows(&results, &scale);
     println!();
     print_table(&rows);
-    let tls_summary = Summary::of(&tls_pairs);
-    println!("\nHTTPS ({TLS_URL}, OpenSSL uprobes), beside the plaintext figures above:");
-    print_pairs(&tls_pairs);
-    println!();
-    print_tls_comparison(&summary, &tls_summary);
-    let results = json!({
+    let json = json!({
         "machine": machine,
         "settings": {
             "duration_secs": options.duration,
-            "pairs": options.pairs,
+            "rounds": options.rounds,
             "warmup_secs": WARMUP_SECS,
-            "wrk_threads": WRK_THREADS,
-            "wrk_connections": WRK_CONNECTIONS,
-            "url": URL,
+            "connections": CONNECTIONS,
             "nginx_cpu": 0,
-            "wrk_cpu": 1,
+            "load_cpu": 1,
+            "oha_version": load::OHA_VERSION,
+            "oha_no_probes_max_per_sec": oha_max.requests_per_sec,
+            "held_rate_per_sec": rate,
         },
-        "pairs": pairs.iter().map(Pair::to_json).collect::<Vec<_>>(),
-        "medians": summary.to_json(),
+        "scenarios": results.iter().map(ScenarioResult::to_json).collect::<Vec<_>>(),
+        "scale": scale.to_json(),
         "targets": rows.iter().filter(|r| r.target.is_some()).map(Row::to_json).collect::<Vec<_>>(),
         "all_targets_met": rows.iter().all(|r| r.met() != Some(false)),
-        "https": {
-            "url": TLS_URL,
-            "pairs": tls_pairs.iter().map(Pair::to_json).collect::<Vec<_>>(),
-            "medians": tls_summary.to_json(),
-        },
     });
     let path = dir.join("results.json");
-    fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+    fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("\nwrote {}", path.display());
     Ok(())
 }
 
-/// `options.pairs` pairs of wrk runs against `url`, without and with kspan tracing nginx.
-fn run_pairs(nginx_pid: u32, url: &str, options: &Options) -> Result<Vec<Pair>> {
-    let mut pairs = Vec::new();
-    for number in 1..=options.pairs {
-        // Alternate the order so that drift (thermal, other load) favours neither side.
-        let without_first = number % 2 == 1;
-        let order = if without_first {
-            "without, with"
-        } else {
-            "with, without"
-        };
-        println!("\npair {number}/{} ({order})", options.pairs);
-        let (without, with) = if without_first {
-            let without = wrk(url, options.duration)?;
-            (without, traced(nginx_pid, url, options.duration)?)
-        } else {
-            let with = traced(nginx_pid, url, options.duration)?;
-            (wrk(url, options.duration)?, with)
-        };
-        pairs.push(Pair {
-            order,
-            without,
-            with,
-        });
-    }
-    Ok(pairs)
-}
-
-/// The HTTPS medians beside the plaintext ones (no targets: the issue asks for the figures).
-fn print_tls_comparison(plain: &Summary, tls: &Summary) {
-    let lines: [(&str, f64, f64, usize); 6] = [
-        (
-            "throughput ratio with/without",
-            plain.throughput_ratio,
-            tls.throughput_ratio,
-            3,
-        ),
-        ("p50 latency ratio", plain.p50_ratio, tls.p50_ratio, 3),
-        ("p99 latency ratio", plain.p99_ratio, tls.p99_ratio, 3),
-        (
-            "kspan CPU per request (µs)",
-            plain.cpu_us_per_request,
-            tls.cpu_us_per_request,
-            2,
-        ),
-        (
-            "eBPF time per request (ns)",
-            plain.ebpf_ns_per_request,
-            tls.ebpf_ns_per_request,
-            0,
-        ),
-        (
-            "eBPF program runs per request",
-            plain.ebpf_runs_per_request,
-            tls.ebpf_runs_per_request,
-            1,
-        ),
-    ];
-    let mut out = format!("{:<32} {:>10} {:>10}\n", "median", "http", "https");
-    for (name, p, t, decimals) in lines {
-        let _ = writeln!(out, "{name:<32} {p:>10.decimals$} {t:>10.decimals$}");
-    }
-    let _ = writeln!(
-        out,
-        "{:<32} {:>10} {:>10}",
-        "events lost (all runs)", plain.events_lost, tls.events_lost
-    );
-    print!("{out}");
-}
-
-/// One run of wrk with kspan tracing nginx, and what kspan cost meanwhile.
-fn traced(nginx_pid: u32, url: &str, secs: u64) -> Result<Traced> {
-    let kspan = Kspan::start(nginx_pid)?;
-    let pid = kspan.pid();
-    // Readings after `ready`, so that startup (BTF parsing, loading, attaching) is left out.
-    let cpu_before = cpu_ticks(pid)?;
-    let bpf_before = bpf_programs(pid)?;
-    let wrk = wrk(url, secs)?;
-    let cpu_after = cpu_ticks(pid)?;
-    let bpf_after = bpf_programs(pid)?;
-    let peak_rss_kib = vm_hwm_kib(pid)?;
-    let names = program_names(pid)?;
-    let counters = kspan.stop()?;
-
-    let mut ebpf_ns = 0;
-    let mut ebpf_runs = 0;
-    let mut by_program = Vec::new();
-    for (id, after) in &bpf_after {
-        let before = bpf_before.get(id).copied().unwrap_or_default();
-        let ns = after.run_time_ns.saturating_sub(before.run_time_ns);
-        let runs = after.run_cnt.saturating_sub(before.run_cnt);
-        ebpf_ns += ns;
-        ebpf_runs += runs;
-        if runs > 0 {
-            let name = names
-                .get(id)
-                .cloned()
-                .unwrap_or_else(|| format!("prog {id}"));
-            by_program.push(ProgramRun { name, ns, runs });
-        }
-    }
-    by_program.sort_by_key(|p| std::cmp::Reverse(p.ns));
-    let counter = |name: &str| {
-        counters
-            .get(name)
-            .copied()
-            .with_context(|| format!("kspan's counters line has no {name}="))
+/// 10,000 connections need as many descriptors in wrk and in nginx's worker (children inherit
+/// the soft limit; raising the hard one needs CAP_SYS_RESOURCE, so it is only checked).
+fn raise_open_files_limit() -> Result<()> {
+    let wanted = u64::from(OPEN_FILES);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    let traced = Traced {
-        cpu_secs: cpu_after.saturating_sub(cpu_before) as f64 / clock_ticks_per_sec()?,
-        ebpf_ns,
-        ebpf_runs,
-        bpf_programs: bpf_after.len(),
-        peak_rss_kib,
-        events_lost: counter("events_lost")?,
-        spans_emitted: counter("spans_emitted")?,
-        by_program,
-        wrk,
+    // SAFETY: a valid rlimit for this process to fill, then to set.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        bail!(
+            "cannot read the open-files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if limit.rlim_max < wanted {
+        bail!(
+            "the open-files hard limit is {}; the {SCALE_CONNECTIONS}-connection run needs              {wanted}: raise it (`ulimit -Hn {wanted}` as root, or LimitNOFILE)",
+            limit.rlim_max
+        );
+    }
+    limit.rlim_cur = limit.rlim_cur.max(wanted);
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        bail!(
+            "cannot raise the open-files limit to {wanted}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// `options.rounds` rounds of the three modes back to back, the order rotating from round to
+/// round so that drift (thermal, other load) favours no mode.
+fn run_scenario(nginx_pid: u32, scenario: Scenario, options: &Options) -> Result<ScenarioResult> {
+    println!("\n== {}: {}", scenario.name, scenario.what);
+    println!("warm-up ({WARMUP_SECS}s, discarded)");
+    scenario.generator.run(WARMUP_SECS)?;
+    let mut rounds = Vec::new();
+    for number in 0..options.rounds {
+        let mut order = MODES;
+        order.rotate_left(number as usize % MODES.len());
+        let mut runs = Vec::new();
+        for mode in order {
+            println!(
+                "\n{} round {}/{}: {}",
+                scenario.name,
+                number + 1,
+                options.rounds,
+                mode.name()
+            );
+            runs.push(measure(
+                nginx_pid,
+                &scenario.generator,
+                mode,
+                options.duration,
+            )?);
+        }
+        runs.sort_by_key(|r| r.mode);
+        rounds.push(runs);
+    }
+    Ok(ScenarioResult { scenario, rounds })
+}
+
+/// One run of the load in one mode, with what the agent and the kernel spent meanwhile.
+fn measure(nginx_pid: u32, generator: &Generator, mode: Mode, secs: u64) -> Result<Run> {
+    let pid = nginx_pid.to_string();
+    let kspan = match mode {
+        Mode::NoProbes => None,
+        Mode::Floor => Some(Kspan::start(&["--pid", &pid, "--bench-floor"])?),
+        Mode::Kspan => Some(Kspan::start(&["--pid", &pid])?),
+    };
+    // Readings after `ready`, so that startup (BTF parsing, loading, attaching) is left out.
+    let before = kspan
+        .as_ref()
+        .map(|k| AgentReading::take(k.pid()))
+        .transpose()?;
+    let cpu_before = SystemCpu::read()?;
+    let load = generator.run(secs)?;
+    let system = SystemCpu::read()?.since(&cpu_before);
+    let agent = match (kspan, before) {
+        (Some(kspan), Some(before)) => {
+            let after = AgentReading::take(kspan.pid())?;
+            let peak_rss_kib = vm_hwm_kib(kspan.pid())?;
+            let names = program_names(kspan.pid())?;
+            let counters = kspan.stop()?;
+            let agent = Agent::between(
+                &before,
+                &after,
+                peak_rss_kib,
+                &names,
+                &counters,
+                load.requests,
+            )?;
+            agent.print();
+            Some(agent)
+        }
+        _ => None,
     };
     println!(
-        "  kspan: {:.2} µs CPU/request, {:.0} ns eBPF/request ({:.1} program runs/request, {} \
-         programs), peak RSS {:.1} MiB, events lost {}, spans {} for {} requests",
-        traced.cpu_us_per_request(),
-        traced.ebpf_ns_per_request(),
-        traced.ebpf_runs_per_request(),
-        traced.bpf_programs,
-        traced.peak_rss_mib(),
-        traced.events_lost,
-        traced.spans_emitted,
-        traced.wrk.requests
+        "  machine: kernel {:.2} µs, user {:.2} µs per request, {:.0}% idle",
+        system.kernel_secs * 1e6 / load.requests as f64,
+        system.user_secs * 1e6 / load.requests as f64,
+        system.idle_share() * 100.0
     );
-    // Where the eBPF time goes: the traced process's hooks and everyone else's (wrk's here).
-    let parts: Vec<String> = traced
-        .by_program
-        .iter()
-        .take(8)
-        .map(|p| {
-            format!(
-                "{} {:.0} ns/run × {:.2}",
-                p.name,
-                p.ns as f64 / p.runs as f64,
-                traced.per_request(p.runs as f64)
-            )
-        })
-        .collect();
-    println!("  eBPF by program (runs/request): {}", parts.join(", "));
-    Ok(traced)
+    Ok(Run {
+        mode,
+        load,
+        system,
+        agent,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Results
 
-struct Pair {
-    order: &'static str,
-    without: Wrk,
-    with: Traced,
+struct ScenarioResult {
+    scenario: Scenario,
+    /// Per round, the runs in `MODES` order.
+    rounds: Vec<Vec<Run>>,
 }
 
-impl Pair {
-    fn throughput_ratio(&self) -> f64 {
-        self.with.wrk.requests_per_sec / self.without.requests_per_sec
+impl ScenarioResult {
+    fn runs(&self, mode: Mode) -> impl Iterator<Item = &Run> {
+        self.rounds.iter().map(move |round| &round[mode as usize])
     }
 
-    fn p50_ratio(&self) -> f64 {
-        self.with.wrk.p50_us / self.without.p50_us
+    fn median(&self, mode: Mode, f: impl Fn(&Run) -> f64) -> f64 {
+        median(self.runs(mode).map(f).collect())
     }
 
-    fn p99_ratio(&self) -> f64 {
-        self.with.wrk.p99_us / self.without.p99_us
+    /// Median over rounds of a figure's ratio between two modes of the same round.
+    fn ratio(&self, over: Mode, under: Mode, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+        let ratios: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter_map(|round| Some(f(&round[over as usize])? / f(&round[under as usize])?))
+            .collect();
+        (!ratios.is_empty()).then(|| median(ratios))
+    }
+
+    fn agent_median(&self, mode: Mode, f: impl Fn(&Agent) -> f64) -> Option<f64> {
+        let values: Vec<f64> = self
+            .runs(mode)
+            .filter_map(|r| r.agent.as_ref().map(&f))
+            .collect();
+        (!values.is_empty()).then(|| median(values))
+    }
+
+    fn events_lost(&self) -> u64 {
+        self.runs(Mode::Kspan)
+            .filter_map(|r| r.agent.as_ref())
+            .map(|a| a.events_lost)
+            .sum()
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        self.runs(Mode::Kspan)
+            .filter_map(|r| r.agent.as_ref())
+            .map(Agent::peak_rss_mib)
+            .fold(0.0, f64::max)
+    }
+
+    /// The kspan figures above the floor's, per request.
+    fn ebpf_above_floor_ns(&self) -> Option<f64> {
+        Some(
+            self.agent_median(Mode::Kspan, Agent::ebpf_ns_per_request)?
+                - self.agent_median(Mode::Floor, Agent::ebpf_ns_per_request)?,
+        )
     }
 
     fn to_json(&self) -> Value {
+        let mut modes = serde_json::Map::new();
+        for mode in MODES {
+            modes.insert(
+                mode.name().into(),
+                json!({
+                    "requests_per_sec": self.median(mode, |r| r.load.requests_per_sec),
+                    "p50_us": self.median(mode, |r| r.load.p50_us),
+                    "p99_us": self.median(mode, |r| r.load.p99_us),
+                    "p999_us": self.scenario.generator_has_p999().then(|| self.median(mode, |r| r.load.p999_us.unwrap_or(f64::NAN))),
+                    "kernel_us_per_request": self.median(mode, Run::kernel_us_per_request),
+                    "user_us_per_request": self.median(mode, Run::user_us_per_request),
+                    "idle_share": self.median(mode, |r| r.system.idle_share()),
+                    "agent_cpu_us_per_request": self.agent_median(mode, Agent::cpu_us_per_request),
+                    "ebpf_ns_per_request": self.agent_median(mode, Agent::ebpf_ns_per_request),
+                    "ebpf_program_runs_per_request": self.agent_median(mode, Agent::ebpf_runs_per_request),
+                    "runs": self.runs(mode).map(Run::to_json).collect::<Vec<_>>(),
+                }),
+            );
+        }
+        let ratios = |over, under| {
+            json!({
+                "throughput": self.ratio(over, under, |r| Some(r.load.requests_per_sec)),
+                "p50": self.ratio(over, under, |r| Some(r.load.p50_us)),
+                "p99": self.ratio(over, under, |r| Some(r.load.p99_us)),
+                "p999": self.ratio(over, under, |r| r.load.p999_us),
+            })
+        };
         json!({
-            "order": self.order,
-            "without": self.without.to_json(),
-            "with": self.with.to_json(),
-            "throughput_ratio": self.throughput_ratio(),
-            "p50_ratio": self.p50_ratio(),
-            "p99_ratio": self.p99_ratio(),
+            "name": self.scenario.name,
+            "what": self.scenario.what,
+            "saturation": self.scenario.saturation,
+            "modes": modes,
+            "ratios": {
+                "kspan/none": ratios(Mode::Kspan, Mode::NoProbes),
+                "floor/none": ratios(Mode::Floor, Mode::NoProbes),
+                "kspan/floor": ratios(Mode::Kspan, Mode::Floor),
+            },
+            "ebpf_above_floor_ns_per_request": self.ebpf_above_floor_ns(),
+            "events_lost_total": self.events_lost(),
+            "peak_rss_mib_max": self.peak_rss_mib(),
         })
     }
 }
 
-/// A wrk run with kspan attached.
-struct Traced {
-    wrk: Wrk,
-    /// kspan's user + system CPU time during the wrk run.
+impl Scenario {
+    fn generator_has_p999(&self) -> bool {
+        matches!(self.generator, Generator::Oha { .. })
+    }
+}
+
+struct Run {
+    mode: Mode,
+    load: Load,
+    system: SystemCpu,
+    /// None without probes.
+    agent: Option<Agent>,
+}
+
+impl Run {
+    fn kernel_us_per_request(&self) -> f64 {
+        self.system.kernel_secs * 1e6 / self.load.requests as f64
+    }
+
+    fn user_us_per_request(&self) -> f64 {
+        self.system.user_secs * 1e6 / self.load.requests as f64
+    }
+
+    fn to_json(&self) -> Value {
+        let mut value = self.load.to_json();
+        value["system"] = json!({
+            "kernel_secs": self.system.kernel_secs,
+            "user_secs": self.system.user_secs,
+            "idle_secs": self.system.idle_secs,
+        });
+        if let Some(agent) = &self.agent {
+            value["kspan"] = agent.to_json();
+        }
+        value
+    }
+}
+
+/// The whole machine's CPU time by kind, from /proc/stat (all CPUs; the agent's share included).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct SystemCpu {
+    user_secs: f64,
+    /// system + irq + softirq: the syscalls and everything the hooks add to them.
+    kernel_secs: f64,
+    idle_secs: f64,
+}
+
+impl SystemCpu {
+    fn read() -> Result<SystemCpu> {
+        let stat = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+        parse_proc_stat(&stat, clock_ticks_per_sec()?).context("no `cpu` line in /proc/stat")
+    }
+
+    fn since(&self, before: &SystemCpu) -> SystemCpu {
+        SystemCpu {
+            user_secs: self.user_secs - before.user_secs,
+            kernel_secs: self.kernel_secs - before.kernel_secs,
+            idle_secs: self.idle_secs - before.idle_secs,
+        }
+    }
+
+    fn idle_share(&self) -> f64 {
+        self.idle_secs / (self.user_secs + self.kernel_secs + self.idle_secs)
+    }
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...` in clock ticks.
+fn parse_proc_stat(stat: &str, ticks_per_sec: f64) -> Option<SystemCpu> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse::<f64>().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / ticks_per_sec;
+    Some(SystemCpu {
+        user_secs: at(0) + at(1),
+        kernel_secs: at(2) + at(5) + at(6),
+        idle_secs: at(3) + at(4),
+    })
+}
+
+/// kspan's CPU time and its programs' counters at one moment.
+struct AgentReading {
+    cpu_ticks: u64,
+    programs: BTreeMap<u64, ProgramStats>,
+}
+
+impl AgentReading {
+    fn take(pid: u32) -> Result<AgentReading> {
+        Ok(AgentReading {
+            cpu_ticks: cpu_ticks(pid)?,
+            programs: bpf_programs(pid)?,
+        })
+    }
+}
+
+/// What kspan (or the floor) cost during a run.
+struct Agent {
+    requests: u64,
+    /// kspan's user + system CPU time during the run.
     cpu_secs: f64,
-    /// Run time and invocations of kspan's eBPF programs during the wrk run, summed.
+    /// Run time and invocations of its eBPF programs during the run, summed.
     ebpf_ns: u64,
     ebpf_runs: u64,
     bpf_programs: usize,
     peak_rss_kib: u64,
     events_lost: u64,
     spans_emitted: u64,
+    /// The agent's longest stretch of work between two waits for events.
+    longest_busy_us: u64,
     /// Per program, most time first.
     by_program: Vec<ProgramRun>,
 }
@@ -352,9 +590,56 @@ struct ProgramRun {
     runs: u64,
 }
 
-impl Traced {
+impl Agent {
+    fn between(
+        before: &AgentReading,
+        after: &AgentReading,
+        peak_rss_kib: u64,
+        names: &BTreeMap<u64, String>,
+        counters: &BTreeMap<String, u64>,
+        requests: u64,
+    ) -> Result<Agent> {
+        let mut ebpf_ns = 0;
+        let mut ebpf_runs = 0;
+        let mut by_program = Vec::new();
+        for (id, now) in &after.programs {
+            let then = before.programs.get(id).copied().unwrap_or_default();
+            let ns = now.run_time_ns.saturating_sub(then.run_time_ns);
+            let runs = now.run_cnt.saturating_sub(then.run_cnt);
+            ebpf_ns += ns;
+            ebpf_runs += runs;
+            if runs > 0 {
+                let name = names
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("prog {id}"));
+                by_program.push(ProgramRun { name, ns, runs });
+            }
+        }
+        by_program.sort_by_key(|p| std::cmp::Reverse(p.ns));
+        let counter = |name: &str| {
+            counters
+                .get(name)
+                .copied()
+                .with_context(|| format!("kspan's counters line has no {name}="))
+        };
+        Ok(Agent {
+            requests,
+            cpu_secs: after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64
+                / clock_ticks_per_sec()?,
+            ebpf_ns,
+            ebpf_runs,
+            bpf_programs: after.programs.len(),
+            peak_rss_kib,
+            events_lost: counter("events_lost")?,
+            spans_emitted: counter("spans_emitted")?,
+            longest_busy_us: counter("longest_busy_us")?,
+            by_program,
+        })
+    }
+
     fn per_request(&self, value: f64) -> f64 {
-        value / self.wrk.requests as f64
+        value / self.requests as f64
     }
 
     fn cpu_us_per_request(&self) -> f64 {
@@ -377,9 +662,40 @@ impl Traced {
         self.peak_rss_kib as f64 / 1024.0
     }
 
+    fn print(&self) {
+        println!(
+            "  agent: {:.2} µs CPU/request, {:.0} ns eBPF/request ({:.1} program runs/request, {} \
+             programs), peak RSS {:.1} MiB, events lost {}, spans {} for {} requests, longest \
+             busy stretch {} µs",
+            self.cpu_us_per_request(),
+            self.ebpf_ns_per_request(),
+            self.ebpf_runs_per_request(),
+            self.bpf_programs,
+            self.peak_rss_mib(),
+            self.events_lost,
+            self.spans_emitted,
+            self.requests,
+            self.longest_busy_us,
+        );
+        // Where the eBPF time goes: the traced process's hooks and everyone else's.
+        let parts: Vec<String> = self
+            .by_program
+            .iter()
+            .take(8)
+            .map(|p| {
+                format!(
+                    "{} {:.0} ns/run × {:.2}",
+                    p.name,
+                    p.ns as f64 / p.runs as f64,
+                    self.per_request(p.runs as f64)
+                )
+            })
+            .collect();
+        println!("  eBPF by program (runs/request): {}", parts.join(", "));
+    }
+
     fn to_json(&self) -> Value {
-        let mut value = self.wrk.to_json();
-        value["kspan"] = json!({
+        json!({
             "cpu_secs": self.cpu_secs,
             "cpu_us_per_request": self.cpu_us_per_request(),
             "ebpf_ns": self.ebpf_ns,
@@ -391,60 +707,13 @@ impl Traced {
             "events_lost": self.events_lost,
             "spans_emitted": self.spans_emitted,
             "spans_per_request": self.spans_per_request(),
+            "longest_busy_us": self.longest_busy_us,
             "ebpf_by_program": self.by_program.iter().map(|p| json!({
                 "tracepoint": p.name,
                 "ns_per_run": p.ns as f64 / p.runs as f64,
                 "runs_per_request": self.per_request(p.runs as f64),
                 "ns_per_request": self.per_request(p.ns as f64),
             })).collect::<Vec<_>>(),
-        });
-        value
-    }
-}
-
-/// Medians over the pairs; the worst case for peak RSS and events lost.
-struct Summary {
-    throughput_ratio: f64,
-    p50_ratio: f64,
-    p99_ratio: f64,
-    cpu_us_per_request: f64,
-    ebpf_ns_per_request: f64,
-    ebpf_runs_per_request: f64,
-    spans_per_request: f64,
-    peak_rss_mib: f64,
-    events_lost: u64,
-}
-
-impl Summary {
-    fn of(pairs: &[Pair]) -> Summary {
-        let median_of = |f: fn(&Pair) -> f64| median(pairs.iter().map(f).collect());
-        Summary {
-            throughput_ratio: median_of(Pair::throughput_ratio),
-            p50_ratio: median_of(Pair::p50_ratio),
-            p99_ratio: median_of(Pair::p99_ratio),
-            cpu_us_per_request: median_of(|p| p.with.cpu_us_per_request()),
-            ebpf_ns_per_request: median_of(|p| p.with.ebpf_ns_per_request()),
-            ebpf_runs_per_request: median_of(|p| p.with.ebpf_runs_per_request()),
-            spans_per_request: median_of(|p| p.with.spans_per_request()),
-            peak_rss_mib: pairs
-                .iter()
-                .map(|p| p.with.peak_rss_mib())
-                .fold(0.0, f64::max),
-            events_lost: pairs.iter().map(|p| p.with.events_lost).sum(),
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "throughput_ratio": self.throughput_ratio,
-            "p50_ratio": self.p50_ratio,
-            "p99_ratio": self.p99_ratio,
-            "kspan_cpu_us_per_request": self.cpu_us_per_request,
-            "ebpf_ns_per_request": self.ebpf_ns_per_request,
-            "ebpf_program_runs_per_request": self.ebpf_runs_per_request,
-            "spans_per_request": self.spans_per_request,
-            "peak_rss_mib_max": self.peak_rss_mib,
-            "events_lost_total": self.events_lost,
         })
     }
 }
@@ -459,15 +728,142 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// Every mode of every scenario (medians over the rounds), each scenario followed by its three
+/// ratios (medians of the per-round ratios) in the same columns: one table.
+fn print_modes(results: &[ScenarioResult]) {
+    let line = |cells: [&str; 16]| {
+        let widths = [11, 11, 9, 8, 8, 9, 9, 9, 6, 10, 9, 7, 8, 8, 5, 7];
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i < 2 {
+                let _ = write!(text, "{cell:<width$} ");
+            } else {
+                let _ = write!(text, "{cell:>width$} ");
+            }
+        }
+        text.trim_end().to_string() + "\n"
+    };
+    let mut out = line([
+        "scenario",
+        "mode",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "kern µs/r",
+        "user µs/r",
+        "idle",
+        "agent µs/r",
+        "eBPF ns/r",
+        "runs/r",
+        "busy µs",
+        "spans/r",
+        "lost",
+        "RSS MiB",
+    ]);
+    let optional = |v: Option<f64>, decimals: usize| {
+        v.filter(|v| v.is_finite())
+            .map_or("-".to_string(), |v| format!("{v:.decimals$}"))
+    };
+    for result in results {
+        let name = result.scenario.name;
+        for mode in MODES {
+            let agent = |f: fn(&Agent) -> f64| result.agent_median(mode, f);
+            let p999 = result
+                .scenario
+                .generator_has_p999()
+                .then(|| result.median(mode, |r| r.load.p999_us.unwrap_or(f64::NAN)));
+            let lost = (mode != Mode::NoProbes).then(|| {
+                result
+                    .runs(mode)
+                    .filter_map(|r| r.agent.as_ref())
+                    .map(|a| a.events_lost as f64)
+                    .sum::<f64>()
+            });
+            let rss = (mode != Mode::NoProbes).then(|| {
+                result
+                    .runs(mode)
+                    .filter_map(|r| r.agent.as_ref())
+                    .map(Agent::peak_rss_mib)
+                    .fold(0.0, f64::max)
+            });
+            out += &line([
+                name,
+                mode.name(),
+                &format!("{:.0}", result.median(mode, |r| r.load.requests_per_sec)),
+                &format!("{:.0}", result.median(mode, |r| r.load.p50_us)),
+                &format!("{:.0}", result.median(mode, |r| r.load.p99_us)),
+                &optional(p999, 0),
+                &format!("{:.2}", result.median(mode, Run::kernel_us_per_request)),
+                &format!("{:.2}", result.median(mode, Run::user_us_per_request)),
+                &format!(
+                    "{:.0}%",
+                    result.median(mode, |r| r.system.idle_share()) * 100.0
+                ),
+                &optional(agent(Agent::cpu_us_per_request), 2),
+                &optional(agent(Agent::ebpf_ns_per_request), 0),
+                &optional(agent(Agent::ebpf_runs_per_request), 1),
+                &optional(agent(|a| a.longest_busy_us as f64), 0),
+                &optional(agent(Agent::spans_per_request), 3),
+                &optional(lost, 0),
+                &optional(rss, 1),
+            ]);
+        }
+        for (over, under) in [
+            (Mode::Kspan, Mode::NoProbes),
+            (Mode::Floor, Mode::NoProbes),
+            (Mode::Kspan, Mode::Floor),
+        ] {
+            let ratio = |f: fn(&Run) -> Option<f64>| optional(result.ratio(over, under, f), 3);
+            out += &line([
+                name,
+                &format!("{}/{}", over.name(), under.name()),
+                &ratio(|r| Some(r.load.requests_per_sec)),
+                &ratio(|r| Some(r.load.p50_us)),
+                &ratio(|r| Some(r.load.p99_us)),
+                &ratio(|r| r.load.p999_us),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]);
+        }
+    }
+    print!("{out}");
+}
+
+/// eBPF time per program in kspan's mode, from the median run of each scenario.
+fn print_ebpf(results: &[ScenarioResult]) {
+    for result in results {
+        let floor = result.agent_median(Mode::Floor, Agent::ebpf_ns_per_request);
+        let kspan = result.agent_median(Mode::Kspan, Agent::ebpf_ns_per_request);
+        let (Some(floor), Some(kspan)) = (floor, kspan) else {
+            continue;
+        };
+        println!(
+            "{}: eBPF {kspan:.0} ns/request with kspan, {floor:.0} with the floor's empty programs \
+             (+{:.0} ns)",
+            result.scenario.name,
+            kspan - floor
+        );
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Bound {
     AtLeast(f64),
     AtMost(f64),
 }
 
-/// One line of the results table; `target: None` for figures reported without a target.
+/// One line of the targets table.
 struct Row {
-    metric: &'static str,
+    metric: String,
     value: f64,
     unit: &'static str,
     decimals: usize,
@@ -508,119 +904,101 @@ impl Row {
     }
 }
 
-fn rows(s: &Summary) -> Vec<Row> {
-    let row = |metric, value, unit, decimals, target| Row {
+/// The issue's targets, from the HTTP/1 scenarios and the scale runs.
+fn rows(results: &[ScenarioResult], scale: &Scale) -> Vec<Row> {
+    let row = |metric: String, value: Option<f64>, unit, decimals, target| Row {
         metric,
-        value,
+        value: value.unwrap_or(f64::NAN),
         unit,
         decimals,
-        target,
+        target: Some(target),
     };
-    vec![
-        row(
-            "throughput ratio with/without (median)",
-            s.throughput_ratio,
-            "",
-            3,
-            Some(Bound::AtLeast(0.95)),
-        ),
-        row("p50 latency ratio (median)", s.p50_ratio, "", 3, None),
-        row(
-            "p99 latency ratio (median)",
-            s.p99_ratio,
-            "",
-            3,
-            Some(Bound::AtMost(1.10)),
-        ),
-        row(
-            "kspan CPU per request (median)",
-            s.cpu_us_per_request,
-            "µs",
-            2,
-            Some(Bound::AtMost(3.0)),
-        ),
-        row(
-            "eBPF time per request (median)",
-            s.ebpf_ns_per_request,
-            "ns",
-            0,
-            Some(Bound::AtMost(500.0)),
-        ),
-        row(
-            "eBPF program runs per request (median)",
-            s.ebpf_runs_per_request,
-            "",
-            1,
-            None,
-        ),
-        row(
-            "events lost (all runs)",
-            s.events_lost as f64,
-            "",
-            0,
-            Some(Bound::AtMost(0.0)),
-        ),
-        row(
-            "peak RSS (max over runs)",
-            s.peak_rss_mib,
+    let mut rows = Vec::new();
+    for result in results {
+        let name = result.scenario.name;
+        let ratio = |over, under, f: fn(&Run) -> Option<f64>| result.ratio(over, under, f);
+        if result.scenario.saturation {
+            rows.push(row(
+                format!("{name}: throughput kspan/floor"),
+                ratio(Mode::Kspan, Mode::Floor, |r| Some(r.load.requests_per_sec)),
+                "",
+                3,
+                Bound::AtLeast(0.95),
+            ));
+            rows.push(row(
+                format!("{name}: p99 kspan/floor"),
+                ratio(Mode::Kspan, Mode::Floor, |r| Some(r.load.p99_us)),
+                "",
+                3,
+                Bound::AtMost(1.25),
+            ));
+            rows.push(row(
+                format!("{name}: events lost (all kspan runs)"),
+                Some(result.events_lost() as f64),
+                "",
+                0,
+                Bound::AtMost(0.0),
+            ));
+        } else {
+            rows.push(row(
+                format!("{name}: p99 kspan/none"),
+                ratio(Mode::Kspan, Mode::NoProbes, |r| Some(r.load.p99_us)),
+                "",
+                3,
+                Bound::AtMost(1.10),
+            ));
+            rows.push(row(
+                format!("{name}: p99.9 kspan/none"),
+                ratio(Mode::Kspan, Mode::NoProbes, |r| r.load.p999_us),
+                "",
+                3,
+                Bound::AtMost(1.25),
+            ));
+        }
+        if name.starts_with("http1") {
+            rows.push(row(
+                format!("{name}: agent CPU per request"),
+                result.agent_median(Mode::Kspan, Agent::cpu_us_per_request),
+                "µs",
+                2,
+                Bound::AtMost(1.0),
+            ));
+            rows.push(row(
+                format!("{name}: eBPF time above the floor"),
+                result.ebpf_above_floor_ns(),
+                "ns",
+                0,
+                Bound::AtMost(600.0),
+            ));
+            rows.push(row(
+                format!("{name}: agent's longest busy stretch (max)"),
+                result
+                    .runs(Mode::Kspan)
+                    .filter_map(|r| r.agent.as_ref())
+                    .map(|a| a.longest_busy_us as f64)
+                    .reduce(f64::max),
+                "µs",
+                0,
+                Bound::AtMost(500.0),
+            ));
+        }
+    }
+    if let Some(widest) = scale.connections.last() {
+        rows.push(row(
+            format!("peak RSS with {} connections", widest.connections),
+            Some(widest.agent.peak_rss_mib()),
             "MiB",
             1,
-            Some(Bound::AtMost(64.0)),
-        ),
-        row(
-            "spans emitted per request (median)",
-            s.spans_per_request,
-            "",
-            3,
-            None,
-        ),
-    ]
-}
-
-fn print_pairs(pairs: &[Pair]) {
-    let mut out = format!(
-        "{:<5} {:<14} {:>11} {:>11} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8} {:>7} {:>5} {:>9}\n",
-        "pair",
-        "order",
-        "req/s w/o",
-        "req/s with",
-        "thr",
-        "p50",
-        "p99",
-        "µs CPU/r",
-        "ns eBPF/r",
-        "runs/r",
-        "RSS MiB",
-        "lost",
-        "spans/r"
-    );
-    for (i, p) in pairs.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{:<5} {:<14} {:>11.0} {:>11.0} {:>7.3} {:>7.3} {:>7.3} {:>9.2} {:>9.0} {:>8.1} {:>7.1} \
-             {:>5} {:>9.3}",
-            i + 1,
-            p.order,
-            p.without.requests_per_sec,
-            p.with.wrk.requests_per_sec,
-            p.throughput_ratio(),
-            p.p50_ratio(),
-            p.p99_ratio(),
-            p.with.cpu_us_per_request(),
-            p.with.ebpf_ns_per_request(),
-            p.with.ebpf_runs_per_request(),
-            p.with.peak_rss_mib(),
-            p.with.events_lost,
-            p.with.spans_per_request()
-        );
+            Bound::AtMost(64.0),
+        ));
     }
-    print!("{out}");
+    rows
 }
 
 fn print_table(rows: &[Row]) {
     let mut out = format!(
-        "{:<40} {:>12} {:>12} {:>4}\n",
-        "metric", "value", "target", "met"
+        "{:<46} {:>12} {:>12} {:>4}\n",
+        "target", "value", "target", "met"
     );
     for row in rows {
         let met = match row.met() {
@@ -630,7 +1008,7 @@ fn print_table(rows: &[Row]) {
         };
         let _ = writeln!(
             out,
-            "{:<40} {:>12} {:>12} {:>4}",
+            "{:<46} {:>12} {:>12} {:>4}",
             row.metric,
             row.value_text(),
             row.target_text(),
@@ -638,6 +1016,179 @@ fn print_table(rows: &[Row]) {
         );
     }
     print!("{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scale: many connections, many traced processes
+
+/// Many keep-alive connections at once, with kspan (agent CPU and memory as the connection
+/// table grows).
+struct ConnectionsRun {
+    connections: u32,
+    load: Load,
+    agent: Agent,
+}
+
+/// Many traced client processes (curl at a held rate each).
+struct ProcessesRun {
+    processes: u32,
+    /// Agent CPU over the measured seconds, as a share of one CPU.
+    agent_cpu_share: f64,
+    rss_mib: f64,
+}
+
+struct Scale {
+    connections: Vec<ConnectionsRun>,
+    processes: Vec<ProcessesRun>,
+    processes_spans: u64,
+    processes_events_lost: u64,
+}
+
+/// Connection counts, then traced-process counts, each measured once with kspan.
+fn scale(nginx_pid: u32, options: &Options) -> Result<Scale> {
+    let mut connections = Vec::new();
+    for count in SCALE_CONNECTION_STEPS {
+        println!("\n== scale: {count} keep-alive connections (wrk -t1 -c{count}), kspan");
+        let generator = Generator::Wrk {
+            url: URL,
+            connections: count,
+        };
+        let run = measure(nginx_pid, &generator, Mode::Kspan, options.duration)?;
+        connections.push(ConnectionsRun {
+            connections: count,
+            load: run.load,
+            agent: run.agent.expect("kspan mode has an agent"),
+        });
+    }
+
+    println!(
+        "\n== scale: traced processes (curl --rate {CURL_RATE}/s each, kspan --exe curl --pid nginx)"
+    );
+    let pid = nginx_pid.to_string();
+    let kspan = Kspan::start(&["--exe", "curl", "--pid", &pid])?;
+    let mut clients = Clients::default();
+    let mut processes = Vec::new();
+    for count in SCALE_PROCESS_STEPS {
+        clients.grow_to(count)?;
+        // Let the new processes start and the agent learn them before measuring.
+        thread::sleep(Duration::from_secs(2));
+        check_interrupted()?;
+        let ticks = cpu_ticks(kspan.pid())?;
+        let started = Instant::now();
+        thread::sleep(Duration::from_secs(options.duration));
+        check_interrupted()?;
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_ticks(kspan.pid())?.saturating_sub(ticks) as f64 / clock_ticks_per_sec()?;
+        let run = ProcessesRun {
+            processes: count,
+            agent_cpu_share: cpu / secs,
+            rss_mib: vm_rss_kib(kspan.pid())? as f64 / 1024.0,
+        };
+        println!(
+            "  {count} processes: agent {:.1}% of a CPU, RSS {:.1} MiB",
+            run.agent_cpu_share * 100.0,
+            run.rss_mib
+        );
+        processes.push(run);
+    }
+    drop(clients);
+    let counters = kspan.stop()?;
+    Ok(Scale {
+        connections,
+        processes,
+        processes_spans: counters.get("spans_emitted").copied().unwrap_or(0),
+        processes_events_lost: counters.get("events_lost").copied().unwrap_or(0),
+    })
+}
+
+impl Scale {
+    fn print(&self) {
+        println!(
+            "{:<12} {:>9} {:>8} {:>10} {:>8} {:>6} {:>9}",
+            "connections", "req/s", "p99 µs", "agent µs/r", "RSS MiB", "lost", "spans/r"
+        );
+        for run in &self.connections {
+            println!(
+                "{:<12} {:>9.0} {:>8.0} {:>10.2} {:>8.1} {:>6} {:>9.3}",
+                run.connections,
+                run.load.requests_per_sec,
+                run.load.p99_us,
+                run.agent.cpu_us_per_request(),
+                run.agent.peak_rss_mib(),
+                run.agent.events_lost,
+                run.agent.spans_per_request()
+            );
+        }
+        println!(
+            "{:<12} {:>10} {:>8}   (each curl --rate {CURL_RATE}/s; {} spans, {} events lost in all)",
+            "processes", "agent CPU", "RSS MiB", self.processes_spans, self.processes_events_lost
+        );
+        for run in &self.processes {
+            println!(
+                "{:<12} {:>9.1}% {:>8.1}",
+                run.processes,
+                run.agent_cpu_share * 100.0,
+                run.rss_mib
+            );
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "connections": self.connections.iter().map(|r| {
+                let mut value = r.load.to_json();
+                value["connections"] = r.connections.into();
+                value["kspan"] = r.agent.to_json();
+                value
+            }).collect::<Vec<_>>(),
+            "processes": {
+                "curl_rate_per_sec": CURL_RATE,
+                "spans_emitted": self.processes_spans,
+                "events_lost": self.processes_events_lost,
+                "steps": self.processes.iter().map(|r| json!({
+                    "processes": r.processes,
+                    "agent_cpu_share": r.agent_cpu_share,
+                    "rss_mib": r.rss_mib,
+                })).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+/// The curl clients of the process-scale run, killed when dropped.
+#[derive(Default)]
+struct Clients {
+    children: Vec<Child>,
+}
+
+impl Clients {
+    fn grow_to(&mut self, count: u32) -> Result<()> {
+        while self.children.len() < count as usize {
+            // A URL range makes one curl send requests one after another on one keep-alive
+            // connection, at the held rate, for longer than the run.
+            let child = command("curl")
+                .args(["-s", "--rate", &format!("{CURL_RATE}/s")])
+                .arg(format!("{URL}[1-1000000]"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start curl")?;
+            self.children.push(child);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+        }
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
+    }
 }
 
 /// CPU count, CPU model, kernel release, load average and package versions, for the record.
@@ -659,6 +1210,7 @@ fn machine() -> Result<Value> {
         "loadavg": loadavg().1,
         "nginx_version": version("nginx"),
         "wrk_version": version("wrk"),
+        "curl_version": version("curl"),
     }))
 }
 
@@ -671,129 +1223,11 @@ fn loadavg() -> (f64, String) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// wrk
-
-/// What a wrk run reports.
-#[derive(Debug, PartialEq)]
-struct Wrk {
-    requests_per_sec: f64,
-    requests: u64,
-    p50_us: f64,
-    p99_us: f64,
-    socket_errors: u64,
-    non_2xx: u64,
-}
-
-impl Wrk {
-    fn to_json(&self) -> Value {
-        json!({
-            "requests_per_sec": self.requests_per_sec,
-            "requests": self.requests,
-            "p50_us": self.p50_us,
-            "p99_us": self.p99_us,
-            "socket_errors": self.socket_errors,
-            "non_2xx_responses": self.non_2xx,
-        })
-    }
-}
-
-/// Run wrk on CPU 1 against nginx for `secs` seconds.
-fn wrk(url: &str, secs: u64) -> Result<Wrk> {
-    let mut cmd = command("taskset");
-    cmd.args(["-c", "1", "wrk"])
-        .arg(format!("-t{WRK_THREADS}"))
-        .arg(format!("-c{WRK_CONNECTIONS}"))
-        .arg(format!("-d{secs}s"))
-        .args(["--latency", url])
-        .stdin(Stdio::null());
-    let shown = display(&cmd);
-    println!("$ {shown}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start `{shown}`"))?;
-    check_interrupted()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}{}",
-            out.status,
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let wrk = parse_wrk(&text).with_context(|| format!("cannot parse wrk's output:\n{text}"))?;
-    if wrk.requests == 0 {
-        bail!("wrk completed no request:\n{text}");
-    }
-    println!(
-        "  {:.0} requests/s, {} requests, p50 {:.0} µs, p99 {:.0} µs",
-        wrk.requests_per_sec, wrk.requests, wrk.p50_us, wrk.p99_us
-    );
-    if wrk.socket_errors > 0 || wrk.non_2xx > 0 {
-        println!(
-            "  warning: wrk saw {} socket errors and {} non-2xx responses",
-            wrk.socket_errors, wrk.non_2xx
-        );
-    }
-    Ok(wrk)
-}
-
-fn parse_wrk(text: &str) -> Result<Wrk> {
-    let (mut rps, mut requests, mut p50, mut p99) = (None, None, None, None);
-    let (mut socket_errors, mut non_2xx) = (0, 0);
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Requests/sec:", value] => rps = Some(value.parse::<f64>()?),
-            [count, "requests", "in", ..] => requests = Some(count.parse::<u64>()?),
-            ["50%", value] => p50 = Some(micros(value)?),
-            ["99%", value] => p99 = Some(micros(value)?),
-            // "Socket errors: connect 0, read 0, write 0, timeout 0"
-            ["Socket", "errors:", counts @ ..] => {
-                socket_errors = counts
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum();
-            }
-            ["Non-2xx", "or", "3xx", "responses:", count] => non_2xx = count.parse()?,
-            _ => {}
-        }
-    }
-    Ok(Wrk {
-        requests_per_sec: rps.context("no `Requests/sec:` line")?,
-        requests: requests.context("no `N requests in` line")?,
-        p50_us: p50.context("no 50% latency line (was --latency given?)")?,
-        p99_us: p99.context("no 99% latency line (was --latency given?)")?,
-        socket_errors,
-        non_2xx,
-    })
-}
-
-/// A wrk duration (`512.00us`, `1.20ms`, `2.00s`, also `1.00m`, `1.00h`) in microseconds.
-fn micros(text: &str) -> Result<f64> {
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .with_context(|| format!("no unit in wrk latency `{text}`"))?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("bad number in wrk latency `{text}`"))?;
-    let scale = match unit {
-        "us" => 1.0,
-        "ms" => 1e3,
-        "s" => 1e6,
-        "m" => 60e6,
-        "h" => 3600e6,
-        _ => bail!("unknown unit in wrk latency `{text}`"),
-    };
-    Ok(number * scale)
-}
-
-// ---------------------------------------------------------------------------------------------
 // nginx
 
 fn nginx_conf(dir: &Path) -> String {
     let d = dir.display();
+    let nofile = OPEN_FILES;
     format!(
         r#"# Written by `cargo xtask bench`; the system nginx configuration is not used.
 worker_processes 1;
@@ -802,8 +1236,10 @@ master_process on;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 
+worker_rlimit_nofile {nofile};
+
 events {{
-    worker_connections 1024;
+    worker_connections {nofile};
 }}
 
 http {{
@@ -819,6 +1255,13 @@ http {{
 
     server {{
         listen {ADDR};
+        location / {{
+            return 200 "ok\n";
+        }}
+    }}
+
+    server {{
+        listen {HTTP2_ADDR} http2;
         location / {{
             return 200 "ok\n";
         }}
@@ -866,11 +1309,10 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &Path) -> Result<Nginx> {
-        if TcpStream::connect(ADDR).is_ok() {
-            bail!("something already listens on {ADDR}; stop it first");
-        }
-        if TcpStream::connect(TLS_ADDR).is_ok() {
-            bail!("something already listens on {TLS_ADDR}; stop it first");
+        for addr in [ADDR, HTTP2_ADDR, TLS_ADDR] {
+            if TcpStream::connect(addr).is_ok() {
+                bail!("something already listens on {addr}; stop it first");
+            }
         }
         make_certificate(dir)?;
         let conf = dir.join("nginx.conf");
@@ -941,10 +1383,12 @@ struct Kspan {
 }
 
 impl Kspan {
-    /// Start kspan on the nginx master (which selects its worker too) and wait for `ready`.
-    fn start(nginx_pid: u32) -> Result<Kspan> {
+    /// Start kspan with `args` (`--pid` of the nginx master selects its worker too) and wait
+    /// for `ready`.
+    fn start(args: &[&str]) -> Result<Kspan> {
         let mut cmd = command(kspan_bin());
-        cmd.args(["--pid", &nginx_pid.to_string(), "--output", "none"])
+        cmd.args(args)
+            .args(["--output", "none"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -1023,7 +1467,17 @@ impl Kspan {
         if !last.contains("events_lost=") {
             bail!("kspan's last stderr line is not its counters line: {last:?}");
         }
-        Ok(parse_counters(last))
+        let mut counters = parse_counters(last);
+        // The line before it: the agent's longest busy stretch.
+        if let Some(busy) = self
+            .stderr
+            .iter()
+            .rev()
+            .find(|l| l.contains("longest_busy_us="))
+        {
+            counters.extend(parse_counters(busy));
+        }
+        Ok(counters)
     }
 }
 
@@ -1085,19 +1539,28 @@ fn clock_ticks_per_sec() -> Result<f64> {
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
 fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Resident memory now.
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     status
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmHWM:")?
+            l.strip_prefix(field)?
                 .trim()
                 .strip_suffix("kB")?
                 .trim()
                 .parse()
                 .ok()
         })
-        .with_context(|| format!("no VmHWM line in {path}"))
+        .with_context(|| format!("no {field} line in {path}"))
 }
 
 #[derive(Clone, Copy, Default, Debug, PartialEq)]
@@ -1591,112 +2054,19 @@ fn bench_targets(package: &str) -> Result<Vec<String>> {
 mod tests {
     use super::*;
 
-    /// `taskset -c 1 wrk -t1 -c16 -d2s --latency` against the bench's nginx on a busy machine.
-    const WRK_NGINX: &str = "\
-Running 2s test @ http://127.0.0.1:18080/
-  1 threads and 16 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency     1.52ms    2.17ms  16.33ms   85.60%
-    Req/Sec    26.82k     4.15k   35.22k    70.00%
-  Latency Distribution
-     50%  186.00us
-     75%    2.36ms
-     90%    4.46ms
-     99%    8.89ms
-  53646 requests in 2.01s, 7.67MB read
-Requests/sec:  26669.99
-Transfer/sec:      3.82MB
-";
-
-    /// `wrk -t1 -c4 -d2s --latency` against `python3 -m http.server`, for a missing file.
-    const WRK_404: &str = "\
-Running 2s test @ http://127.0.0.1:18081/no-such-file
-  1 threads and 4 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency     4.44ms    4.42ms  53.04ms   91.19%
-    Req/Sec     1.03k   150.64     1.30k    80.00%
-  Latency Distribution
-     50%    3.15ms
-     75%    5.56ms
-     90%    8.39ms
-     99%   23.57ms
-  2056 requests in 2.01s, 1.02MB read
-  Non-2xx or 3xx responses: 2056
-Requests/sec:   1022.91
-Transfer/sec:    519.54KB
-";
-
-    /// `wrk -t1 -c64 -d3s --timeout 1s --latency` against `python3 -m http.server`.
-    const WRK_TIMEOUTS: &str = "\
-Running 3s test @ http://127.0.0.1:18081/
-  1 threads and 64 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency    29.43ms   91.93ms 881.03ms   96.18%
-    Req/Sec   520.73    114.29   737.00     66.67%
-  Latency Distribution
-     50%   11.73ms
-     75%   18.58ms
-     90%   28.56ms
-     99%  606.34ms
-  1559 requests in 3.01s, 6.00MB read
-  Socket errors: connect 0, read 0, write 0, timeout 6
-Requests/sec:    517.88
-Transfer/sec:      1.99MB
-";
-
     #[test]
-    fn wrk_output_with_mixed_latency_units() {
-        let wrk = parse_wrk(WRK_NGINX).unwrap();
+    fn proc_stat_kernel_time_counts_interrupts() {
+        let stat = "cpu  1000 10 300 5000 40 20 30 0 0 0\ncpu0 500 5 150 2500 20 10 15 0 0 0\n";
+        let cpu = parse_proc_stat(stat, 100.0).unwrap();
         assert_eq!(
-            wrk,
-            Wrk {
-                requests_per_sec: 26669.99,
-                requests: 53646,
-                p50_us: 186.0,
-                p99_us: 8890.0,
-                socket_errors: 0,
-                non_2xx: 0,
+            cpu,
+            SystemCpu {
+                user_secs: 10.1,
+                kernel_secs: 3.5,
+                idle_secs: 50.4,
             }
         );
-    }
-
-    #[test]
-    fn wrk_output_with_errors() {
-        let wrk = parse_wrk(WRK_404).unwrap();
-        assert_eq!(
-            (wrk.requests, wrk.non_2xx, wrk.socket_errors),
-            (2056, 2056, 0)
-        );
-        assert_eq!((wrk.p50_us, wrk.p99_us), (3150.0, 23570.0));
-        let wrk = parse_wrk(WRK_TIMEOUTS).unwrap();
-        assert_eq!((wrk.requests, wrk.non_2xx, wrk.socket_errors), (1559, 0, 6));
-        assert_eq!(wrk.requests_per_sec, 517.88);
-        assert_eq!(wrk.p99_us, 606340.0);
-    }
-
-    #[test]
-    fn wrk_output_without_latency_distribution() {
-        let without: String = WRK_NGINX
-            .lines()
-            .filter(|l| {
-                !l.trim_start()
-                    .starts_with(|c: char| c.is_ascii_digit() && l.contains('%'))
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let err = parse_wrk(&without).unwrap_err().to_string();
-        assert!(err.contains("50%"), "{err}");
-        assert!(parse_wrk("unable to connect to 127.0.0.1:18080 Connection refused\n").is_err());
-    }
-
-    #[test]
-    fn micros_converts_wrk_units() {
-        assert_eq!(micros("512.00us").unwrap(), 512.0);
-        assert_eq!(micros("1.25ms").unwrap(), 1250.0);
-        assert_eq!(micros("2.00s").unwrap(), 2e6);
-        assert_eq!(micros("1.50m").unwrap(), 90e6);
-        assert!(micros("3.00xs").is_err());
-        assert!(micros("12").is_err());
+        assert!(parse_proc_stat("cpu0 1 2 3\n", 100.0).is_none());
     }
 
     #[test]

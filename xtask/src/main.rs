@@ -68,17 +68,18 @@ enum Task {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
-    /// Set up, build the release agent, measure kspan's overhead on nginx loaded by wrk (results
-    /// in target/bench/results.json), then run the criterion micro-benchmarks. Needs root.
+    /// Set up, build the release agent, measure kspan's overhead on nginx (no probes, the hooks'
+    /// floor and kspan, side by side; results in target/bench/results.json), then run the
+    /// criterion micro-benchmarks. Needs root.
     Bench {
-        /// Seconds per measured wrk run.
+        /// Seconds per measured run.
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         duration: u64,
-        /// Pairs of runs without and with kspan (the order alternates from pair to pair).
+        /// Rounds of the three modes (none, floor, kspan) per scenario; the order rotates.
         #[arg(long, value_name = "N", default_value_t = 3)]
         #[arg(value_parser = clap::value_parser!(u32).range(1..))]
-        pairs: u32,
+        rounds: u32,
         /// Skip the criterion micro-benchmarks (`cargo bench -p kspan`).
         #[arg(long)]
         skip_criterion: bool,
@@ -171,11 +172,11 @@ fn run_task(task: Task) -> Result<()> {
         Task::Run { args } => run(&args),
         Task::Bench {
             duration,
-            pairs,
+            rounds,
             skip_criterion,
         } => bench::bench(&bench::Options {
             duration,
-            pairs,
+            rounds,
             skip_criterion,
         }),
         Task::Fuzz {

@@ -464,6 +464,7 @@ fn guest_seconds(stem: &str) -> u32 {
         "kafka" => 80,
         "otlp" => 45,
         "http2" => 22,
+        "terminal" => 25,
         _ => 10,
     }
 }

@@ -7,6 +7,7 @@ pub mod json;
 pub mod otlp;
 pub mod prometheus;
 pub mod text;
+pub mod tree;
 
 /// Where finished spans go. Called from one thread at a time; `Send` so the exporter can live on
 /// its own thread.
@@ -21,24 +22,42 @@ pub trait SpanExporter: Send {
     }
     /// What the exporter writes to, for the log line when it stops.
     fn name(&self) -> &'static str;
+    /// Called when no span came for a while: an exporter holding spans (the trace view)
+    /// writes what is due.
+    fn tick(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Hands a batch to every exporter. One whose write fails (stdout closed, as in `kspan | head -1`
 /// once head exits) is stopped, logged once and counted; the others (OTLP) and the metrics go on.
 pub fn export_to_all(exporters: &mut Vec<Box<dyn SpanExporter>>, spans: &[Span], stats: &Stats) {
-    exporters.retain_mut(
-        |exporter| match exporter.export(spans).and_then(|()| exporter.flush()) {
-            Ok(()) => true,
-            Err(error) => {
-                log::warn!(
-                    "{} exporter stopped: {error}; other exporters and metrics go on",
-                    exporter.name()
-                );
-                Stats::add(&stats.exporters_stopped, 1);
-                false
-            }
-        },
-    );
+    keep_working(exporters, stats, |exporter| {
+        exporter.export(spans).and_then(|()| exporter.flush())
+    });
+}
+
+/// `tick` on every exporter, stopping a failing one as [`export_to_all`] does.
+pub fn tick_all(exporters: &mut Vec<Box<dyn SpanExporter>>, stats: &Stats) {
+    keep_working(exporters, stats, |exporter| exporter.tick());
+}
+
+fn keep_working(
+    exporters: &mut Vec<Box<dyn SpanExporter>>,
+    stats: &Stats,
+    mut call: impl FnMut(&mut dyn SpanExporter) -> std::io::Result<()>,
+) {
+    exporters.retain_mut(|exporter| match call(exporter.as_mut()) {
+        Ok(()) => true,
+        Err(error) => {
+            log::warn!(
+                "{} exporter stopped: {error}; other exporters and metrics go on",
+                exporter.name()
+            );
+            Stats::add(&stats.exporters_stopped, 1);
+            false
+        }
+    });
 }
 
 /// Lower-case hex of `bytes`, two digits per byte.

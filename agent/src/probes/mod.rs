@@ -29,7 +29,7 @@ use kspan_common::{
 /// The eBPF object built by build.rs from ebpf/.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
 
-const TRACEFS: &str = "/sys/kernel/tracing";
+pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// (program name in ebpf/, tracepoint category, tracepoint name). The vectored exits share a
 /// program per direction (readv + recvmsg, writev + sendmsg): the kernel verifies each once
@@ -78,6 +78,9 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// Plain executable names (`--exe curl`): matched in the kernel at exec.
     pub exe_names: Vec<String>,
+    /// Attach do-nothing programs to every tracepoint and TLS uprobe instead of the real ones
+    /// (`--bench-floor`: the benchmark's measure of what the hooks cost by themselves).
+    pub floor: bool,
 }
 
 /// What the kernel counted, summed over CPUs.
@@ -402,7 +405,7 @@ impl Probes {
     pub fn load(options: &ProbeOptions) -> Result<Self> {
         let started = std::time::Instant::now();
         check_host()?;
-        let tracepoint_offsets = tracepoint_offsets()?;
+        let tracepoint_offsets = read_tracepoint_offsets()?;
         let offsets: KernelOffsets = btf::Btf::from_sys_fs()?.kernel_offsets()?;
         log::debug!("kernel BTF read in {:?}", started.elapsed());
         let trace_all: u32 = options.trace_all.into();
@@ -434,7 +437,8 @@ impl Probes {
         let tail_calls = tail_calls(&mut ebpf)?;
         let mut links = Vec::with_capacity(TRACEPOINTS.len());
         for (program, category, name) in TRACEPOINTS {
-            links.push((*program, attach(&mut ebpf, program, category, name)?));
+            let program = if options.floor { "floor" } else { *program };
+            links.push((program, attach(&mut ebpf, program, category, name)?));
         }
 
         let take = |ebpf: &mut Ebpf, name: &str| {
@@ -488,7 +492,7 @@ impl Probes {
             attached: Attached {
                 ebpf,
                 links,
-                tls: tls::TlsProbes::default(),
+                tls: tls::TlsProbes::new(options.floor),
                 _tail_calls: tail_calls,
             },
             ring,
@@ -703,7 +707,7 @@ fn check_host() -> Result<()> {
     Ok(())
 }
 
-fn mount_tracefs() -> Result<()> {
+pub fn mount_tracefs() -> Result<()> {
     log::info!("tracefs is not mounted; mounting it at {TRACEFS}");
     let source = c"nodev";
     let target = c"/sys/kernel/tracing";
@@ -738,7 +742,7 @@ pub fn syscall_tracepoints() -> impl Iterator<Item = &'static str> {
 }
 
 /// The offsets of the tracepoint fields the programs read, from this kernel's tracefs.
-fn tracepoint_offsets() -> Result<TracepointOffsets> {
+pub fn read_tracepoint_offsets() -> Result<TracepointOffsets> {
     let syscalls: Vec<&str> = syscall_tracepoints().collect();
     let read = |category: &str, name: &str| -> Result<String> {
         let path = format!("{TRACEFS}/events/{category}/{name}/format");

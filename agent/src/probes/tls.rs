@@ -201,9 +201,18 @@ pub struct TlsProbes {
     /// What each mapped file imports of [`FUNCTIONS`].
     imports: HashMap<FileId, FunctionSet>,
     pub links: Vec<(&'static str, UProbeLinkId)>,
+    /// `--bench-floor`: the same uprobes, running programs that return at once.
+    pub floor: bool,
 }
 
 impl TlsProbes {
+    pub fn new(floor: bool) -> TlsProbes {
+        TlsProbes {
+            floor,
+            ..Default::default()
+        }
+    }
+
     /// Looks at `pid`'s executable mappings; attaches to the OpenSSL functions it uses that
     /// are not attached yet. None: the process is gone (a zombie's maps are empty).
     pub fn scan(&mut self, ebpf: &mut Ebpf, pid: u32) -> Option<Scan> {
@@ -296,7 +305,7 @@ impl TlsProbes {
         let mut newly = false;
         let missing = wanted & functions.set() & !file.attached;
         if missing != 0 {
-            match attach(ebpf, reachable, functions, missing) {
+            match attach(ebpf, reachable, functions, missing, self.floor) {
                 Ok(links) => {
                     log::info!(
                         "TLS: uprobes attached to {path} ({}), {seen_from}",
@@ -378,6 +387,7 @@ fn attach(
     path: &Path,
     functions: &OpensslFunctions,
     set: FunctionSet,
+    floor: bool,
 ) -> Result<Vec<(&'static str, UProbeLinkId)>> {
     let mut links = Vec::new();
     for &(function, offset) in &functions.offsets {
@@ -387,7 +397,12 @@ fn attach(
         let Some(&(_, enter, exit)) = FUNCTIONS.iter().find(|(f, _, _)| *f == function) else {
             continue;
         };
-        for program in [enter, exit] {
+        let programs = if floor {
+            ["floor_uprobe", "floor_uretprobe"]
+        } else {
+            [enter, exit]
+        };
+        for program in programs {
             let link = ebpf
                 .program_mut(program)
                 .with_context(|| format!("program {program} missing from the eBPF object"))

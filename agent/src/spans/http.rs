@@ -67,8 +67,16 @@ pub fn address_string(ip: IpAddr) -> CompactString {
 /// the value is empty or holds characters no host has (see the module documentation).
 pub fn parse_host(value: &str) -> Option<(CompactString, Option<u16>)> {
     let value = value.trim();
+    let suspicious_byte =
+        |b: u8| b.is_ascii_whitespace() || b.is_ascii_control() || b"/?#@".contains(&b);
     let suspicious = |c: char| c.is_whitespace() || c.is_control() || "/?#@".contains(c);
-    if value.contains(suspicious) {
+    // Bytes for ASCII (every usual Host), chars only when there is more.
+    let bad = if value.is_ascii() {
+        value.bytes().any(suspicious_byte)
+    } else {
+        value.contains(suspicious)
+    };
+    if bad {
         return None;
     }
     let (host, port) = if let Some(rest) = value.strip_prefix('[') {
@@ -76,7 +84,7 @@ pub fn parse_host(value: &str) -> Option<(CompactString, Option<u16>)> {
         let after = &rest[close + 1..];
         (&rest[..close], after.strip_prefix(':'))
     } else {
-        match value.matches(':').count() {
+        match value.bytes().filter(|&b| b == b':').count() {
             0 => (value, None),
             1 => {
                 let (h, p) = value.split_once(':')?;
@@ -86,15 +94,15 @@ pub fn parse_host(value: &str) -> Option<(CompactString, Option<u16>)> {
             _ => (value, None),
         }
     };
-    if host.is_empty() || host.contains(['[', ']']) {
+    if host.is_empty() || host.bytes().any(|b| b == b'[' || b == b']') {
         return None;
     }
     let port = port.and_then(parse_port);
-    let host = match host.parse::<IpAddr>() {
-        // The IPv4 parser accepts only the canonical dotted form: the text is already right.
-        Ok(IpAddr::V4(_)) => host.into(),
-        Ok(ip) => address_string(ip),
-        Err(_) => host.into(),
+    // Only IPv6 literals are rewritten (IPv4-mapped → IPv4, canonical form); a name or an
+    // IPv4 address is kept as written, so only a host with a colon is worth parsing.
+    let host = match host.contains(':').then(|| host.parse::<IpAddr>()) {
+        Some(Ok(ip)) => address_string(ip),
+        _ => host.into(),
     };
     Some((host, port))
 }

@@ -42,7 +42,7 @@ pub fn build_spans(
     emit(span, Export::Span);
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SpanKind {
     Server,
     Client,
@@ -107,6 +107,14 @@ impl Resource {
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v)
+    }
+
+    /// `service.name`, when it is a string (the resource builder always sets one).
+    pub fn service_name(&self) -> Option<&str> {
+        match self.get("service.name") {
+            Some(AttributeValue::Str(name)) => Some(name.as_str()),
+            _ => None,
+        }
     }
 }
 

@@ -57,7 +57,10 @@ pub const REDACTED: &str = "REDACTED";
 pub fn target_path(target: &str) -> &str {
     let end = target.find(['?', '#']).unwrap_or(target.len());
     let mut path = &target[..end];
-    if let Some(after_scheme) = strip_scheme(path) {
+    // Origin form (`/path`), nearly every request, has no scheme to look for.
+    if !path.starts_with('/')
+        && let Some(after_scheme) = strip_scheme(path)
+    {
         path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
     }
     if path.is_empty() { "/" } else { path }
