@@ -525,14 +525,17 @@ impl<K: KernelControl, S: SpanSink> Pipeline<K, S> {
             if socket.listening {
                 continue;
             }
+            // The kernel's identity if it already tracks the socket (its Connect or Accept
+            // event, still queued, then replaces this entry with the same identity).
+            let conn_id = self.kernel.track_connection(pid, fd, conn_id);
             let connection = Connection::new(
                 conn_id,
                 conntrack::unmap_socket(socket.local),
                 conntrack::unmap_socket(socket.remote),
                 false,
             );
-            if self.open_connection(pid, fd, connection) {
-                self.kernel.track_connection(pid, fd, conn_id);
+            if !self.open_connection(pid, fd, connection) {
+                self.kernel.forget_connection(pid, fd, conn_id);
             }
         }
     }
@@ -1152,8 +1155,9 @@ mod tests {
     impl KernelControl for FakeKernel {
         fn trace_pid(&mut self, _pid: u32) {}
         fn untrace_pid(&mut self, _pid: u32) {}
-        fn track_connection(&mut self, pid: u32, fd: i32, _conn_id: u64) {
+        fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> u64 {
             self.tracked.push((pid, fd));
+            conn_id
         }
         fn forget_connection(&mut self, _pid: u32, fd: i32, _conn_id: u64) {
             self.forgotten.push(fd);

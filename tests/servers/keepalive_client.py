@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Keep-alive HTTP client used by the kspan end-to-end tests.
 
-Usage: keepalive_client.py [--tls CAFILE] [--late-import [--libssl PATH]] PORT N [PREFIX]
+Usage: keepalive_client.py [--tls CAFILE] [--late-import [--libssl PATH]] [--pause-after K]
+                           PORT N [PREFIX]
 
 Prints ``READY`` (flushed) and blocks until a line arrives on stdin, so the
 test can start kspan with this process's pid selected before any traffic.
@@ -22,6 +23,8 @@ printed and a second line awaited before the requests.
 --libssl PATH: with --late-import, the libssl loaded is this file (a private copy,
 as an application bundling its own OpenSSL): loaded with dlopen first, its soname
 then serves ``ssl``'s own dependency.
+--pause-after K: after the K-th response, prints ``PAUSED`` (flushed) and waits for a line on
+stdin before the next request, on the same connection.
 """
 
 import sys
@@ -32,6 +35,7 @@ def main():
     cafile = None
     late = False
     libssl = None
+    pause_after = None
     while args and args[0].startswith("--"):
         flag = args.pop(0)
         if flag == "--tls" and args:
@@ -40,12 +44,15 @@ def main():
             late = True
         elif flag == "--libssl" and args:
             libssl = args.pop(0)
+        elif flag == "--pause-after" and args:
+            pause_after = int(args.pop(0))
         else:
             sys.stderr.write("unknown flag %s\n" % flag)
             return 2
     if len(args) not in (2, 3):
         sys.stderr.write(
-            "usage: keepalive_client.py [--tls CAFILE] [--late-import [--libssl PATH]] PORT N [PREFIX]\n"
+            "usage: keepalive_client.py [--tls CAFILE] [--late-import [--libssl PATH]]"
+            " [--pause-after K] PORT N [PREFIX]\n"
         )
         return 2
     port = int(args[0])
@@ -91,6 +98,10 @@ def main():
         resp = conn.getresponse()
         resp.read()
         statuses.append(resp.status)
+        if i == pause_after:
+            sys.stdout.write("PAUSED\n")
+            sys.stdout.flush()
+            sys.stdin.readline()
         if resp.will_close:
             if i != n:
                 sys.stderr.write("server closed the connection after request %d\n" % i)

@@ -1472,6 +1472,22 @@ impl KeepaliveClient {
         }
     }
 
+    /// `--pause-after K`: lets the client send its first K requests and waits for its
+    /// `PAUSED`; [`KeepaliveClient::go`] then sends the rest on the same connection.
+    pub fn run_until_paused(&mut self) {
+        let stdin = self.stdin.as_mut().expect("not released yet");
+        stdin
+            .write_all(b"go\n")
+            .expect("write to keepalive_client stdin");
+        match self.stdout.lines.recv_timeout(helper_timeout()) {
+            Ok(Some(l)) if l.trim() == "PAUSED" => {}
+            other => panic!(
+                "keepalive_client.py did not print PAUSED (got {other:?}).\n--- stderr ---\n{}",
+                self.stderr.snapshot()
+            ),
+        }
+    }
+
     /// Lets the client send its requests; waits for it to exit 0 and parses
     /// `LOCAL_PORT <p>` and `DONE <statuses>`.
     pub fn go(mut self) -> KeepaliveResult {

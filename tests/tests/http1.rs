@@ -859,6 +859,54 @@ fn a_client_gone_before_procfs_is_read_keeps_its_executable_path() {
     assert_eq!(res_str(client, "service.name"), Some("curl"));
 }
 
+/// A client that connects before the agent handles its exec: the agent's scan of its open
+/// sockets finds the connection the kernel already tracks (its Connect event still queued) and
+/// must keep the kernel's identity for it. Replacing it split the connection: the bytes after
+/// the scan carried an identity the agent did not know, and a client gone by the time they were
+/// read lost them (kcat's consumer and curl in a loaded CI). Made certain with SIGSTOP: kspan is
+/// stopped while the client execs, connects and makes its first request; resumed until it has
+/// detected that request (so the scan is done); stopped again while the client makes its second
+/// request and exits.
+#[test]
+fn a_socket_connected_before_the_agent_reads_the_exec_keeps_the_kernels_identity() {
+    let _env = preflight();
+    let server = PyServer::start(Some("exec-race-server"));
+    let python = python_exe_name();
+    let kspan = Kspan::start_with_env(&["--exe", &python], &[("RUST_LOG", "debug")]);
+    let mut kspan = kspan;
+    let agent = kspan.pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGSTOP) }, 0);
+    let mut client =
+        KeepaliveClient::start_with_flags(&["--pause-after", "1"], server.port, 2, "/users/");
+    let client_pid = client.pid;
+    client.run_until_paused();
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGCONT) }, 0);
+    // The protocol of the client's connection detected: the exec (and its scan) are behind.
+    kspan.wait_for_stderr(&format!("pid {client_pid} fd "));
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGSTOP) }, 0);
+    let result = client.go();
+    assert_eq!(result.statuses, [200, 200]);
+    assert!(!std::path::Path::new(&format!("/proc/{client_pid}")).exists());
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGCONT) }, 0);
+    let run = kspan.stop();
+    run.assert_no_lost_events();
+
+    let clients = sorted_by_start(
+        by_pid(&run.spans, client_pid)
+            .into_iter()
+            .filter(|s| s["kind"] == "CLIENT")
+            .collect(),
+    );
+    let paths: Vec<_> = clients.iter().map(|s| attr_str(s, "url.path")).collect();
+    assert_eq!(
+        paths,
+        [Some("/users/1"), Some("/users/2")],
+        "one CLIENT span per request of the client (pid {client_pid})\n{}",
+        run.dump()
+    );
+    assert_eq!(counter(&run, "connections_muted"), 0, "{}", run.stderr);
+}
+
 /// Sends one GET on `stream` and reads its whole response (the test server always sends
 /// Content-Length).
 fn get_on(stream: &mut std::net::TcpStream, path: &str) -> String {

@@ -34,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Check the eBPF build prerequisites and end-to-end test peers; install what is missing.
+    /// Check what `cargo xtask test` needs (eBPF build prerequisites, end-to-end test peers,
+    /// guest packages, cargo-fuzz, the aarch64 cross toolchain); install what is missing.
     Setup,
     /// Install what building needs (not the test peers), then build the agent (release unless
     /// --debug). The container image's builder runs this (deploy/Dockerfile).
@@ -151,7 +152,7 @@ fn main() -> ExitCode {
 
 fn run_task(task: Task) -> Result<()> {
     match task {
-        Task::Setup => setup::setup(),
+        Task::Setup => setup_for_tests(),
         Task::Build { debug, target } => match target {
             Some(target) => {
                 cross::setup()?;
@@ -245,14 +246,18 @@ const MATRIX_JOBS: usize = 2;
 const FUZZ_SECONDS: u64 = 5;
 const FUZZ_BUILD: fuzz::Build = fuzz::Build::Dev;
 
+/// Everything `cargo xtask test` needs: the build's and the tests' prerequisites, the guests'
+/// packages, cargo-fuzz and the aarch64 cross toolchain (`cargo xtask setup` is the same).
+fn setup_for_tests() -> Result<()> {
+    setup::setup_with(vmtest::PACKAGES)?;
+    setup::cargo_fuzz()?;
+    cross::setup()
+}
+
 fn test() -> Result<()> {
     let mut steps = Steps::default();
     let result = (|| {
-        steps.run("setup", || {
-            setup::setup_with(vmtest::PACKAGES)?;
-            setup::cargo_fuzz()?;
-            cross::setup()
-        })?;
+        steps.run("setup", setup_for_tests)?;
         steps.run("build (release)", || build(false))?;
         // The unit tests and the end-to-end tests select the same packages (the workspace), so
         // cargo resolves the dependencies' features once and the e2e step builds only its own

@@ -123,7 +123,9 @@ pub struct NoKernel;
 impl KernelControl for NoKernel {
     fn trace_pid(&mut self, _pid: u32) {}
     fn untrace_pid(&mut self, _pid: u32) {}
-    fn track_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
+    fn track_connection(&mut self, _pid: u32, _fd: i32, conn_id: u64) -> u64 {
+        conn_id
+    }
     fn forget_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}
     fn set_capture(&mut self, _pid: u32, _fd: i32, _conn_id: u64, _bytes: u32, _tail: u32) {}
     fn mute_connection(&mut self, _pid: u32, _fd: i32, _conn_id: u64) {}

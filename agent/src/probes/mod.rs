@@ -104,7 +104,10 @@ pub struct KernelCounters {
 pub trait KernelControl {
     fn trace_pid(&mut self, pid: u32);
     fn untrace_pid(&mut self, pid: u32);
-    fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64);
+    /// Track a socket found in procfs as `conn_id`, unless the kernel already tracks it (it
+    /// saw the connect or accept, whose event is still queued): then its identity stays.
+    /// Returns the identity in effect, which the socket's events will carry.
+    fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> u64;
     /// The last three act on the socket `conn_id` only: the agent decides some milliseconds
     /// after the kernel saw the bytes, when the fd may already hold a newer socket (a server
     /// closing and accepting quickly), which must keep its own entry and capture.
@@ -237,7 +240,7 @@ impl KernelControl for KernelMaps {
         }
     }
 
-    fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) {
+    fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> u64 {
         // Role unknown (found in procfs): every write takes its entry time.
         let value = ConnectionValue {
             conn_id,
@@ -246,8 +249,26 @@ impl KernelControl for KernelMaps {
             tail: 0,
             tls: 0,
         };
-        if let Err(e) = self.connections.insert(connection_key(pid, fd), value, 0) {
-            log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
+        let key = connection_key(pid, fd);
+        // Never over an entry the kernel made: a process connecting before the agent reads its
+        // exec (or its listen) has its socket in procfs *and* a Connect event queued, whose
+        // data events carry the kernel's identity; replacing it split the connection in two
+        // halves, the second unknown and muted (kcat's consumer in a loaded CI).
+        match self.connections.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => conn_id,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                match self.connections.get(&key, 0) {
+                    Ok(existing) => existing.conn_id,
+                    // Gone in between (closed): nothing of it will be reported.
+                    Err(_) => conn_id,
+                }
+            }
+            Err(e) => {
+                log::warn!("cannot track socket fd {fd} of pid {pid}: {e}");
+                conn_id
+            }
         }
     }
 
