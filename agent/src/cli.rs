@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use kspan_common::{DEFAULT_CAPTURE, EVENT_HEADER_LEN, MAX_CAPTURE, MAX_CONNECTIONS};
 
 use crate::{
@@ -320,6 +320,26 @@ pub enum Mode {
     Top,
 }
 
+/// `argv` parsed as `T`'s arguments, its help and errors naming the subcommand (`kspan top`,
+/// not `kspan`).
+fn parse_command<T: Parser>(
+    argv: Vec<String>,
+    name: &'static str,
+    about: Option<&'static str>,
+) -> T {
+    let matches = subcommand::<T>(name, about).get_matches_from(argv);
+    T::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `T`'s command line under the usage name `name`.
+fn subcommand<T: CommandFactory>(name: &'static str, about: Option<&'static str>) -> clap::Command {
+    let command = T::command().bin_name(name);
+    match about {
+        Some(about) => command.about(about),
+        None => command,
+    }
+}
+
 /// `kspan [run] ARGS`: `run` is optional, the default command; `check`, `graph` and `top` are
 /// the others.
 pub fn main() -> std::process::ExitCode {
@@ -333,14 +353,18 @@ pub fn main() -> std::process::ExitCode {
     }
     let (args, mode) = match command.as_str() {
         "graph" => {
-            let graph = GraphArgs::parse_from(argv);
+            let graph: GraphArgs = parse_command(argv, "kspan graph", None);
             let mode = Mode::Graph {
                 format: graph.format,
                 duration: graph.duration.map(Duration::from_nanos),
             };
             (graph.run, mode)
         }
-        "top" => (Args::parse_from(argv), Mode::Top),
+        "top" => {
+            let about = "`kspan top`: traces like `kspan run` and shows requests per second, \
+                         errors and latency per service and route, live, full screen";
+            (parse_command(argv, "kspan top", Some(about)), Mode::Top)
+        }
         _ => (Args::parse_from(argv), Mode::Run),
     };
     let mut logger =

@@ -252,6 +252,46 @@ fn kspan_graph_prints_the_edges_as_text_and_dot() {
     }
 }
 
+/// `kspan graph --help` and `kspan top --help` name their subcommand in the usage line and
+/// say what it does; a wrong flag's error names it too.
+#[test]
+fn subcommand_help_names_the_subcommand() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(kspan_bin())
+            .args(args)
+            .output()
+            .expect("run kspan");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    for (command, about) in [
+        (
+            "graph",
+            "`kspan graph`: traces like `kspan run`, then prints",
+        ),
+        (
+            "top",
+            "`kspan top`: traces like `kspan run` and shows requests per second",
+        ),
+    ] {
+        let (code, help) = run(&[command, "--help"]);
+        assert_eq!(code, Some(0), "{help}");
+        assert!(help.starts_with(about), "kspan {command} --help:\n{help}");
+        assert!(
+            help.contains(&format!("Usage: kspan {command} [OPTIONS]")),
+            "kspan {command} --help:\n{help}"
+        );
+        let (code, error) = run(&[command, "--no-such-flag"]);
+        assert_eq!(code, Some(2), "{error}");
+        assert!(
+            error.contains("'--no-such-flag'")
+                && error.contains(&format!("Usage: kspan {command} ")),
+            "kspan {command} --no-such-flag:\n{error}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // kspan top, in a real pseudo-terminal
 // ---------------------------------------------------------------------------
