@@ -8,6 +8,7 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::tracepoint,
+    maps::ring_buf::RingBufEntry,
     programs::TracePointContext,
 };
 use kspan_common::{
@@ -148,18 +149,36 @@ fn track_socket(kind: EventKind, pid_tgid: u64, fd: i32, start_ns: u64, end_ns: 
         tail: 0,
         tls: 0,
     };
+    // The ring record is reserved before the map entry is made, and submitted after: the ring
+    // is read in reservation order, and once the entry exists another thread's data events on
+    // the socket are emitted. Where this program runs preemptibly (7.x), a thread preempted
+    // between an insert and a later reservation let a writer thread's first frames into the
+    // ring ahead of the connect (gRPC's HTTP/2 preface, read by the agent on an unknown socket).
+    let entry = EVENTS.reserve::<SocketEvent>(0);
     if CONNECTIONS
         .insert(&connection_key(pid, fd), &value, 0)
         .is_err()
     {
         count(counter::CONNECTIONS_MAP_FULL);
+        if let Some(entry) = entry {
+            entry.discard(0);
+        }
         return;
     }
-    emit_socket_event(kind, pid_tgid, fd, end_ns, start_ns, end_ns, tuple);
+    match entry {
+        Some(entry) => {
+            submit_socket_event(entry, kind, pid_tgid, fd, end_ns, start_ns, end_ns, tuple)
+        }
+        // Still tracked: its bytes come, the agent resolves the socket from procfs.
+        None => count(counter::EVENTS_LOST),
+    }
 }
 
+/// Fills a reserved socket event and submits it.
 #[inline(always)]
-fn emit_socket_event(
+#[allow(clippy::too_many_arguments)]
+fn submit_socket_event(
+    mut entry: RingBufEntry<SocketEvent>,
     kind: EventKind,
     pid_tgid: u64,
     fd: i32,
@@ -168,10 +187,6 @@ fn emit_socket_event(
     end_ns: u64,
     tuple: SocketTuple,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
-        count(counter::EVENTS_LOST);
-        return;
-    };
     // Field by field into the reserved record: a whole SocketEvent built on the stack first
     // costs its size again in stack depth.
     let event = entry.as_mut_ptr();
@@ -256,7 +271,12 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         tuple.local_addr = unsafe { ctx.read_at(o.sock_saddr_v6 as usize) }.unwrap_or([0; 16]);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    emit_socket_event(EventKind::Listen, pid_tgid, -1, 0, now, now, tuple);
+    match EVENTS.reserve::<SocketEvent>(0) {
+        Some(entry) => {
+            submit_socket_event(entry, EventKind::Listen, pid_tgid, -1, 0, now, now, tuple)
+        }
+        None => count(counter::EVENTS_LOST),
+    }
     0
 }
 

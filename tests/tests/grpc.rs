@@ -549,8 +549,9 @@ fn hundred_concurrent_calls_on_one_channel() {
     // Runs the kernel skipped (`program_misses`: 7.2 runs syscall tracepoint programs
     // preemptibly, and a program already running on a CPU makes the kernel skip the next) are
     // syscalls kspan never saw, with no gap to tell the parser: each can cost a call its span
-    // or its response (a CLIENT span ending `connection_closed`). With none skipped (the host,
-    // and every other kernel of the matrix) every call must be exact.
+    // or its response (a CLIENT or SERVER span ending `connection_closed`: the response write
+    // or read never seen). With none skipped (the host, and every other kernel of the matrix)
+    // every call must be exact.
     let misses = counter(&run, "program_misses") as usize;
     let of_kind = |pid: u32, kind: &str| -> Vec<&Value> {
         sorted_by_start(
@@ -569,12 +570,8 @@ fn hundred_concurrent_calls_on_one_channel() {
     );
     let cut_short =
         |s: &&Value| status(s) == "ERROR" && attr_str(s, "error.type") == Some("connection_closed");
-    let clients: Vec<&Value> = all_clients
-        .iter()
-        .copied()
-        .filter(|s| !cut_short(s))
-        .collect();
-    let affected = 2 * N - servers.len() - clients.len();
+    let whole = |spans: &[&Value]| -> usize { spans.iter().filter(|s| !cut_short(s)).count() };
+    let affected = 2 * N - whole(&servers) - whole(&all_clients);
     assert!(
         affected <= 2 * misses,
         "{affected} calls lost a span or their end, with {misses} program runs skipped by the \
@@ -582,7 +579,7 @@ fn hundred_concurrent_calls_on_one_channel() {
         run.dump()
     );
     let want = Expected::call("GetItem", OK, server.port);
-    for cli in &clients {
+    for cli in all_clients.iter().filter(|s| !cut_short(s)) {
         want.check_client(cli);
     }
     let mut client_by_id: BTreeMap<&str, &Value> = BTreeMap::new();
@@ -607,7 +604,9 @@ fn hundred_concurrent_calls_on_one_channel() {
     );
     let mut parents = BTreeSet::new();
     for srv in &servers {
-        want.check_server(srv);
+        if !cut_short(srv) {
+            want.check_server(srv);
+        }
         let Some(parent) = parent_id(srv) else {
             continue;
         };
@@ -619,7 +618,7 @@ fn hundred_concurrent_calls_on_one_channel() {
             )
         });
         assert_child_of(srv, cli, &run);
-        if !cut_short(cli) {
+        if !cut_short(cli) && !cut_short(srv) {
             assert_client_encloses_server(cli, srv);
         }
         assert!(
