@@ -1150,6 +1150,8 @@ mod tests {
         tls: Vec<i32>,
         forgotten: Vec<i32>,
         tracked: Vec<(u32, i32)>,
+        /// Sockets the kernel tracks already (fd → its id), as after a connect it saw.
+        kernel_ids: std::collections::HashMap<i32, u64>,
     }
 
     impl KernelControl for FakeKernel {
@@ -1157,7 +1159,7 @@ mod tests {
         fn untrace_pid(&mut self, _pid: u32) {}
         fn track_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> u64 {
             self.tracked.push((pid, fd));
-            conn_id
+            *self.kernel_ids.entry(fd).or_insert(conn_id)
         }
         fn forget_connection(&mut self, _pid: u32, fd: i32, _conn_id: u64) {
             self.forgotten.push(fd);
@@ -1598,6 +1600,31 @@ mod tests {
         assert_eq!(p.kernel().forgotten, [second.as_raw_fd()]);
         assert_eq!(Stats::get(&p.stats.connections_dropped), 1);
         assert_eq!(Stats::get(&p.stats.socket_table_scans), 1);
+    }
+
+    /// The procfs pass over a process's open sockets keeps the identity of a socket the kernel
+    /// already tracks (connected before the agent read the exec): its events carry that id.
+    #[test]
+    fn the_procfs_pass_keeps_the_kernels_identity_of_a_socket() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let fd = stream.as_raw_fd();
+        let pid = std::process::id();
+        let mut p = test_pipeline();
+        p.kernel.kernel_ids.insert(fd, 77);
+        p.track_open_sockets(pid, true);
+        assert_eq!(p.connections.get_mut(pid, fd).map(|c| c.conn_id), Some(77));
+        data_event(
+            &mut p,
+            fd,
+            77,
+            1_000,
+            Direction::Egress,
+            b"GET / HTTP/1.1\r\n\r\n",
+        );
+        assert_eq!(Stats::get(&p.stats.connections_muted), 0);
+        assert_eq!(p.connections.get_mut(pid, fd).map(|c| c.conn_id), Some(77));
     }
 
     /// Bytes of no known protocol: muted in the kernel after a few chunks, counted, no span.
