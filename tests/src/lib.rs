@@ -1459,30 +1459,25 @@ impl KeepaliveClient {
     /// `--late-import`: lets the client import `ssl` (libssl loaded with dlopen) and waits for
     /// its `LOADED`; [`KeepaliveClient::go`] then sends the requests.
     pub fn load_tls_library(&mut self) {
-        let stdin = self.stdin.as_mut().expect("not released yet");
-        stdin
-            .write_all(b"load\n")
-            .expect("write to keepalive_client stdin");
-        match self.stdout.lines.recv_timeout(helper_timeout()) {
-            Ok(Some(l)) if l.trim() == "LOADED" => {}
-            other => panic!(
-                "keepalive_client.py did not print LOADED (got {other:?}).\n--- stderr ---\n{}",
-                self.stderr.snapshot()
-            ),
-        }
+        self.step(b"load\n", "LOADED");
     }
 
     /// `--pause-after K`: lets the client send its first K requests and waits for its
     /// `PAUSED`; [`KeepaliveClient::go`] then sends the rest on the same connection.
     pub fn run_until_paused(&mut self) {
+        self.step(b"go\n", "PAUSED");
+    }
+
+    /// Writes `line` to the waiting client and waits for it to print `reply`.
+    fn step(&mut self, line: &[u8], reply: &str) {
         let stdin = self.stdin.as_mut().expect("not released yet");
         stdin
-            .write_all(b"go\n")
+            .write_all(line)
             .expect("write to keepalive_client stdin");
         match self.stdout.lines.recv_timeout(helper_timeout()) {
-            Ok(Some(l)) if l.trim() == "PAUSED" => {}
+            Ok(Some(l)) if l.trim() == reply => {}
             other => panic!(
-                "keepalive_client.py did not print PAUSED (got {other:?}).\n--- stderr ---\n{}",
+                "keepalive_client.py did not print {reply} (got {other:?}).\n--- stderr ---\n{}",
                 self.stderr.snapshot()
             ),
         }

@@ -239,10 +239,20 @@ fn kspan_graph_prints_the_edges_as_text_and_dot() {
                     ))
                 }
             });
-            assert!(found, "{format}: no edge {client} -> {server}:\n{out}");
+            assert!(
+                found,
+                "{format}: no edge {client} -> {server} with {REQUESTS} requests:\n{out}\n\
+                 --- kspan stderr ---\n{}",
+                run.stderr
+            );
         }
         let edges = out.lines().filter(|l| l.contains("->")).count();
-        assert_eq!(edges, EDGES.len(), "{format}: exactly three edges:\n{out}");
+        assert_eq!(
+            edges,
+            EDGES.len(),
+            "{format}: exactly three edges:\n{out}\n--- kspan stderr ---\n{}",
+            run.stderr
+        );
         if format == "dot" {
             assert!(
                 out.starts_with("digraph kspan {") && out.trim_end().ends_with('}'),
