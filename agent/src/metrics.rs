@@ -544,7 +544,6 @@ mod tests {
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 
     use super::*;
-    use crate::spans::SpanStatus;
 
     fn span(resource: &Arc<Resource>, kind: SpanKind, status: i64, name: &str) -> Span {
         let mut attributes = vec![
@@ -558,18 +557,10 @@ mod tests {
             attributes.push(("error.type", AttributeValue::Str(status.to_string().into())));
         }
         Span {
-            trace_id: [1; 16],
-            span_id: [2; 8],
-            parent_span_id: None,
-            trace_state: None,
             name: name.into(),
-            kind,
-            start_unix_nano: 1_000_000_000,
-            end_unix_nano: 1_020_000_000,
-            status: SpanStatus::Unset,
             attributes,
-            links: Vec::new(),
             resource: resource.clone(),
+            ..Span::for_test("unused", kind, 20)
         }
     }
 

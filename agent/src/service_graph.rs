@@ -371,25 +371,13 @@ fn dot_id(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{AttributeValue, Resource, SpanLink};
-    use std::sync::Arc;
+    use crate::spans::SpanLink;
 
     fn span(service: &str, kind: SpanKind, id: u8, parent: Option<u8>, ms: u64) -> Span {
         Span {
-            trace_id: [1; 16],
             span_id: [id; 8],
             parent_span_id: parent.map(|p| [p; 8]),
-            trace_state: None,
-            name: "GET /x".into(),
-            kind,
-            start_unix_nano: 1_000_000_000,
-            end_unix_nano: 1_000_000_000 + ms * 1_000_000,
-            status: SpanStatus::Unset,
-            links: Vec::new(),
-            attributes: Vec::new(),
-            resource: Arc::new(Resource {
-                attributes: vec![("service.name", AttributeValue::Str(service.into()))],
-            }),
+            ..Span::for_test(service, kind, ms)
         }
     }
 

@@ -559,28 +559,16 @@ impl std::io::Write for LogBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::{AttributeValue, Resource};
 
     fn span(service: &str, name: &str, ms: u64, error: bool) -> Span {
         Span {
-            trace_id: [1; 16],
-            span_id: [2; 8],
-            parent_span_id: None,
-            trace_state: None,
             name: name.into(),
-            kind: SpanKind::Server,
-            start_unix_nano: 1_000_000_000,
-            end_unix_nano: 1_000_000_000 + ms * 1_000_000,
             status: if error {
                 SpanStatus::Error
             } else {
                 SpanStatus::Unset
             },
-            links: Vec::new(),
-            attributes: Vec::new(),
-            resource: Arc::new(Resource {
-                attributes: vec![("service.name", AttributeValue::Str(service.into()))],
-            }),
+            ..Span::for_test(service, SpanKind::Server, ms)
         }
     }
 

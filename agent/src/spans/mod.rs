@@ -145,6 +145,28 @@ pub struct Span {
 }
 
 impl Span {
+    /// A test span: `service`'s `kind` span "GET /x" of `ms` milliseconds, starting at 1 s,
+    /// ids 1…/2…, no parent, status unset; tests change what they look at.
+    #[cfg(test)]
+    pub fn for_test(service: &str, kind: SpanKind, ms: u64) -> Span {
+        Span {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            trace_state: None,
+            name: "GET /x".into(),
+            kind,
+            start_unix_nano: 1_000_000_000,
+            end_unix_nano: 1_000_000_000 + ms * 1_000_000,
+            status: SpanStatus::Unset,
+            attributes: Vec::new(),
+            links: Vec::new(),
+            resource: Arc::new(Resource {
+                attributes: vec![("service.name", AttributeValue::Str(service.into()))],
+            }),
+        }
+    }
+
     /// The span of `exchange` (its times converted to wall clock, the end never before the
     /// start) with the builder's name, kind, status and attributes.
     pub fn of_exchange(
